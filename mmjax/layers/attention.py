@@ -1,0 +1,112 @@
+"""Multi-head attention: self and cross, padding and causal masks, and a KV cache for decoding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmjax import sharding
+from mmjax.layers.common import Dtype, dense
+
+
+def make_attention_mask(q_mask: jax.Array | None, kv_mask: jax.Array | None, causal: bool = False,
+                        q_len: int | None = None, kv_len: int | None = None) -> jax.Array | None:
+  """Boolean (B, 1, Lq, Lk) mask from per-token masks (B, L) and/or causality; None = attend all."""
+  mask = None
+  if q_mask is not None or kv_mask is not None:
+    qm = q_mask if q_mask is not None else jnp.ones(kv_mask.shape[:1] + (q_len,), bool)
+    km = kv_mask if kv_mask is not None else jnp.ones(q_mask.shape[:1] + (kv_len,), bool)
+    mask = qm.astype(bool)[:, None, :, None] & km.astype(bool)[:, None, None, :]
+  if causal:
+    lq = q_len if q_len is not None else q_mask.shape[1]
+    lk = kv_len if kv_len is not None else lq
+    c = jnp.tril(jnp.ones((lq, lk), bool))[None, None]
+    mask = c if mask is None else mask & c
+  return mask
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head dot-product attention with HF-compatible separate query/key/value/out projections.
+
+  Attributes:
+    num_heads: number of heads; `qkv_features` must divide by it.
+    query, key, value: projections (D_in -> H*Dh), kernels named ('embed', 'heads').
+    out: projection (H*Dh -> D_out), kernel named ('heads', 'embed').
+  """
+
+  def __init__(self, num_heads: int, in_features: int, *, kv_features: int | None = None,
+               qkv_features: int | None = None, out_features: int | None = None,
+               use_bias: bool = True, dropout: float = 0.0, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    qkv_features = qkv_features or in_features
+    if qkv_features % num_heads:
+      raise ValueError(f"qkv_features={qkv_features} is not divisible by num_heads={num_heads}")
+    kv_features = kv_features or in_features
+    self.num_heads, self.head_dim = num_heads, qkv_features // num_heads
+    self.dtype = dtype
+    kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+    self.query = dense(in_features, qkv_features, ("embed", "heads"), **kw)
+    self.key = dense(kv_features, qkv_features, ("embed", "heads"), **kw)
+    self.value = dense(kv_features, qkv_features, ("embed", "heads"), **kw)
+    self.out = dense(qkv_features, out_features or in_features, ("heads", "embed"), **kw)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.cache_key: nnx.Cache | None = nnx.data(None)
+    self.cache_value: nnx.Cache | None = nnx.data(None)
+    self.cache_index: nnx.Cache | None = nnx.data(None)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None) -> None:
+    """Allocates an empty KV cache of `max_len` positions for autoregressive decoding."""
+    shape = (batch, max_len, self.num_heads, self.head_dim)
+    self.cache_key = nnx.Cache(jnp.zeros(shape, dtype or self.dtype))
+    self.cache_value = nnx.Cache(jnp.zeros(shape, dtype or self.dtype))
+    self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+  def _heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))  # (B, L, H, Dh)
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
+               *, decode: bool = False, deterministic: bool = True,
+               return_weights: bool = False):
+    """Attends from `x` (B, Lq, D) to `context` (B, Lk, Dk), or to `x` itself when None.
+
+    `mask` is boolean, broadcastable to (B, H, Lq, Lk); True means attend. With `decode=True`
+    (self-attention only) `x` holds the next token(s), keys/values are appended to the cache
+    and a causal mask over the filled cache is applied. Returns (B, Lq, D_out), and the attention
+    weights (B, H, Lq, Lk) too when `return_weights`.
+    """
+    kv_in = x if context is None else context
+    q = self._heads(self.query(x))
+    k = self._heads(self.key(kv_in))
+    v = self._heads(self.value(kv_in))
+    q = sharding.constrain(q, ("batch", "length", "heads", None))
+    if decode:
+      if context is not None:
+        raise ValueError("decode=True is for self-attention; cross-attention keys need no cache")
+      if self.cache_key is None:
+        raise ValueError("decode=True needs init_cache(batch, max_len) first")
+      idx = self.cache_index[...]
+      step = q.shape[1]
+      k = jax.lax.dynamic_update_slice(self.cache_key[...], k.astype(self.cache_key.dtype), (0, idx, 0, 0))
+      v = jax.lax.dynamic_update_slice(self.cache_value[...], v.astype(self.cache_value.dtype), (0, idx, 0, 0))
+      self.cache_key[...], self.cache_value[...] = k, v
+      self.cache_index[...] = idx + step
+      max_len = k.shape[1]
+      q_pos = idx + jnp.arange(step)
+      dmask = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]  # (1, 1, step, max_len)
+      mask = dmask if mask is None else mask & dmask
+    if return_weights or not deterministic:
+      out, w = self._explicit(q, k, v, mask, deterministic)
+    else:
+      out, w = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), None
+    out = self.out(out.reshape(out.shape[:2] + (-1,)))
+    return (out, w) if return_weights else out
+
+  def _explicit(self, q, k, v, mask, deterministic):
+    scale = jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    wd = self.dropout(w, deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", wd, v), w

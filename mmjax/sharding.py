@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import re
 from typing import Iterator, Sequence
 
@@ -37,7 +38,10 @@ _MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mmjax_mesh"
 
 
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a mesh from {axis: size}; one size may be -1 to take the remaining devices."""
+  """Builds a mesh from {axis: size}; one size may be -1 to take the remaining devices.
+
+  Without -1, a mesh smaller than the device count uses the first devices (with a warning).
+  """
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = list(shape), list(shape.values())
   if sizes.count(-1) > 1:
@@ -47,8 +51,12 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
     if len(devices) % known:
       raise ValueError(f"mesh shape {shape}: {len(devices)} devices not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh shape {dict(zip(names, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+  need = int(np.prod(sizes))
+  if need > len(devices):
+    raise ValueError(f"mesh shape {dict(zip(names, sizes))} needs {need} devices, have {len(devices)}")
+  if need < len(devices):
+    logging.getLogger(__name__).warning("mesh %s uses %d of %d devices", dict(zip(names, sizes)), need, len(devices))
+    devices = devices[:need]
   axis_types = (jax.sharding.AxisType.Auto,) * len(names)
   return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types, devices=devices)
 
@@ -99,19 +107,25 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
 def param_specs(state: nnx.State, rules: Rules, mesh: Mesh | None = None) -> nnx.State:
-  """PartitionSpec per variable in `state`, from each variable's `logical_axes` metadata."""
+  """The state's tree with each variable's value replaced by its PartitionSpec.
+
+  Specs come from each variable's `logical_axes` metadata (none: replicated); the tree keeps the
+  state's structure, so it can serve directly as `in_shardings`/`out_shardings` for the state.
+  """
 
   def spec(v):
-    names = v.get_metadata().get("logical_axes")
-    if names is None:
-      return P()
-    return logical_to_spec(names, rules, mesh)
+    return v.replace(logical_to_spec(v.get_metadata().get("logical_axes"), rules, mesh))
 
-  return jax.tree.map(spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return jax.tree.map(spec, state, is_leaf=_is_var)
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+  """Like `param_specs`, with NamedShardings on `mesh`."""
   specs = param_specs(state, rules, mesh)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 

@@ -141,7 +141,9 @@ def test_logical_rules_semantics():
   # Rules naming an axis the mesh lacks are skipped: batch falls back to ("data",).
   assert sharding.logical_to_spec(("batch", "embed"), rules, mesh) == P("data", None)
   with pytest.raises(ValueError, match="devices"):
-    sharding.make_mesh({"data": 3})
+    sharding.make_mesh({"data": 16})
+  with pytest.raises(ValueError, match="divisible"):
+    sharding.make_mesh({"data": -1, "tensor": 3})
 
 
 def test_golden_sharding_of_an_encoder_on_8_devices():

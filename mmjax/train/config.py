@@ -1,0 +1,76 @@
+"""Config loading: `ml_collections` Python files with `get_config(arg)`, plus dotted overrides.
+
+Configs are Python files by design (as in big_vision): loading one runs its code, so only load
+configs you trust. Data (manifests, records) is never evaluated as code.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'size=small,fusion=film' -> ConfigDict over `defaults`; unknown keys are errors."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ValueError(f"config arg {item!r}: expected key=value (known keys: {sorted(defaults)})")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is unknown; known: {sorted(defaults)}")
+    out[key] = _literal(value, type(defaults[key]))
+  return out
+
+
+def _literal(text: str, want: type) -> Any:
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if want is str and not isinstance(value, str):
+    value = text
+  if want is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  return value
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:arg]' and applies 'a.b=value' overrides (unknown keys are errors)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location("mmjax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} has no get_config(arg) function")
+  config = module.get_config(arg or None)
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r}: expected key=value")
+    set_path(config, key.strip().removeprefix("config."), value.strip())
+  return config
+
+
+def set_path(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+  node = config
+  parts = dotted.split(".")
+  for i, p in enumerate(parts[:-1]):
+    if p not in node:
+      raise KeyError(f"config key {'.'.join(parts[:i + 1])!r} does not exist")
+    node = node[p]
+  leaf = parts[-1]
+  if leaf not in node:
+    raise KeyError(f"config key {dotted!r} does not exist; siblings: {sorted(node.keys())}")
+  current = node[leaf]
+  node[leaf] = _literal(text, type(current)) if current is not None else _literal(text, object)

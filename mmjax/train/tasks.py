@@ -1,0 +1,42 @@
+"""The task contract between the trainer and a task (model, loss, data, metrics)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol
+
+import jax
+import ml_collections
+from flax import nnx
+
+from mmjax.registry import Registry
+
+TASKS = Registry("task")
+
+
+class Task(Protocol):
+  """What `mmjax.train.trainer` needs from a task.
+
+  Attributes:
+    eval_splits: data splits evaluated at intervals.
+    best_metric: the eval metric used to keep the best checkpoint ("test/accuracy").
+  """
+
+  config: ml_collections.ConfigDict
+  eval_splits: tuple[str, ...]
+  best_metric: str
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The task's model, freshly initialised."""
+
+  def loss_fn(self, model: nnx.Module, batch: dict[str, jax.Array], train: bool) -> tuple[jax.Array, dict]:
+    """Scalar loss and a dict of scalar metrics for one global batch."""
+
+  def eval_fn(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums of per-example statistics; examples with batch['_valid'] False must count zero."""
+
+  def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+    """Final metrics from summed statistics."""
+
+  def dataset(self, split: str, *, train: bool, batch_size: int, shard_index: int,
+              shard_count: int) -> Iterable[dict[str, Any]]:
+    """Host-local numpy batches; for train, an endless checkpointable iterator."""

@@ -1,0 +1,356 @@
+"""The training loop: sharded init, jitted steps, evaluation, logging, Orbax checkpoints, resume.
+
+Compiled entry points are pure functions of the train state, a dict pytree:
+  {"params": nnx.State, "model_state": nnx.State (e.g. BatchNorm stats), "opt_state": ..., "step": int}
+Dropout keys are re-derived each step from (seed, step), so a resumed run is exact without saving
+RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmjax import sharding
+from mmjax.train import optim
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.tasks import TASKS
+
+log = logging.getLogger("mmjax.train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: mesh, task, abstract state and its shardings.
+# ---------------------------------------------------------------------------------------------
+class Setup:
+  """Everything derived from a config before any array exists: mesh, task, shardings, step fns."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.mesh = sharding.make_mesh(dict(config.mesh))
+    self.rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1])
+                       for r in config.get("rules", sharding.DEFAULT_RULES))
+    self.task = TASKS.get(config.task)(config)
+    seed = int(config.seed)
+    ctor = lambda: self.task.build_model(nnx.Rngs(params=seed, dropout=seed + 1))
+    self._ctor = ctor
+    abstract_model = nnx.eval_shape(ctor)
+    self.graphdef, abs_params, abs_rng, abs_mstate = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
+    self.total_steps = int(config.train.steps)
+    self.tx = optim.make_optimizer(config.optim, abs_params, self.total_steps)
+    self.num_params = optim.count_params(abs_params)
+    replicated = NamedSharding(self.mesh, P())
+    param_sh = sharding.param_shardings(abs_params, self.mesh, self.rules)
+    abs_opt = jax.eval_shape(self.tx.init, abs_params)
+    # Optimizer-state shardings as XLA propagates them from the parameters (moments follow their
+    # parameter); state that does not depend on a parameter (counts) is replicated.
+    opt_sh = jax.jit(self.tx.init, in_shardings=(param_sh,)).lower(abs_params).compile().output_shardings
+    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == self.mesh else replicated,
+                          opt_sh)
+    self.state_shardings = {
+        "params": param_sh,
+        "model_state": jax.tree.map(lambda _: replicated, abs_mstate),
+        "opt_state": opt_sh,
+        "step": replicated,
+    }
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        {"params": abs_params, "model_state": abs_mstate, "opt_state": abs_opt,
+         "step": jax.ShapeDtypeStruct((), jnp.int32)},
+        self.state_shardings)
+    self.rng_state = abs_rng  # abstract; concrete keys are made inside each step
+
+  # -- arrays ----------------------------------------------------------------------------------
+  def init_state(self) -> dict[str, Any]:
+    """Initialises parameters and optimizer state directly in their shardings."""
+    tx, ctor = self.tx, self._ctor
+
+    def init():
+      model = ctor()
+      _, params, _, mstate = nnx.split(model, nnx.Param, nnx.RngState, ...)
+      return {"params": params, "model_state": mstate, "opt_state": tx.init(params),
+              "step": jnp.zeros((), jnp.int32)}
+
+    with self.context():
+      return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def context(self):
+    return _Both(jax.set_mesh(self.mesh), sharding.axis_rules(self.rules, self.mesh))
+
+  def batch_sharding(self, x: np.ndarray) -> NamedSharding:
+    names = ("batch",) + (None,) * (np.ndim(x) - 1)
+    return NamedSharding(self.mesh, sharding.logical_to_spec(names, self.rules, self.mesh))
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles per-host numpy batches into global arrays sharded over the batch axis."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding(v), np.asarray(v))
+            for k, v in local.items()}
+
+  def model(self, state: dict[str, Any], step: jax.Array | int = 0) -> nnx.Module:
+    """A live model from the state, its dropout keys derived from (seed, step)."""
+    rng_state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                             else jax.random.key(0), self.rng_state)
+    model = nnx.merge(self.graphdef, state["params"], rng_state, state["model_state"])
+    key = jax.random.fold_in(jax.random.key(int(self.config.seed) + 1), step)
+    nnx.reseed(model, dropout=key)
+    return model
+
+  # -- compiled steps --------------------------------------------------------------------------
+  def make_train_step(self):
+    task, tx = self.task, self.tx
+
+    def train_step(state, batch):
+      def loss_fn(params):
+        model = self.model({**state, "params": params}, state["step"])
+        loss, metrics = task.loss_fn(model, batch, True)
+        _, _, _, mstate = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        return loss, (metrics, mstate)
+
+      (loss, (metrics, mstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+      new = {"params": params, "model_state": mstate, "opt_state": opt_state, "step": state["step"] + 1}
+      return new, metrics
+
+    return jax.jit(train_step, in_shardings=(self.state_shardings, None),
+                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+  def make_eval_step(self):
+    task = self.task
+
+    def eval_step(state, batch):
+      return task.eval_fn(self.model(state), batch)
+
+    return jax.jit(eval_step, in_shardings=(self.state_shardings, None))
+
+
+class _Both:
+  """Enters two context managers as one."""
+
+  def __init__(self, a, b):
+    self.a, self.b = a, b
+
+  def __enter__(self):
+    self.a.__enter__()
+    self.b.__enter__()
+
+  def __exit__(self, *exc):
+    self.b.__exit__(*exc)
+    self.a.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------
+def evaluate(setup: Setup, state: dict[str, Any], eval_step, split: str) -> dict[str, float]:
+  """Runs `split` once; the last partial batch is padded and masked with `_valid`."""
+  cfg = setup.config
+  bs = int(cfg.data.eval_batch_size)
+  local_bs = bs // jax.process_count()
+  sums: dict[str, float] = {}
+  data = setup.task.dataset(split, train=False, batch_size=local_bs,
+                            shard_index=jax.process_index(), shard_count=jax.process_count())
+  with setup.context():
+    for batch in data:
+      batch = _pad(batch, local_bs)
+      out = jax.device_get(eval_step(state, setup.global_batch(batch)))
+      for k, v in out.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+  return {f"{split}/{k}": v for k, v in setup.task.summarize(sums).items()}
+
+
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  n = len(next(iter(batch.values())))
+  valid = np.arange(size) < n
+  if n == size:
+    return {**batch, "_valid": valid}
+  return {**{k: np.concatenate([v, np.repeat(v[-1:], size - n, 0)]) for k, v in batch.items()},
+          "_valid": valid}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging.
+# ---------------------------------------------------------------------------------------------
+class MetricWriter:
+  """Metrics to metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, float(v), int(step))
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> str | None:
+  """Training curves (loss and every eval metric) as curves.png in the workdir."""
+  rows = read_metrics(workdir)
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  keys = sorted({k for r in rows for k in r if k not in ("step", "time")})
+  train_keys = [k for k in keys if k.startswith("train/")]
+  eval_keys = [k for k in keys if not k.startswith("train/") and k != "epoch"]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, group, title in ((axes[0], train_keys, "training"), (axes[1], eval_keys, "evaluation")):
+    for k in group:
+      pts = [(r["step"], r[k]) for r in rows if k in r]
+      if pts:
+        ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    if group:
+      ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, "curves.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+class _Preempted:
+  """Set by SIGTERM: the loop saves a checkpoint at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, *_):
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+  from tqdm.auto import tqdm
+
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  setup = Setup(config)
+  tcfg = config.train
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.get("keep", 3)),
+                      best_metric=setup.task.best_metric)
+  writer = MetricWriter(workdir, enabled=is_main)
+  bs = int(config.data.batch_size)
+  if bs % jax.process_count():
+    raise ValueError(f"data.batch_size={bs} must divide by the number of processes {jax.process_count()}")
+  train_iter = iter(setup.task.dataset("train", train=True, batch_size=bs // jax.process_count(),
+                                       shard_index=jax.process_index(),
+                                       shard_count=jax.process_count()))
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, setup.abstract_state)
+    if data_state is not None and hasattr(train_iter, "set_state"):
+      train_iter.set_state(data_state)
+    log.info("resumed from step %d", start)
+  else:
+    state = setup.init_state()
+    start = 0
+  train_step, eval_step = setup.make_train_step(), setup.make_eval_step()
+  log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
+  ckpt_every = int(tcfg.checkpoint_every)
+  total = setup.total_steps
+  final: dict[str, Any] = {}
+  pending: list[dict] = []
+  t0, n0 = time.perf_counter(), start
+  bar = tqdm(total=total, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
+             desc=config.get("name", config.task))
+  try:
+    with _Preempted() as preempt:
+      step = start
+      while step < total:
+        with setup.context():
+          state, metrics = train_step(state, setup.global_batch(next(train_iter)))
+        step += 1
+        pending.append(metrics)
+        bar.update(1)
+        if step % log_every == 0 or step == total:
+          host = jax.device_get(pending)
+          pending = []
+          dt = time.perf_counter() - t0
+          avg = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+          avg["train/examples_per_s"] = (step - n0) * bs / max(dt, 1e-9)
+          t0, n0 = time.perf_counter(), step
+          if not math.isfinite(avg["train/loss"]):
+            raise FloatingPointError(f"loss became {avg['train/loss']} at step {step}")
+          writer.write(step, avg)
+          bar.set_postfix(loss=f"{avg['train/loss']:.4f}", ex_s=f"{avg['train/examples_per_s']:.0f}")
+          final.update(avg)
+        evals = {}
+        if step % eval_every == 0 or step == total:
+          for split in setup.task.eval_splits:
+            evals.update(evaluate(setup, state, eval_step, split))
+          writer.write(step, evals)
+          final.update(evals)
+          bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+          if is_main:
+            plot_curves(workdir)
+        if step % ckpt_every == 0 or step == total or preempt.flag:
+          data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+          ckpt.save(step, state, data_state, metrics=evals or None, force=True)
+        if preempt.flag:
+          log.warning("SIGTERM: saved step %d, exiting", step)
+          break
+  finally:  # an exception still finalises checkpoints already written
+    bar.close()
+    ckpt.close()
+    writer.close()
+  final["step"] = step
+  final["num_params"] = setup.num_params
+  return final

@@ -1,0 +1,164 @@
+"""Trainer: exact resume, sharded == single-device, frozen groups, per-group learning rates."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmjax.layers import dense
+from mmjax.train import optim, trainer
+from mmjax.train.tasks import TASKS
+
+
+class ToyModel(nnx.Module):
+  def __init__(self, rngs):
+    self.enc = dense(8, 32, ("embed", "mlp"), rngs=rngs)
+    self.head = dense(32, 4, ("mlp", "vocab"), rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+  def __call__(self, x, train):
+    return self.head(self.drop(jax.nn.relu(self.enc(x)), deterministic=not train))
+
+
+class ToyIterator:
+  """A deterministic, checkpointable stream of batches; raises after `fail_after` batches."""
+
+  def __init__(self, batch_size, fail_after=None):
+    self.i, self.bs, self.fail_after = 0, batch_size, fail_after
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.fail_after is not None and self.i >= self.fail_after:
+      raise RuntimeError("simulated crash")
+    rng = np.random.default_rng(self.i)
+    self.i += 1
+    x = rng.normal(size=(self.bs, 8)).astype(np.float32)
+    return {"x": x, "y": (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)}
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, s):
+    self.i = s["i"]
+
+
+FAIL_AFTER = {"n": None}
+
+
+@TASKS.register("toy_for_tests")
+class ToyTask:
+  eval_splits = ("test",)
+  best_metric = "test/accuracy"
+
+  def __init__(self, config):
+    self.config = config
+
+  def build_model(self, rngs):
+    return ToyModel(rngs)
+
+  def loss_fn(self, model, batch, train):
+    logits = model(batch["x"], train)
+    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], 1))
+    return loss, {}
+
+  def eval_fn(self, model, batch):
+    ok = (model(batch["x"], False).argmax(-1) == batch["y"]) & batch["_valid"]
+    return {"correct": ok.sum(), "count": batch["_valid"].sum()}
+
+  def summarize(self, s):
+    return {"accuracy": s["correct"] / s["count"]}
+
+  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
+    if train:
+      return ToyIterator(batch_size, FAIL_AFTER["n"])
+    rng = np.random.default_rng(123)
+    x = rng.normal(size=(20, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)
+    return [{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, 20, batch_size)]
+
+
+def toy_config(steps=12, mesh=None, groups=()):
+  return ml_collections.ConfigDict({
+      "task": "toy_for_tests", "seed": 0,
+      "mesh": mesh or {"data": 1, "fsdp": 1, "tensor": 1},
+      "data": {"batch_size": 8, "eval_batch_size": 8},
+      "optim": {"lr": 1e-2, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 1e-4,
+                "clip_norm": 1.0, "groups": list(groups)},
+      "train": {"steps": steps, "log_every": 2, "eval_every": 6, "checkpoint_every": 3, "keep": 2},
+  })
+
+
+def _params(workdir, config):
+  setup = trainer.Setup(config)
+  from mmjax.train.checkpoint import Checkpointer
+  ck = Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, data = ck.restore(ck.latest_step(), setup.abstract_state)
+  ck.close()
+  return jax.device_get(state["params"]), data
+
+
+def test_resume_after_crash_is_bitwise_identical(tmp_path):
+  cfg = toy_config()
+  straight = trainer.train(cfg, str(tmp_path / "a"), progress=False)
+  FAIL_AFTER["n"] = 7  # crashes while fetching batch 8; checkpoint at step 6 exists
+  try:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+      trainer.train(cfg, str(tmp_path / "b"), progress=False)
+  finally:
+    FAIL_AFTER["n"] = None
+  resumed = trainer.train(cfg, str(tmp_path / "b"), progress=False)
+  pa, da = _params(str(tmp_path / "a"), cfg)
+  pb, db = _params(str(tmp_path / "b"), cfg)
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  assert da == db == {"i": 12}
+  assert straight["test/accuracy"] == resumed["test/accuracy"]
+  assert straight["train/loss"] == resumed["train/loss"]
+  assert os.path.exists(tmp_path / "a" / "curves.png")
+  rows = trainer.read_metrics(str(tmp_path / "a"))
+  assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6, 8, 10, 12]
+
+
+def test_sharded_8_devices_equals_single_device(tmp_path):
+  one = trainer.train(toy_config(6), str(tmp_path / "one"), progress=False)
+  eight = trainer.train(toy_config(6, {"data": 2, "fsdp": 2, "tensor": 2}), str(tmp_path / "eight"),
+                        progress=False)
+  l1 = [r["train/loss"] for r in trainer.read_metrics(str(tmp_path / "one")) if "train/loss" in r]
+  l8 = [r["train/loss"] for r in trainer.read_metrics(str(tmp_path / "eight")) if "train/loss" in r]
+  np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  assert one["test/accuracy"] == eight["test/accuracy"]
+  setup = trainer.Setup(toy_config(6, {"data": 2, "fsdp": 2, "tensor": 2}))
+  assert setup.state_shardings["params"]["enc"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_frozen_group_does_not_change_and_lr_ratios_hold(tmp_path):
+  groups = [{"name": "enc", "pattern": "enc/.*", "freeze": True}]
+  cfg = toy_config(3, groups=groups)
+  setup = trainer.Setup(cfg)
+  s0 = jax.device_get(setup.init_state())
+  trainer.train(cfg, str(tmp_path / "f"), progress=False)
+  p, _ = _params(str(tmp_path / "f"), cfg)
+  np.testing.assert_array_equal(p["enc"]["kernel"], s0["params"]["enc"]["kernel"])
+  assert not np.array_equal(p["head"]["kernel"], s0["params"]["head"]["kernel"])
+  # Per-group learning rates: with SGD-like first Adam steps (|update| = lr), ratios follow lr.
+  params = {"enc": {"kernel": jnp.ones((3, 3))}, "head": {"kernel": jnp.ones((3, 3))}}
+  tx = optim.make_optimizer({"lr": 1e-2, "groups": [{"name": "enc", "pattern": "enc/.*", "lr": 1e-4}]}, params, 10)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  upd, _ = tx.update(grads, tx.init(params), params)
+  ratio = float(jnp.abs(upd["head"]["kernel"]).mean() / jnp.abs(upd["enc"]["kernel"]).mean())
+  np.testing.assert_allclose(ratio, 100.0, rtol=1e-3)
+
+
+def test_optimizer_config_errors():
+  params = {"a": jnp.ones(2)}
+  with pytest.raises(ValueError, match="matches no parameter"):
+    optim.make_optimizer({"lr": 1.0, "groups": [{"name": "x", "pattern": "zzz"}]}, params, 5)
+  with pytest.raises(ValueError, match="unknown keys"):
+    optim.make_optimizer({"lr": 1.0, "groups": [{"name": "x", "pattern": "a", "lrr": 2}]}, params, 5)
+  with pytest.raises(ValueError, match="schedule"):
+    optim.schedule(1.0, total_steps=5, kind="exp")

@@ -68,8 +68,8 @@ class ToyTask:
     return loss, {}
 
   def eval_fn(self, model, batch):
-    ok = (model(batch["x"], False).argmax(-1) == batch["y"]) & batch["_valid"]
-    return {"correct": ok.sum(), "count": batch["_valid"].sum()}
+    ok = (model(batch["x"], False).argmax(-1) == batch["y"]) & batch["valid"]
+    return {"correct": ok.sum(), "count": batch["valid"].sum()}
 
   def summarize(self, s):
     return {"accuracy": s["correct"] / s["count"]}

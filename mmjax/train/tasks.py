@@ -32,7 +32,7 @@ class Task(Protocol):
     """Scalar loss and a dict of scalar metrics for one global batch."""
 
   def eval_fn(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Sums of per-example statistics; examples with batch['_valid'] False must count zero."""
+    """Sums of per-example statistics; examples with batch['valid'] False must count zero."""
 
   def summarize(self, sums: dict[str, float]) -> dict[str, float]:
     """Final metrics from summed statistics."""

@@ -157,7 +157,7 @@ class _Both:
 # Evaluation.
 # ---------------------------------------------------------------------------------------------
 def evaluate(setup: Setup, state: dict[str, Any], eval_step, split: str) -> dict[str, float]:
-  """Runs `split` once; the last partial batch is padded and masked with `_valid`."""
+  """Runs `split` once; a short last batch is padded and masked with `valid`."""
   cfg = setup.config
   bs = int(cfg.data.eval_batch_size)
   local_bs = bs // jax.process_count()
@@ -174,12 +174,15 @@ def evaluate(setup: Setup, state: dict[str, Any], eval_step, split: str) -> dict
 
 
 def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads a short batch to `size` by repeating its last example; `valid` marks real ones."""
   n = len(next(iter(batch.values())))
-  valid = np.arange(size) < n
+  if "valid" not in batch:
+    batch = {**batch, "valid": np.ones(n, bool)}
   if n == size:
-    return {**batch, "_valid": valid}
-  return {**{k: np.concatenate([v, np.repeat(v[-1:], size - n, 0)]) for k, v in batch.items()},
-          "_valid": valid}
+    return batch
+  pad = {k: np.concatenate([v, np.repeat(v[-1:], size - n, 0)]) for k, v in batch.items()}
+  pad["valid"][n:] = False
+  return pad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""VQA on the embedded Sort-of-CLEVR (Santoro et al. 2017) with English questions.
+
+  python train.py --config configs/vqa_sort_of_clevr.py --workdir workdirs/vqa
+  python train.py --config configs/vqa_sort_of_clevr.py:size=small,fusion=film --workdir /tmp/v
+  python train.py --config configs/vqa_sort_of_clevr.py --config.optim.lr=3e-4 ...
+
+Args (after the colon): size = tiny | small | default; fusion = any name in
+`mmjax.fusion.FUSIONS.names()`; text = rnn | bert | minilm.
+"""
+
+import ml_collections
+
+from mmjax.train.config import parse_arg
+
+FUSION_KWARGS = {
+    "relation": {"query": "text"},
+    "film": {"condition": "text"},
+}
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, size="default", fusion="relation", text="rnn")
+  c = ml_collections.ConfigDict()
+  c.task = "vqa_sort_of_clevr"
+  c.name = f"vqa-{arg.fusion}-{arg.size}"
+  c.seed = 0
+  steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (6000, 32, 128)}[arg.size]
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.batch_size = bs  # images per step; each carries 20 questions
+  c.data.eval_batch_size = 50 if arg.size != "tiny" else 8
+  c.data.max_len = 16
+  c.data.worker_count = 0
+  c.data.eval_splits = ("test", "paraphrase")
+  # Images per split (train, test, paraphrase); None = the full 9,800 / 200 / 200. Smaller
+  # counts build a separate, smaller copy whose records equal the first ones of the full set.
+  c.data.num_images = (64, 16, 16) if arg.size == "tiny" else None
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vision = {"name": "small_cnn", "features": width, "channels": (32, 64, 64, 64),
+                    "norm": "layer", "coords": True}
+  text = {
+      "rnn": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width},
+      "bert": {"name": "bert", "variant": "tiny", "vocab_size": 0, "max_len": 16},
+      "minilm": {"name": "minilm"},
+  }[arg.text]
+  c.model.text = text
+  c.model.fusion = arg.fusion
+  c.model.fusion_kwargs = FUSION_KWARGS.get(arg.fusion, {})
+  c.model.features = width
+  c.model.head_hidden = 2 * width
+  c.model.modality_dropout = 0.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = max(steps // 20, 1)
+  c.optim.schedule = "cosine"
+  c.optim.weight_decay = 1e-4
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum = 1
+  c.optim.groups = []
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = steps
+  c.train.log_every = max(steps // 100, 1)
+  c.train.eval_every = max(steps // 10, 1)
+  c.train.checkpoint_every = max(steps // 10, 1)
+  c.train.keep = 2
+
+  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  return c

@@ -1,0 +1,88 @@
+"""Task glue for VQA on Sort-of-CLEVR: data pipeline, model, loss and per-kind accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mmjax import losses
+from mmjax.data import pipeline
+from mmjax.data.datasets import sort_of_clevr
+from mmjax.models.vqa import VQAModel
+from mmjax.train.tasks import TASKS
+
+
+@TASKS.register("vqa_sort_of_clevr")
+class SortOfClevrVQA:
+  """Sort-of-CLEVR: 20 questions per image, accuracy per kind (relational / non-relational)."""
+
+  best_metric = "test/accuracy"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.eval_splits = tuple(config.data.eval_splits)
+    self.tokenizer = sort_of_clevr.load_tokenizer(config.data.data_dir, config=self._builder_config())
+    self.answers = sort_of_clevr.ANSWERS
+
+  # -- model -----------------------------------------------------------------------------------
+  def model_kwargs(self) -> dict[str, Any]:
+    m = self.config.model
+    text = dict(m.text)
+    if "vocab_size" in text and not text["vocab_size"]:
+      text["vocab_size"] = self.tokenizer.vocab_size
+    return dict(vision=dict(m.vision), text=text, fusion=m.fusion,
+                fusion_kwargs=dict(m.fusion_kwargs), features=m.features,
+                num_answers=len(self.answers), image_shape=(75, 75, 3),
+                question_len=self.config.data.max_len, head_hidden=m.head_hidden,
+                modality_dropout=m.modality_dropout)
+
+  def build_model(self, rngs: nnx.Rngs) -> VQAModel:
+    return VQAModel(**self.model_kwargs(), rngs=rngs)
+
+  # -- loss and metrics ------------------------------------------------------------------------
+  def loss_fn(self, model, batch, train):
+    logits, _ = model(batch["image"], batch["question_ids"], batch["question_mask"],
+                      deterministic=not train)  # (B, Q, A)
+    loss, metrics = losses.softmax_cross_entropy(logits, batch["answer"])
+    return loss, {"accuracy": metrics["accuracy"]}
+
+  def eval_fn(self, model, batch):
+    logits, _ = model(batch["image"], batch["question_ids"], batch["question_mask"])
+    valid = jnp.broadcast_to(batch["valid"][:, None], batch["answer"].shape)  # (B, Q)
+    correct = (logits.argmax(-1) == batch["answer"]) & valid
+    out = {"correct": correct.sum(), "count": valid.sum()}
+    for k, name in enumerate(sort_of_clevr.KINDS):
+      sel = batch["kind"] == k
+      out[f"correct_{name}"] = (correct & sel).sum()
+      out[f"count_{name}"] = (valid & sel).sum()
+    for s, name in enumerate(sort_of_clevr.SUBTYPES):
+      sel = batch["subtype"] == s
+      out[f"correct_{name}"] = (correct & sel).sum()
+      out[f"count_{name}"] = (valid & sel).sum()
+    return out
+
+  def summarize(self, sums):
+    out = {"accuracy": sums["correct"] / max(sums["count"], 1)}
+    for name in sort_of_clevr.KINDS + sort_of_clevr.SUBTYPES:
+      out[f"accuracy_{name}"] = sums[f"correct_{name}"] / max(sums[f"count_{name}"], 1)
+    return out
+
+  # -- data ------------------------------------------------------------------------------------
+  def _builder_config(self):
+    n = self.config.data.num_images
+    if not n:
+      return None
+    counts = tuple((split, int(n[i])) for i, split in enumerate(("train", "test", "paraphrase")))
+    name = "n" + "_".join(str(c) for _, c in counts)
+    return sort_of_clevr.SortOfClevrConfig(name=name, num_images=counts)
+
+  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
+    d = self.config.data
+    return pipeline.sort_of_clevr_pipeline(
+        split, batch_size, data_dir=d.data_dir, config=self._builder_config(), max_len=d.max_len,
+        seed=int(self.config.seed), training=train, shard_index=shard_index,
+        shard_count=shard_count, worker_count=d.worker_count if train else 0).dataset

@@ -1,0 +1,290 @@
+"""Text encoders: a BERT-compatible Transformer and an embedding + (bi)LSTM/GRU encoder.
+
+`BertEncoder`'s parameters map one to one onto HF `BertModel` (see `mmjax.transfer.bert`), so
+pretrained BERT / MiniLM checkpoints load into it; `RnnTextEncoder` is the Show-and-Tell-era
+recurrent encoder. Both return the `EncoderOutput` contract: tokens (B, L, D), mask (B, L), pooled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmjax import sharding
+from mmjax.encoders.base import ENCODERS, EncoderOutput
+from mmjax.layers.common import Dtype, dense, layer_norm
+from mmjax.layers.embeddings import Embed, LearnedPositions, ModalityEmbed
+from mmjax.layers.transformer import Encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class BertSpec:
+  """Hyper-parameters of a BERT-style encoder (the fields of HF `BertConfig` that shape it).
+
+  Attributes:
+    vocab_size: word-piece vocabulary size.
+    hidden: model width D.
+    depth: number of post-LN encoder blocks.
+    heads: attention heads.
+    mlp_dim: feed-forward width.
+    max_len: learned position table size (longest input).
+    type_vocab: number of token types (segments).
+    pad_id: id of the padding token; the default mask is `ids != pad_id`.
+    ln_eps: LayerNorm epsilon.
+    act: feed-forward activation name (see `mmjax.layers.activation`).
+    dropout: dropout after embeddings and each sub-layer.
+    attn_dropout: dropout on attention weights.
+    pooler: whether the model has BERT's pooler (dense + tanh on the CLS token).
+  """
+
+  vocab_size: int = 30522
+  hidden: int = 768
+  depth: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  max_len: int = 512
+  type_vocab: int = 2
+  pad_id: int = 0
+  ln_eps: float = 1e-12
+  act: str = "gelu"
+  dropout: float = 0.1
+  attn_dropout: float = 0.1
+  pooler: bool = True
+
+
+BERT_VARIANTS: dict[str, dict] = {
+    "bert-base": dict(hidden=768, depth=12, heads=12, mlp_dim=3072),
+    "bert-small": dict(hidden=512, depth=4, heads=8, mlp_dim=2048),
+    "minilm-l6-h384": dict(hidden=384, depth=6, heads=12, mlp_dim=1536),
+    "tiny": dict(vocab_size=1000, hidden=32, depth=2, heads=4, mlp_dim=64, max_len=128),
+}
+
+POOLS = ("cls", "mean", "pooler")
+
+
+def decode_variant(variant: str, **overrides) -> BertSpec:
+  """`BertSpec` of a named variant ("bert-base", "bert-small", "minilm-l6-h384", "tiny") + overrides."""
+  if variant not in BERT_VARIANTS:
+    raise ValueError(f"variant: unknown BERT variant {variant!r}; known: {sorted(BERT_VARIANTS)}")
+  fields = {f.name for f in dataclasses.fields(BertSpec)}
+  bad = sorted(set(overrides) - fields)
+  if bad:
+    raise TypeError(f"unknown BERT field(s) {bad}; known: {sorted(fields)}")
+  return BertSpec(**{**BERT_VARIANTS[variant], **overrides})
+
+
+def masked_mean(tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of tokens (B, L, D) over positions where mask (B, L) is True, in float32; 0 if none."""
+  m = mask.astype(jnp.float32)[..., None]  # (B, L, 1)
+  total = jnp.sum(tokens.astype(jnp.float32) * m, axis=1)  # (B, D)
+  return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_ids(ids: jax.Array, upper: int, field: str, max_len: int | None = None) -> None:
+  """Raises TypeError/ValueError naming `field` for non-integer, non-(B, L) or out-of-range ids."""
+  if not hasattr(ids, "dtype") or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"{field}: expected an integer array of shape (B, L), got "
+                    f"{getattr(ids, 'dtype', type(ids).__name__)}")
+  if ids.ndim != 2:
+    raise ValueError(f"{field}: expected shape (B, L), got {ids.shape}")
+  if max_len is not None and ids.shape[1] > max_len:
+    raise ValueError(f"{field}: length {ids.shape[1]} exceeds the {max_len} positions the model has")
+  if _is_concrete(ids) and ids.size:
+    lo, hi = int(np.min(ids)), int(np.max(ids))
+    if lo < 0 or hi >= upper:
+      raise ValueError(f"{field}: values must lie in [0, {upper}), got min {lo}, max {hi}")
+
+
+def _token_mask(ids: jax.Array, mask: jax.Array | None, pad_id: int) -> jax.Array:
+  """Bool (B, L) mask: the given one (checked against ids' shape) or ids != pad_id."""
+  if mask is None:
+    return ids != pad_id
+  if getattr(mask, "shape", None) != ids.shape:
+    raise ValueError(f"mask: expected shape {ids.shape} like ids, got {getattr(mask, 'shape', None)}")
+  return jnp.asarray(mask).astype(bool)
+
+
+@ENCODERS.register("bert")
+class BertEncoder(nnx.Module):
+  """BERT-style post-LN Transformer text encoder whose parameters map 1:1 onto HF `BertModel`.
+
+  Attributes:
+    spec: the `BertSpec` hyper-parameters.
+    pool: "pooler" (dense + tanh on CLS), "cls" (raw CLS token) or "mean" (masked mean).
+    word_embed, position_embed, type_embed, embed_norm: BERT's embedding block.
+    encoder: `mmjax.layers.Encoder` of post-LN blocks (no final norm).
+    pooler: dense (D -> D) applied to the CLS token, or None.
+
+  Args:
+    variant: a name in `BERT_VARIANTS`.
+    pool: pooling; default "pooler" when the model has a pooler, else "mean".
+    dtype: compute dtype; param_dtype: parameter dtype.
+    rngs: parameter and dropout keys.
+    **overrides: any `BertSpec` field (vocab_size, depth, pooler, dropout, ...).
+  """
+
+  def __init__(self, variant: str = "bert-base", *, pool: str | None = None,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
+               **overrides):
+    spec = decode_variant(variant, **overrides)
+    pool = pool or ("pooler" if spec.pooler else "mean")
+    if pool not in POOLS:
+      raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
+    if pool == "pooler" and not spec.pooler:
+      raise ValueError("pool='pooler' needs pooler=True")
+    self.spec, self.pool, self.dtype = spec, pool, dtype
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    d = spec.hidden
+    self.word_embed = Embed(spec.vocab_size, d, **kw)
+    self.position_embed = LearnedPositions(spec.max_len, d, param_dtype=param_dtype, rngs=rngs)
+    self.type_embed = ModalityEmbed(spec.type_vocab, d, param_dtype=param_dtype, rngs=rngs)
+    self.embed_norm = layer_norm(d, eps=spec.ln_eps, **kw)
+    self.embed_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
+    self.encoder = Encoder(spec.depth, d, spec.heads, spec.mlp_dim, norm="post", final_norm=False,
+                           ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
+                           attn_dropout=spec.attn_dropout, **kw)
+    self.pooler = dense(d, d, ("embed", None), **kw) if spec.pooler else None
+
+  def __call__(self, ids: jax.Array, mask: jax.Array | None = None,
+               type_ids: jax.Array | None = None, *, deterministic: bool = True,
+               return_hidden: bool = False):
+    """Encodes token ids.
+
+    Args:
+      ids: (B, L) integer word-piece ids, L <= spec.max_len.
+      mask: (B, L) bool/int, True for real tokens; default `ids != spec.pad_id`.
+      type_ids: (B, L) segment ids in [0, spec.type_vocab); default all 0.
+      deterministic: disables dropout when True.
+      return_hidden: also return the embedding output and every layer's output (depth + 1).
+
+    Returns:
+      `EncoderOutput`, and with `return_hidden` a tuple of (B, L, D) hidden states too.
+    """
+    spec = self.spec
+    _check_ids(ids, spec.vocab_size, "ids", spec.max_len)
+    mask = _token_mask(ids, mask, spec.pad_id)
+    if type_ids is not None:
+      if getattr(type_ids, "shape", None) != ids.shape:
+        raise ValueError(f"type_ids: expected shape {ids.shape} like ids, got "
+                         f"{getattr(type_ids, 'shape', None)}")
+      _check_ids(type_ids, spec.type_vocab, "type_ids")
+    x = self.word_embed(ids)  # (B, L, D)
+    x = self.type_embed(x, 0 if type_ids is None else type_ids)
+    x = self.position_embed(x)
+    x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic)
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+    # Key padding only (as HF does): padded queries still attend to the real tokens.
+    amask = mask[:, None, None, :]  # (B, 1, 1, L)
+    x, hidden = self.encoder(x, amask, deterministic=deterministic, return_hidden=True)
+    if self.pool == "pooler":
+      pooled = jnp.tanh(self.pooler(x[:, 0]))
+    elif self.pool == "cls":
+      pooled = x[:, 0]
+    else:
+      pooled = masked_mean(x, mask).astype(x.dtype)
+    out = EncoderOutput(tokens=x, mask=mask, pooled=pooled)
+    return (out, tuple(hidden)) if return_hidden else out
+
+
+@ENCODERS.register("rnn_text")
+class RnnTextEncoder(nnx.Module):
+  """Token embedding + stacked (bi)LSTM/GRU, honouring right padding through sequence lengths.
+
+  Attributes:
+    embed: token embedding (vocab_size, features).
+    layers: `nnx.RNN` or `nnx.Bidirectional` per layer.
+    out_features: D = hidden * (2 if bidirectional else 1).
+    pool: "last" (final state of each direction at the last real token) or "mean".
+
+  Args:
+    vocab_size: vocabulary size.
+    features: embedding width.
+    hidden: state width per direction.
+    cell: "lstm" or "gru".
+    bidirectional: run a backward RNN too and concatenate.
+    num_layers: stacked recurrent layers.
+    pool: "last" or "mean".
+    pad_id: padding id; the default mask is `ids != pad_id`.
+    dropout: dropout on embeddings and between layers.
+  """
+
+  def __init__(self, vocab_size: int, features: int = 128, hidden: int = 128, *,
+               cell: str = "lstm", bidirectional: bool = True, num_layers: int = 1,
+               pool: str = "last", pad_id: int = 0, dropout: float = 0.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    if cell not in ("lstm", "gru"):
+      raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
+    if pool not in ("last", "mean"):
+      raise ValueError(f"pool: expected 'last' or 'mean', got {pool!r}")
+    if num_layers < 1:
+      raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
+    self.vocab_size, self.cell, self.hidden, self.pool, self.pad_id = vocab_size, cell, hidden, pool, pad_id
+    self.bidirectional, self.dtype = bidirectional, dtype
+    self.out_features = hidden * (2 if bidirectional else 1)
+    self.embed = Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    cell_cls = nnx.LSTMCell if cell == "lstm" else nnx.GRUCell
+    meta = dict(kernel_metadata={"logical_axes": ("embed", "mlp")},
+                recurrent_kernel_metadata={"logical_axes": (None, "mlp")},
+                bias_metadata={"logical_axes": ("mlp",)})
+
+    def rnn(in_features):
+      c = cell_cls(in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **meta)
+      return nnx.RNN(c, rngs=False)
+
+    layers = []
+    for i in range(num_layers):
+      d_in = features if i == 0 else self.out_features
+      layers.append(nnx.Bidirectional(rnn(d_in), rnn(d_in), rngs=False) if bidirectional else rnn(d_in))
+    self.layers = nnx.List(layers)
+
+  def _zero_carry(self, batch: int):
+    h = jnp.zeros((batch, self.hidden), jnp.float32)
+    return (h, h) if self.cell == "lstm" else h
+
+  def _last_h(self, carry) -> jax.Array:
+    return carry[1] if self.cell == "lstm" else carry  # LSTM carry is (c, h)
+
+  def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
+               deterministic: bool = True) -> EncoderOutput:
+    """ids: (B, L) ints; mask: (B, L), True on a prefix of each row (right padding only)."""
+    _check_ids(ids, self.vocab_size, "ids")
+    mask = _token_mask(ids, mask, self.pad_id)
+    lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)  # (B,)
+    if _is_concrete(mask):
+      prefix = np.arange(ids.shape[1])[None, :] < np.asarray(lengths)[:, None]
+      if not np.array_equal(np.asarray(mask), prefix):
+        raise ValueError("mask: RnnTextEncoder needs right-padded rows (all real tokens first)")
+    x = self.dropout(self.embed(ids), deterministic=deterministic)  # (B, L, F)
+    carry = self._zero_carry(ids.shape[0])
+    for i, layer in enumerate(self.layers):
+      if i:
+        x = self.dropout(x, deterministic=deterministic)
+      init = (carry, carry) if self.bidirectional else carry
+      final, x = layer(x, initial_carry=init, seq_lengths=lengths, return_carry=True)
+    tokens = (x * mask[..., None]).astype(self.dtype)  # (B, L, D), zero at padding
+    if self.pool == "mean":
+      pooled = masked_mean(tokens, mask)
+    else:
+      parts = [self._last_h(c) for c in final] if self.bidirectional else [self._last_h(final)]
+      pooled = jnp.concatenate(parts, axis=-1) * (lengths > 0)[:, None]  # (B, D)
+    return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled.astype(self.dtype))
+
+
+@ENCODERS.register("minilm")
+def pretrained_minilm(*, pool: str = "mean", dtype: Dtype = jnp.float32,
+                      param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
+                      **overrides) -> BertEncoder:
+  """The pretrained all-MiniLM-L6-v2 `BertEncoder` (mean pooling); see `mmjax.transfer.minilm`."""
+  from mmjax.transfer.minilm import load_minilm  # noqa: PLC0415 (the transfer package imports this one)
+
+  model, _ = load_minilm(pool=pool, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **overrides)
+  return model

@@ -47,17 +47,22 @@ def schedule(lr: float, *, total_steps: int, warmup_steps: int = 0, kind: str = 
 
 
 def group_labels(params: Any, groups: Sequence[Mapping[str, Any]]) -> Any:
-  """The group name of every leaf of `params`, by the first matching group pattern."""
+  """The group name of every leaf of `params`: the first group whose pattern fully matches the
+  leaf's path ('text/layers/0/attn/query/kernel'), else 'default'."""
   compiled = [(g["name"], re.compile(g["pattern"])) for g in groups]
 
-  def label(path, _):
-    p = path_str(path)
+  def name_of(p: str) -> str:
     for name, rx in compiled:
-      if rx.fullmatch(p) or rx.match(p):
+      if rx.fullmatch(p):
         return name
     return DEFAULT_GROUP
 
-  return jax.tree_util.tree_map_with_path(label, params)
+  def label(path, leaf):
+    if isinstance(leaf, nnx.Variable):  # keep the Variable node so the tree matches `params`
+      return leaf.replace(name_of(path_str(path)))
+    return name_of(path_str(path))
+
+  return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _decay_mask(params: Any) -> Any:

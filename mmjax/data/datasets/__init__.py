@@ -1,0 +1,69 @@
+"""Embedded data sets, generated offline and deterministically, stored as TFDS array_record.
+
+Each module defines a TFDS `GeneratorBasedBuilder` and a `load(split, data_dir=None)` that
+builds the data set on first use and returns a random-access source for Grain. Modules are
+imported on demand, so importing this package does not import TFDS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+from typing import Any
+
+from mmjax.data import tokenizer as tokenizer_lib
+
+_MODULES = {
+  "sort_of_clevr": "mmjax.data.datasets.sort_of_clevr",
+  "shapes_captions": "mmjax.data.datasets.shapes_captions",
+  "av_digits": "mmjax.data.datasets.av_digits",
+}
+
+
+def default_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """`data_dir` if given, else `$MMJAX_DATA_DIR`, else `~/.cache/mmjax/datasets`."""
+  if data_dir is not None:
+    return pathlib.Path(data_dir).expanduser()
+  env = os.environ.get("MMJAX_DATA_DIR")
+  if env:
+    return pathlib.Path(env).expanduser()
+  return pathlib.Path("~/.cache/mmjax/datasets").expanduser()
+
+
+def load(name: str, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
+  """Random-access source of split `split` of embedded data set `name` (built if missing)."""
+  if name not in _MODULES:
+    raise KeyError(f"unknown embedded data set {name!r}; known: {', '.join(sorted(_MODULES))}")
+  return importlib.import_module(_MODULES[name]).load(split, data_dir=data_dir, **kwargs)
+
+
+def prepare(builder: Any, text_key: str | None = None) -> Any:
+  """Generates `builder`'s data if missing, and its tokenizer if `text_key` names a text field.
+
+  The tokenizer (`mmjax.data.tokenizer.train_wordpiece_backend`) is trained on the train split's
+  `text_key` texts only, and saved as `tokenizer.json` in the builder's data folder. A builder
+  may keep those texts in `train_text` while generating; otherwise they are read back.
+  TFDS statistics are skipped (they would need TensorFlow).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if not builder.is_prepared():
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    )
+  path = builder.data_path / tokenizer_lib.TOKENIZER_FILE
+  if text_key is not None and not path.exists():
+    text = getattr(builder, "train_text", None) or _read_texts(builder, "train", text_key)
+    tokenizer_lib.save_tokenizer(tokenizer_lib.train_wordpiece_backend(text), path)
+  return builder
+
+
+def _read_texts(builder: Any, split: str, key: str):
+  """The texts of field `key` in `split`, read back without decoding any other field."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  skip = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k != key}
+  source = builder.as_data_source(split, decoders=skip)
+  for i in range(len(source)):
+    yield from source[i][key]

@@ -1,0 +1,179 @@
+"""WordPiece tokenizers: trained on a data set's training text, or loaded from a pretrained folder.
+
+A trained tokenizer is a Hugging Face `tokenizers` pipeline (BERT normaliser, lower-casing, BERT
+pre-tokeniser, WordPiece model, `[CLS] text [SEP]` post-processor) wrapped as a
+`transformers.PreTrainedTokenizerFast`, and saved as one `tokenizer.json`.
+
+The vocabulary is computed here rather than by `tokenizers.trainers.WordPieceTrainer`: that
+trainer breaks ties between equally frequent merges in hash-map order, which is randomised per
+process, so two trainings on the same text give different vocabularies. Ours is, in id order:
+the special tokens, the alphabet (an initial alphabet, by default lower-case ASCII letters,
+digits and punctuation, plus every other character seen in the text), each as a word start
+and as a `##` continuation, then the whole words seen at least `min_frequency` times, most
+frequent first (ties alphabetical), up to `vocab_size`. A word outside the vocabulary is split
+greedily into the longest known pieces (at worst single characters); a word holding a
+character outside the alphabet maps to `[UNK]`.
+
+`transformers` is imported only when a tokenizer is wrapped or loaded (it is slow to import).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import string
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+if TYPE_CHECKING:
+  from transformers import PreTrainedTokenizerFast
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _special_kwargs() -> dict[str, str]:
+  """Special-token arguments of `PreTrainedTokenizerFast`."""
+  return dict(pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP, mask_token=MASK)
+
+
+def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
+  """The `transformers` view of a `tokenizers.Tokenizer` with our special tokens."""
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **_special_kwargs())
+
+
+def _as_str(text: str | bytes) -> str:
+  """`text` as `str` (TFDS Text features decode to bytes)."""
+  if isinstance(text, bytes):
+    return text.decode("utf-8")
+  if isinstance(text, str):
+    return text
+  raise TypeError(f"texts must be str or bytes, got {type(text).__name__}")
+
+
+def train_wordpiece(texts: Iterable[str | bytes], **kwargs) -> PreTrainedTokenizerFast:
+  """`train_wordpiece_backend(texts, **kwargs)` wrapped as a `transformers` tokenizer."""
+  return _wrap(train_wordpiece_backend(texts, **kwargs))
+
+
+def train_wordpiece_backend(
+  texts: Iterable[str | bytes],
+  *,
+  vocab_size: int = 4096,
+  min_frequency: int = 1,
+  lowercase: bool = True,
+  initial_alphabet: str = string.ascii_lowercase + string.digits + string.punctuation,
+) -> Tokenizer:
+  """A WordPiece tokenizer whose vocabulary is built from `texts` (see the module docstring).
+
+  Args:
+    texts: the training sentences (only these; never evaluation text).
+    vocab_size: upper bound on the vocabulary size; must hold the specials and the alphabet.
+    min_frequency: a whole word enters the vocabulary if seen at least this many times.
+    lowercase: lower-case and strip accents before splitting.
+    initial_alphabet: characters in the vocabulary even if absent from `texts`, so that
+      unseen words split into pieces rather than `[UNK]`.
+
+  Returns:
+    The tokenizer; a pure function of the multiset of words in `texts`.
+  """
+  normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  counts: collections.Counter[str] = collections.Counter()
+  for text, n in collections.Counter(texts).items():  # templated data repeats sentences
+    normalized = normalizer.normalize_str(_as_str(text))
+    for word, _ in pre_tokenizer.pre_tokenize_str(normalized):
+      counts[word] += n
+  if not counts:
+    raise ValueError("texts must contain at least one word")
+  chars = sorted({c for word in counts for c in word} | set(initial_alphabet))
+  vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+  if vocab_size < len(vocab):
+    raise ValueError(f"vocab_size must be >= {len(vocab)} (specials + alphabet), got {vocab_size}")
+  known = set(vocab)
+  words = sorted(
+    (w for w, n in counts.items() if n >= min_frequency and w not in known),
+    key=lambda w: (-counts[w], w),
+  )
+  vocab += words[: vocab_size - len(vocab)]
+  backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=UNK))
+  backend.add_special_tokens(list(SPECIAL_TOKENS))
+  backend.normalizer = normalizer
+  backend.pre_tokenizer = pre_tokenizer
+  backend.post_processor = processors.TemplateProcessing(
+    single=f"{CLS} $A {SEP}",
+    pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+    special_tokens=[(CLS, vocab.index(CLS)), (SEP, vocab.index(SEP))],
+  )
+  backend.decoder = decoders.WordPiece()
+  return backend
+
+
+def save_tokenizer(
+  tokenizer: PreTrainedTokenizerFast | Tokenizer, path: str | os.PathLike
+) -> pathlib.Path:
+  """Writes `tokenizer.json` (atomically) to `path` (a file, or a folder to hold it)."""
+  backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / TOKENIZER_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  tmp.write_text(backend.to_str(pretty=True), encoding="utf-8")
+  tmp.replace(path)
+  return path
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+  """Loads a `tokenizer.json` file, or a pretrained tokenizer folder (e.g. a BERT/MiniLM one)."""
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(path)
+  if path.is_file():
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), **_special_kwargs())
+  if not path.is_dir():
+    raise FileNotFoundError(f"no tokenizer file or folder at {path}")
+  if (path / "tokenizer_config.json").exists() or (path / "vocab.txt").exists():
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+      raise TypeError(f"{path} holds a slow tokenizer ({type(tokenizer).__name__}); need a fast one")
+    return tokenizer
+  if (path / TOKENIZER_FILE).exists():
+    return load_tokenizer(path / TOKENIZER_FILE)
+  raise FileNotFoundError(f"{path} holds neither {TOKENIZER_FILE} nor a pretrained tokenizer")
+
+
+def encode(
+  tokenizer: PreTrainedTokenizerFast, texts: Sequence[str | bytes], max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Tokenizes `texts` with `[CLS]`/`[SEP]`, truncating and padding to `max_len`.
+
+  Args:
+    tokenizer: a fast tokenizer whose post-processor adds `[CLS]`/`[SEP]`.
+    texts: N sentences (str or UTF-8 bytes).
+    max_len: L, the padded length; a longer sentence is cut and still ends with `[SEP]`.
+
+  Returns:
+    ids: (N, L) int32 token ids, `[PAD]` after the end.
+    mask: (N, L) bool, True on real tokens.
+  """
+  if max_len < 2:
+    raise ValueError(f"max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
+  texts = [_as_str(t) for t in texts]
+  if not texts:
+    return np.zeros((0, max_len), np.int32), np.zeros((0, max_len), bool)
+  enc = tokenizer(
+    texts,
+    max_length=max_len,
+    padding="max_length",
+    truncation=True,
+    return_attention_mask=True,
+    return_token_type_ids=False,
+  )
+  return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], bool)

@@ -28,6 +28,7 @@ from mmjax import sharding
 from mmjax.train import optim
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.tasks import TASKS
+from mmjax.transfer.lora import apply_lora
 
 log = logging.getLogger("mmjax.train")
 
@@ -45,7 +46,15 @@ class Setup:
                        for r in config.get("rules", sharding.DEFAULT_RULES))
     self.task = TASKS.get(config.task)(config)
     seed = int(config.seed)
-    ctor = lambda: self.task.build_model(nnx.Rngs(params=seed, dropout=seed + 1))
+    lora = config.get("lora")
+
+    def ctor():
+      model = self.task.build_model(nnx.Rngs(params=seed, dropout=seed + 1))
+      if lora:  # {pattern, rank, alpha}: adapters on the matching Dense layers
+        apply_lora(model, lora["pattern"], rank=int(lora["rank"]), alpha=lora.get("alpha"),
+                   rngs=nnx.Rngs(params=seed + 2))
+      return model
+
     self._ctor = ctor
     abstract_model = nnx.eval_shape(ctor)
     self.graphdef, abs_params, abs_rng, abs_mstate = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)

@@ -21,18 +21,12 @@ from flax import nnx
 
 from mmjax import sharding
 from mmjax.encoders import audio_frontend as af
-from mmjax.encoders.base import ENCODERS, EncoderOutput
+from mmjax.encoders.base import ENCODERS, EncoderOutput, masked_mean
 from mmjax.layers.common import Dtype, activation, dense, layer_norm, part
 from mmjax.layers.embeddings import LearnedPositions, sincos_2d_positions
 from mmjax.layers.transformer import Encoder
 
 INPUTS = ("features", "waveform")
-
-
-def masked_mean(tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of tokens (B, L, D) over positions where mask (B, L) is True, in float32; 0 if none."""
-  m = mask.astype(jnp.float32)[..., None]  # (B, L, 1)
-  return jnp.sum(tokens.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
 def _lengths(x, mask, lengths, field: str) -> jax.Array:

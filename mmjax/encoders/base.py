@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from mmjax.registry import Registry
 
@@ -23,3 +24,10 @@ class EncoderOutput(NamedTuple):
   tokens: jax.Array
   mask: jax.Array
   pooled: jax.Array
+
+
+def masked_mean(tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of tokens (B, L, D) over positions where mask (B, L) is True, in float32; 0 if none."""
+  m = mask.astype(jnp.float32)[..., None]  # (B, L, 1)
+  total = jnp.sum(tokens.astype(jnp.float32) * m, axis=1)  # (B, D)
+  return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)

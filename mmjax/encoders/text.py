@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import sharding
-from mmjax.encoders.base import ENCODERS, EncoderOutput
+from mmjax.encoders.base import ENCODERS, EncoderOutput, masked_mean
 from mmjax.layers.common import Dtype, dense, layer_norm
 from mmjax.layers.embeddings import Embed, LearnedPositions, ModalityEmbed
 from mmjax.layers.transformer import Encoder
@@ -75,13 +75,6 @@ def decode_variant(variant: str, **overrides) -> BertSpec:
   if bad:
     raise TypeError(f"unknown BERT field(s) {bad}; known: {sorted(fields)}")
   return BertSpec(**{**BERT_VARIANTS[variant], **overrides})
-
-
-def masked_mean(tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of tokens (B, L, D) over positions where mask (B, L) is True, in float32; 0 if none."""
-  m = mask.astype(jnp.float32)[..., None]  # (B, L, 1)
-  total = jnp.sum(tokens.astype(jnp.float32) * m, axis=1)  # (B, D)
-  return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
 def _is_concrete(x) -> bool:

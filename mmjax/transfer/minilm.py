@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmjax.encoders.text import BertEncoder, masked_mean
+from mmjax.encoders.base import masked_mean
+from mmjax.encoders.text import BertEncoder
 from mmjax.layers.common import Dtype
 from mmjax.transfer.bert import load_bert
 

@@ -1,0 +1,126 @@
+"""Two-stream (here M-stream) cross-modality encoder, after LXMERT (Tan & Bansal 2019, arXiv 1908.07490).
+
+Each layer first lets every stream cross-attend to the other streams (with three or more
+modalities, to their concatenation), then runs self-attention and an MLP per stream. As in
+LXMERT the cross-attention weights are shared by all directions and the sub-layers are post-LN
+(BERT style): x = LN(x + CrossAtt(x, others)); x = LN(x + SelfAtt(x)); x = LN(x + MLP(x)).
+
+Every stream is prefixed with one learned "missing" token that is attendable only when its
+modality is absent, so an absent modality is represented by a learned embedding that the other
+streams can attend to, and no attention row is ever fully masked.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmjax import sharding
+from mmjax.fusion.base import (FUSIONS, FusionBlock, FusionInputs, FusionOutput, learned,
+                               masked_mean, masked_token_output)
+from mmjax.layers import EncoderBlock, MultiHeadAttention, dense, layer_norm
+from mmjax.layers.common import Dtype
+
+
+class CrossModalLayer(nnx.Module):
+  """One LXMERT cross-modality layer over several streams of width F."""
+
+  def __init__(self, names: Sequence[str], features: int, num_heads: int, mlp_dim: int, *,
+               act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
+               ln_eps: float = 1e-12, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.names = tuple(names)
+    self.cross = MultiHeadAttention(num_heads, features, dropout=attn_dropout, **kw)
+    self.cross_norm = layer_norm(features, eps=ln_eps, **kw)
+    self.streams = nnx.Dict({m: EncoderBlock(features, num_heads, mlp_dim, norm="post", act=act,
+                                             dropout=dropout, attn_dropout=attn_dropout,
+                                             ln_eps=ln_eps, **kw) for m in self.names})
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, xs: dict[str, jax.Array], masks: dict[str, jax.Array], *,
+               deterministic: bool = True, return_weights: bool = False):
+    """xs: name -> (B, L_m, F); masks: name -> (B, L_m). Returns new xs and name -> (B, H, L_m, sum L_o)."""
+    crossed, weights = {}, {}
+    for m in self.names:
+      others = [o for o in self.names if o != m]
+      ctx = jnp.concatenate([xs[o] for o in others], axis=1)  # (B, sum L_o, F)
+      ctx_mask = jnp.concatenate([masks[o] for o in others], axis=1)[:, None, None, :]
+      out = self.cross(xs[m], ctx, ctx_mask, deterministic=deterministic, return_weights=return_weights)
+      if return_weights:
+        out, weights[m] = out
+      crossed[m] = self.cross_norm(xs[m] + self.dropout(out, deterministic=deterministic))
+    new = {m: self.streams[m](crossed[m], masks[m], deterministic=deterministic) for m in self.names}
+    return new, weights
+
+
+@FUSIONS.register("cross_attention")
+class CrossAttentionFusion(FusionBlock):
+  """LXMERT-style cross-modality encoder over all modalities.
+
+  Attributes:
+    proj: name -> dense (D_m -> features) then `in_norm`, as LXMERT's feature encoders.
+    missing: name -> learned (features,) token standing in for an absent modality.
+    layers: `depth` CrossModalLayers.
+    pool: "mean" (average of per-stream masked means) or "concat" (their concatenation, projected).
+    attention_maps: when True, aux["cross_attention"][m][o] holds stream m's weights over
+      modality o's tokens, (depth, B, H, N_m, N_o) (the missing-token slots left out).
+  """
+
+  def __init__(self, modalities: Mapping[str, int], features: int, *, depth: int = 2,
+               num_heads: int = 4, mlp_dim: int | None = None, act: str = "gelu",
+               dropout: float = 0.0, attn_dropout: float = 0.0, pool: str = "mean",
+               attention_maps: bool = True, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    super().__init__(modalities, features, dtype=dtype, param_dtype=param_dtype)
+    if pool not in ("mean", "concat"):
+      raise ValueError(f"pool must be 'mean' or 'concat', got {pool!r}")
+    self.pool, self.attention_maps = pool, attention_maps
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.proj = nnx.Dict({m: dense(d, features, ("embed", "mlp"), **kw) for m, d in self.modality_dims})
+    self.in_norm = nnx.Dict({m: layer_norm(features, eps=1e-12, **kw) for m in self.names})
+    self.missing = nnx.Dict({m: learned((features,), ("embed",), rngs=rngs, param_dtype=param_dtype)
+                             for m in self.names})
+    self.layers = nnx.List([
+        CrossModalLayer(self.names, features, num_heads, mlp_dim or 4 * features, act=act,
+                        dropout=dropout, attn_dropout=attn_dropout, **kw) for _ in range(depth)])
+    self.out = (dense(len(self.names) * features, features, ("mlp", "embed"), **kw)
+                if pool == "concat" else None)
+
+  def fuse(self, x: FusionInputs, *, deterministic: bool) -> FusionOutput:
+    B = x.batch
+    xs, masks = {}, {}
+    for m in self.names:
+      h = self.in_norm[m](self.proj[m](x.tokens[m]))  # (B, N_m, F)
+      miss = jnp.broadcast_to(self.missing[m][...].astype(h.dtype), (B, 1, self.features))
+      xs[m] = sharding.constrain(jnp.concatenate([miss, h], axis=1), ("batch", "length", "embed"))
+      masks[m] = jnp.concatenate([~x.present[m][:, None], x.masks[m]], axis=1)  # (B, 1 + N_m)
+    maps = []
+    for layer in self.layers:
+      xs, w = layer(xs, masks, deterministic=deterministic, return_weights=self.attention_maps)
+      maps.append(w)
+    pooled = [masked_mean(xs[m], masks[m]) for m in self.names]  # M x (B, F)
+    if self.pool == "mean":
+      fused = jnp.mean(jnp.stack(pooled, axis=1), axis=1)
+    else:
+      fused = self.out(jnp.concatenate(pooled, axis=-1))
+    tokens = {m: masked_token_output(xs[m][:, 1:], x.masks[m]) for m in self.names}
+    aux = {"cross_attention": self._split_maps(maps, x)} if self.attention_maps else {}
+    return FusionOutput(fused, tokens, aux)
+
+  def _split_maps(self, maps: list[dict[str, jax.Array]], x: FusionInputs) -> dict:
+    """Per layer (B, H, 1 + N_m, sum_o (1 + N_o)) -> m -> o -> (depth, B, H, N_m, N_o)."""
+    out = {}
+    for m in self.names:
+      stacked = jnp.stack([w[m] for w in maps])  # (depth, B, H, 1 + N_m, ctx)
+      out[m], start = {}, 0
+      for o in self.names:
+        if o == m:
+          continue
+        n = x.tokens[o].shape[1]
+        out[m][o] = stacked[:, :, :, 1:, start + 1:start + 1 + n]
+        start += 1 + n
+    return out

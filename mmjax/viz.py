@@ -1,0 +1,376 @@
+"""Figures: attention over images, VQA attention, training curves, confusion matrices, captions.
+
+Every function builds a `matplotlib.figure.Figure` on an Agg canvas (no pyplot, no display, no
+global figure registry), returns it, and writes it as a PNG when given `path`.
+`figure_to_array(fig)` renders a figure to an (H, W, 3) uint8 array.
+
+VQA attention (`question_image_attention`) is read from the fusion block:
+- cross_attention (LXMERT): the text stream's cross-attention over the image tokens, which the
+  block returns in aux["cross_attention"]["text"]["image"] (depth, B, H, N_text, N_image);
+- single_stream (VisualBERT/UNITER): the [CLS] token's self-attention over the image tokens.
+  The block does not return its attention weights, so the chosen layer's attention module is
+  called again, with `return_weights=True`, on the arguments it received in the forward pass.
+Both are averaged over heads (and over the real question tokens) and normalised to sum to 1
+over the image tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+# ---------------------------------------------------------------------------------------------
+def new_figure(size_px: tuple[int, int], **kwargs: Any) -> Figure:
+  """A figure of exactly `size_px` = (height, width) pixels on an Agg canvas."""
+  h, w = (int(s) for s in size_px)
+  if h < 1 or w < 1:
+    raise ValueError(f"size_px: expected positive (height, width), got {size_px}")
+  fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, **kwargs)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+  """Renders `fig` to an (H, W, 3) uint8 RGB array."""
+  canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
+  """Writes `fig` as a PNG at `path` (folders created) when given; returns it."""
+  if path is not None:
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+      os.makedirs(folder, exist_ok=True)
+    fig.savefig(os.fspath(path), dpi=DPI)
+  return fig
+
+
+def _as_image(image: Any, field: str = "image") -> np.ndarray:
+  """(H, W, 3) uint8, or float in [0, 1], as an array matplotlib shows as RGB."""
+  array = np.asarray(image)
+  if array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(f"{field}: expected an (H, W, 3) RGB image, got shape {array.shape}")
+  if array.dtype != np.uint8:
+    array = np.clip(array.astype(np.float32), 0.0, 1.0)
+  return array
+
+
+def infer_grid(n: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+  """The (h, w) with h * w = n whose aspect ratio is closest to the image's (tokens row-major)."""
+  if n < 1:
+    raise ValueError(f"n: expected a positive number of image tokens, got {n}")
+  target = math.log(image_hw[0] / image_hw[1])
+  pairs = [(h, n // h) for h in range(1, n + 1) if n % h == 0]
+  return min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over an image.
+# ---------------------------------------------------------------------------------------------
+def attention_over_image(image: Any, attn: Any, grid_hw: tuple[int, int] | None = None, *,
+                         alpha: float = 0.5, cmap: str = "jet", size_px: int = 320,
+                         title: str | None = None, path: str | os.PathLike | None = None) -> Figure:
+  """Overlays attention over an h×w grid of image cells as a heat map on the image.
+
+  Args:
+    image: (H, W, 3) uint8, or float in [0, 1].
+    attn: (N,) = (h * w,) weights over the grid cells, row-major (as vision encoders order tokens).
+    grid_hw: (h, w); default inferred from N and the image's aspect ratio.
+    alpha: opacity of the heat map.
+    cmap: matplotlib colour map of the heat map (scaled from 0 to the maximum weight).
+    size_px: the longer side of the figure in pixels; the figure has the image's aspect ratio
+      and the image fills it (the title, if any, is drawn over its top).
+    title: text drawn at the top.
+    path: PNG to write.
+
+  Returns:
+    The figure.
+  """
+  image = _as_image(image)
+  attn = np.asarray(attn, np.float32)
+  H, W = image.shape[:2]
+  if attn.ndim != 1:
+    raise ValueError(f"attn: expected shape (N,) over the grid cells, got {attn.shape}")
+  h, w = infer_grid(attn.size, (H, W)) if grid_hw is None else (int(grid_hw[0]), int(grid_hw[1]))
+  if h * w != attn.size:
+    raise ValueError(f"attn: expected {h}×{w} = {h * w} weights for grid_hw={(h, w)}, got {attn.size}")
+  scale = size_px / max(H, W)
+  fig = new_figure((round(H * scale), round(W * scale)))
+  ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+  extent = (0, W, H, 0)
+  ax.imshow(image, extent=extent, interpolation="nearest")
+  top = float(attn.max()) if attn.max() > 0 else 1.0
+  ax.imshow(attn.reshape(h, w), cmap=cmap, alpha=alpha, vmin=0.0, vmax=top, extent=extent,
+            interpolation="bilinear")
+  ax.set_xlim(0, W)
+  ax.set_ylim(H, 0)
+  ax.set_axis_off()
+  if title:
+    ax.text(0.5, 0.99, title, transform=ax.transAxes, ha="center", va="top", fontsize=8,
+            wrap=True, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+  return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA attention.
+# ---------------------------------------------------------------------------------------------
+def question_image_attention(model, images: jax.Array, ids: jax.Array, mask: jax.Array, *,
+                             layer: int = -1) -> tuple[jax.Array, jax.Array]:
+  """Question-to-image attention of a `VQAModel` with cross_attention or single_stream fusion.
+
+  Traceable (runs under `jax.jit`).
+
+  Args:
+    model: a live `mmjax.models.vqa.VQAModel`.
+    images: (B, H, W, C) preprocessed images.
+    ids, mask: (B, L) question tokens and mask.
+    layer: which fusion layer's attention (negative counts from the last).
+
+  Returns:
+    attention (B, N_image), normalised to sum 1 over the image tokens, and logits (B, A).
+  """
+  from mmjax.fusion.cross_attention import CrossAttentionFusion  # pylint: disable=g-import-not-at-top
+  from mmjax.fusion.single_stream import SingleStreamFusion  # pylint: disable=g-import-not-at-top
+
+  fusion = model.fusion
+  if isinstance(fusion, CrossAttentionFusion):
+    if not fusion.attention_maps:
+      raise ValueError("model.fusion: this cross_attention block was built with attention_maps=False, "
+                       "so it returns no attention; build it with attention_maps=True")
+    logits, aux = model(images, ids, mask)
+    maps = aux["fusion"]["cross_attention"]["text"]["image"]  # (depth, B, H, N_text, N_image)
+    per_token = maps[_layer_index(layer, maps.shape[0])].mean(axis=1)  # (B, N_text, N_image)
+    text_mask = aux["fusion"]["masks"]["text"].astype(per_token.dtype)  # (B, N_text)
+    attn = (per_token * text_mask[..., None]).sum(1) / jnp.maximum(text_mask.sum(1, keepdims=True), 1.0)
+  elif isinstance(fusion, SingleStreamFusion):
+    attn, logits = _single_stream_attention(model, images, ids, mask, layer)
+  else:
+    raise ValueError(f"model.fusion: {type(fusion).__name__} has no attention over image tokens; "
+                     "attention figures support the cross_attention and single_stream fusions")
+  attn = attn / jnp.maximum(attn.sum(-1, keepdims=True), 1e-12)
+  return attn, logits
+
+
+def _layer_index(layer: int, depth: int) -> int:
+  if not -depth <= layer < depth:
+    raise ValueError(f"layer: expected an index into {depth} fusion layers, got {layer}")
+  return layer % depth
+
+
+class _recording:
+  """Records the calls of one module instance (its class is swapped for a recording subclass)."""
+
+  def __init__(self, module: nnx.Module):
+    self.module, self.cls, self.calls = module, type(module), []
+
+  def __enter__(self) -> list[tuple[tuple, dict]]:
+    calls = self.calls
+
+    class Recording(self.cls):
+      def __call__(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return super().__call__(*args, **kwargs)
+
+    object.__setattr__(self.module, "__class__", Recording)
+    return calls
+
+  def __exit__(self, *exc) -> None:
+    object.__setattr__(self.module, "__class__", self.cls)
+
+
+def _single_stream_attention(model, images, ids, mask, layer: int):
+  """[CLS] -> image-token attention (B, N_image) of one single_stream layer, and the logits.
+
+  The layer's attention module is called again on the very arguments it got in the forward pass,
+  now returning its weights (B, H, L, L) over the sequence [CLS, modality tokens in order].
+  """
+  fusion = model.fusion
+  blocks = fusion.encoder.layers
+  attention = blocks[_layer_index(layer, len(blocks))].attn
+  with _recording(attention) as calls:
+    logits, aux = model(images, ids, mask)
+  if len(calls) != 1:
+    raise ValueError(f"model.fusion: expected one call of the layer's attention, saw {len(calls)}")
+  args, kwargs = calls[0]
+  _, weights = attention(*args, **{**kwargs, "return_weights": True})
+  masks = aux["fusion"]["masks"]
+  start = 1  # after [CLS]
+  for m in fusion.names:
+    if m == "image":
+      break
+    start += masks[m].shape[1]
+  n = masks["image"].shape[1]
+  return weights[:, :, 0, start:start + n].mean(axis=1), logits
+
+
+def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
+                         grid_hw: tuple[int, int] | None = None, layer: int = -1,
+                         resize: bool = False, alpha: float = 0.5, size_px: int = 320,
+                         path: str | os.PathLike | None = None) -> Figure:
+  """Where the question looks in the image: the fusion block's attention as a heat map.
+
+  Args:
+    source: a `mmjax.predict.Predictor` of a VQA workdir (preprocesses like training and titles
+      the figure with the predicted answer), or a live `VQAModel`.
+    image: with a Predictor, anything `Predictor.answer` takes; with a model, an (H, W, 3) uint8
+      image (scaled to [0, 1], as the Sort-of-CLEVR pipeline does) or a float image already in the
+      model's input range.
+    question: a string (with a model, `tokenizer` is needed), or with a model a pair
+      (ids (L,), mask (L,)).
+    tokenizer: the question tokenizer, when `source` is a model and `question` a string.
+    grid_hw: the image token grid (h, w); default inferred from the token count.
+    layer: fusion layer whose attention is shown.
+    resize: (Predictor) resize an image of another size.
+    alpha, size_px, path: see `attention_over_image`. The image is shown as the model sees it
+      (pixel values clipped to [0, 1]).
+
+  Returns:
+    The figure.
+  """
+  from mmjax.predict import VQA_VALUE_RANGE, Predictor, check_question  # pylint: disable=g-import-not-at-top
+
+  fn = lambda model, im, i, m: question_image_attention(model, im, i, m, layer=layer)
+  if isinstance(source, Predictor):
+    images, ids, mask = source.vqa_inputs([image], [question], resize=resize)
+    attn, logits = source.run(f"vqa_attention_{layer}", fn, images, ids, mask)
+    probs = np.asarray(jax.nn.softmax(np.asarray(logits[0], np.float32)))
+    k = int(np.argmax(probs))
+    title = f"Q: {question.strip()}\nA: {source.answers[k]} ({float(probs[k]):.2f})"
+  else:
+    model = source
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+      low, high = VQA_VALUE_RANGE
+      array = array.astype(np.float32) * ((high - low) / 255.0) + low
+    images = array[None].astype(np.float32)
+    if isinstance(question, str):
+      if tokenizer is None:
+        raise ValueError("tokenizer: needed to encode a string question for a model source")
+      from mmjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+      ids, mask = tokenizer_lib.encode(tokenizer, [check_question(question)], model.question_len)
+      title = f"Q: {question.strip()}"
+    else:
+      ids, mask = (np.asarray(a)[None] for a in question)
+      title = None
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda st, *x: fn(nnx.merge(graphdef, st), *x))
+    attn, _ = jax.device_get(run(state, images, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)))
+  return attention_over_image(images[0], attn[0], grid_hw, alpha=alpha, size_px=size_px, title=title,
+                              path=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, classification and captioning figures.
+# ---------------------------------------------------------------------------------------------
+def training_curves(workdir: str | os.PathLike) -> str:
+  """Writes `workdir/curves.png` (training loss and eval metrics) with the trainer's plot; returns its path."""
+  from mmjax.train.trainer import plot_curves  # pylint: disable=g-import-not-at-top
+
+  path = plot_curves(os.fspath(workdir))
+  if path is None:
+    raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no metrics to plot "
+                            f"(looked for {os.path.join(os.fspath(workdir), 'metrics.jsonl')!r})")
+  return path
+
+
+def confusion_matrix_figure(cm: Any, labels: Sequence[str], *, normalize: bool = False,
+                            size_px: tuple[int, int] = (480, 560), title: str | None = None,
+                            path: str | os.PathLike | None = None) -> Figure:
+  """A confusion matrix with its counts written in the cells.
+
+  Args:
+    cm: (K, K) counts, rows = true class, columns = predicted class.
+    labels: the K class names.
+    normalize: colour (and write) each row as fractions of its total instead of counts.
+    size_px: (height, width) of the figure.
+    title: axes title.
+    path: PNG to write.
+
+  Returns:
+    The figure.
+  """
+  cm = np.asarray(cm)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f"cm: expected a square (K, K) matrix, got shape {cm.shape}")
+  if len(labels) != cm.shape[0]:
+    raise ValueError(f"labels: expected {cm.shape[0]} names (one per row of cm), got {len(labels)}")
+  if normalize:
+    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    text = lambda v: f"{v:.2f}"
+  else:
+    shown = cm
+    integral = np.issubdtype(cm.dtype, np.integer) or np.all(np.mod(cm, 1) == 0)
+    text = (lambda v: f"{int(v)}") if integral else (lambda v: f"{v:.2f}")
+  fig = new_figure(size_px, layout="constrained")
+  ax = fig.add_subplot()
+  im = ax.imshow(shown, cmap="Blues", vmin=0)
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  k = cm.shape[0]
+  ax.set_xticks(range(k), labels=list(labels), rotation=45, ha="right")
+  ax.set_yticks(range(k), labels=list(labels))
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if title:
+    ax.set_title(title)
+  threshold = shown.max() / 2 if shown.size else 0
+  for i in range(k):
+    for j in range(k):
+      ax.text(j, i, text(shown[i, j]), ha="center", va="center", fontsize=8,
+              color="white" if shown[i, j] > threshold else "black")
+  return _finish(fig, path)
+
+
+def caption_samples_figure(images: Sequence[Any], captions: Sequence[str], *, cols: int = 4,
+                           panel_px: int = 200, path: str | os.PathLike | None = None) -> Figure:
+  """A grid of images, each with its caption beneath.
+
+  Args:
+    images: N (H, W, 3) images, uint8 or float in [0, 1].
+    captions: N strings (e.g. "pred: ... / ref: ...").
+    cols: panels per row.
+    panel_px: width (and image height) of each panel in pixels; captions get extra room below.
+    path: PNG to write.
+
+  Returns:
+    The figure, of `ceil(N / cols)` rows.
+  """
+  if len(images) != len(captions):
+    raise ValueError(f"images and captions: expected the same number, got {len(images)} and {len(captions)}")
+  if not len(images):
+    raise ValueError("images: expected at least one image")
+  if cols < 1:
+    raise ValueError(f"cols: expected >= 1, got {cols}")
+  n = len(images)
+  cols = min(cols, n)
+  rows = math.ceil(n / cols)
+  caption_px = 60
+  fig = new_figure((rows * (panel_px + caption_px), cols * panel_px))
+  width_chars = max(panel_px // 7, 10)
+  for i, (image, caption) in enumerate(zip(images, captions)):
+    r, c = divmod(i, cols)
+    height = 1.0 / rows
+    ax = fig.add_axes((c / cols, 1.0 - (r + 1) * height + caption_px / (panel_px + caption_px) * height,
+                       1.0 / cols, panel_px / (panel_px + caption_px) * height))
+    ax.imshow(_as_image(image, f"images[{i}]"))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(0.5, -0.02, textwrap.fill(str(caption), width_chars), transform=ax.transAxes,
+            ha="center", va="top", fontsize=7)
+  return _finish(fig, path)

@@ -1,0 +1,175 @@
+"""Inference from a trained workdir: answers agree with the trainer's eval path, errors, no retracing, CLI."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import mmjax.tasks  # noqa: F401  (registers the tasks)
+from mmjax import predict, viz
+from mmjax.data.datasets import sort_of_clevr
+from mmjax.train import trainer
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.config import load_config
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vqa_sort_of_clevr.py")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A tiny cross-attention VQA model trained for 2 steps (data built in a temporary folder)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("MMJAX_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    config = load_config(CONFIG + ":size=tiny,fusion=cross_attention")
+    config.model.fusion_kwargs = {"depth": 1}
+    config.data.eval_splits = ("test",)
+    config.train.steps = 2
+    config.train.eval_every = config.train.checkpoint_every = 2
+    wd = str(tmp_path_factory.mktemp("workdir"))
+    trainer.train(config, wd, progress=False)
+    yield wd
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+  return predict.Predictor.from_workdir(workdir)
+
+
+@pytest.fixture(scope="module")
+def test_split(predictor):
+  """The test split's first eval batch (as the trainer sees it) and its raw records."""
+  batch = next(iter(predictor.task.dataset("test", train=False, batch_size=8, shard_index=0,
+                                           shard_count=1)))
+  source = sort_of_clevr.load("test", config=predictor.task._builder_config())
+  records = [source[i] for i in range(len(batch["image"]))]
+  return batch, records
+
+
+def test_restores_config_and_best_step(workdir, predictor):
+  assert predictor.step == 2 and predictor.kind == "vqa"
+  assert predictor.config.data.eval_splits == ("test",)  # JSON lists back to tuples
+  assert predictor.config.model.vision.channels == (32, 64, 64, 64)
+  assert predictor.answers == sort_of_clevr.ANSWERS
+  assert set(predictor.state) == {"params", "model_state"}  # no optimizer state in memory
+
+
+def test_answers_match_trainer_eval_path(workdir, predictor, test_split, tmp_path):
+  batch, records = test_split
+  # The raw records are the images and questions behind the trainer's preprocessed batch.
+  np.testing.assert_array_equal(np.stack([r["image"] for r in records]),
+                                np.round(batch["image"] * 255).astype(np.uint8))
+  images = [r["image"] for r in records for _ in r["questions"]]
+  questions = [q.decode() for r in records for q in r["questions"]]
+  out = predictor.answer_batch(images, questions)
+  assert len(out) == len(questions) == 160
+  for o in out:
+    probs = np.array(list(o["probabilities"].values()))
+    assert set(o["probabilities"]) == set(sort_of_clevr.ANSWERS)
+    np.testing.assert_allclose(probs.sum(), 1.0, atol=1e-5)
+    assert o["answer"] == max(o["probabilities"], key=o["probabilities"].get)
+  predicted = np.array([sort_of_clevr.ANSWERS.index(o["answer"]) for o in out]).reshape(8, 20)
+
+  # The trainer's eval step counts an answer as correct iff the argmax of the model's logits
+  # equals it: with the predictor's answers as labels every question must count as correct.
+  setup = predictor.setup
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, _ = ckpt.restore(predictor.step, setup.abstract_state, with_data=False)
+  ckpt.close()
+  eval_step = setup.make_eval_step()
+  with setup.context():
+    own = jax.device_get(eval_step(state, setup.global_batch({**batch, "answer": predicted.astype(np.int32)})))
+    true = jax.device_get(eval_step(state, setup.global_batch(batch)))
+  assert int(own["count"]) == 160 and int(own["correct"]) == 160
+  assert int(true["correct"]) == int((predicted == batch["answer"]).sum())
+  # The probabilities are those of the eval path's forward pass on the pipeline's batch.
+  forward = jax.jit(lambda state, b: setup.model(state)(b["image"], b["question_ids"], b["question_mask"])[0])
+  with setup.context():
+    logits = jax.device_get(forward(state, setup.global_batch(
+        {k: batch[k] for k in ("image", "question_ids", "question_mask")})))  # (8, 20, A)
+  probs = np.array([[o["probabilities"][a] for a in sort_of_clevr.ANSWERS] for o in out])
+  np.testing.assert_allclose(probs.reshape(8, 20, -1), jax.nn.softmax(logits, axis=-1), rtol=1e-4, atol=1e-6)
+
+  # A PNG file and a PIL image give the same answer as the array.
+  path = tmp_path / "scene.png"
+  Image.fromarray(records[0]["image"]).save(path)
+  for image in (str(path), Image.open(path)):
+    again = predictor.answer(image, questions[0])
+    assert again["answer"] == out[0]["answer"]
+    np.testing.assert_allclose(list(again["probabilities"].values()),
+                               list(out[0]["probabilities"].values()), rtol=1e-5)
+
+
+def test_missing_workdir_and_checkpoints(workdir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    predict.Predictor.from_workdir(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    predict.Predictor.from_workdir(tmp_path)
+  shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match="checkpoint"):
+    predict.Predictor.from_workdir(tmp_path)
+
+
+def test_missing_step(predictor, workdir):
+  with pytest.raises(FileNotFoundError, match=r"step 7.*available steps: \[2\]"):
+    predict.restore_params(predictor.setup, workdir, step=7)
+
+
+def test_bad_inputs(predictor, test_split):
+  image = test_split[1][0]["image"]
+  with pytest.raises(ValueError, match="75×75"):
+    predictor.answer(np.zeros((64, 80, 3), np.uint8), "What shape is the red object?")
+  resized = predictor.answer(np.zeros((64, 80, 3), np.uint8), "What shape is the red object?", resize=True)
+  assert resized["answer"] in sort_of_clevr.ANSWERS
+  with pytest.raises(TypeError, match="uint8"):
+    predictor.answer(image.astype(np.float32), "What shape is the red object?")
+  for empty in ("", "   \n"):
+    with pytest.raises(ValueError, match="question"):
+      predictor.answer(image, empty)
+  with pytest.raises(TypeError, match="question"):
+    predictor.answer(image, None)
+  with pytest.raises(ValueError, match="same number"):
+    predictor.answer_batch([image, image], ["What shape is the red object?"])
+  with pytest.raises(NotImplementedError, match="caption.*vqa_sort_of_clevr"):
+    predictor.caption(image)
+  with pytest.raises(NotImplementedError, match="classif.*vqa_sort_of_clevr"):
+    predictor.classify(image, np.zeros(16000, np.float32))
+
+
+def test_no_retrace_over_50_requests(predictor, test_split):
+  records = test_split[1]
+  predictor.answer(records[0]["image"], "What shape is the red object?")  # compiled by now
+  events = []
+  listener = lambda name, *_, **__: events.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for i in range(50):
+      r = records[i % len(records)]
+      predictor.answer(r["image"], r["questions"][i % 20].decode() + " " * (i % 3))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  compiles = [e for e in events if "trace" in e or "compile" in e]
+  assert compiles == []
+
+
+def test_cli_prints_json(workdir, predictor, test_split, tmp_path, capsys):
+  record = test_split[1][1]
+  path = tmp_path / "scene.png"
+  Image.fromarray(record["image"]).save(path)
+  question = record["questions"][3].decode()
+  assert predict.main(["--workdir", workdir, "--image", str(path), "--question", question,
+                       "--json", "--top", "3"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  expected = predictor.answer(str(path), question)
+  assert out["answer"] == expected["answer"] and out["step"] == 2
+  assert list(out["probabilities"]) == list(expected["probabilities"])[:3]
+
+
+def test_attention_figure_from_predictor(predictor, test_split):
+  record = test_split[1][2]
+  fig = viz.vqa_attention_figure(predictor, record["image"], record["questions"][0].decode(), size_px=300)
+  pixels = viz.figure_to_array(fig)
+  assert pixels.shape == (300, 300, 3) and pixels.var() > 0

@@ -1,0 +1,181 @@
+"""Figures: pixel sizes, not blank, attention peaks where they should, counts rendered, VQA attention."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from mmjax import viz
+from mmjax.layers.attention import make_attention_mask
+from mmjax.models.vqa import VQAModel
+
+
+def test_infer_grid():
+  assert viz.infer_grid(25, (75, 75)) == (5, 5)
+  assert viz.infer_grid(6, (60, 90)) == (2, 3)
+  assert viz.infer_grid(12, (100, 300)) == (2, 6)
+  assert viz.infer_grid(7, (10, 10)) in ((1, 7), (7, 1))
+
+
+@pytest.mark.parametrize("image_hw,grid,peak,size_px,expected_px", [
+    ((75, 75), (5, 5), (1, 3), 300, (300, 300)),
+    ((60, 90), (2, 3), (1, 0), 270, (180, 270)),
+])
+def test_attention_overlay_peaks_at_the_peak_cell(image_hw, grid, peak, size_px, expected_px, tmp_path):
+  h, w = grid
+  attn = np.full(h * w, 0.1, np.float32)
+  attn[peak[0] * w + peak[1]] = 1.0
+  image = np.zeros(image_hw + (3,), np.uint8)  # black: the overlay's brightness is the heat map
+  path = tmp_path / "overlay.png"
+  fig = viz.attention_over_image(image, attn, None, cmap="gray", alpha=1.0, size_px=size_px, path=path)
+  pixels = viz.figure_to_array(fig)
+  assert pixels.shape == expected_px + (3,)
+  assert pixels.var() > 0
+  saved = np.asarray(Image.open(path))
+  assert saved.shape[:2] == expected_px
+  brightness = pixels.astype(np.float32).mean(-1)
+  H, W = expected_px
+  r, c = np.unravel_index(np.argmax(brightness), brightness.shape)
+  assert (r * h // H, c * w // W) == peak
+  cells = brightness.reshape(h, H // h, w, W // w).mean(axis=(1, 3))
+  assert np.unravel_index(np.argmax(cells), cells.shape) == peak
+
+
+def test_attention_overlay_rejects_bad_shapes():
+  image = np.zeros((75, 75, 3), np.uint8)
+  with pytest.raises(ValueError, match="attn"):
+    viz.attention_over_image(image, np.ones(24), (5, 5))
+  with pytest.raises(ValueError, match="attn"):
+    viz.attention_over_image(image, np.ones((5, 5)), (5, 5))
+  with pytest.raises(ValueError, match="image"):
+    viz.attention_over_image(np.zeros((75, 75)), np.ones(25), (5, 5))
+
+
+def test_confusion_matrix_renders_the_counts(tmp_path):
+  cm = np.array([[5, 1, 0], [2, 7, 3], [0, 0, 9]])
+  labels = ["yes", "no", "square"]
+  fig = viz.confusion_matrix_figure(cm, labels, size_px=(400, 480), path=tmp_path / "cm.png")
+  pixels = viz.figure_to_array(fig)
+  assert pixels.shape == (400, 480, 3) and pixels.var() > 0
+  ax = fig.axes[0]
+  cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+  assert cells == {(i, j): str(cm[i, j]) for i in range(3) for j in range(3)}
+  assert [t.get_text() for t in ax.get_xticklabels()] == labels
+  normed = viz.confusion_matrix_figure(cm, labels, normalize=True)
+  texts = sorted((round(t.get_position()[1]), round(t.get_position()[0]), t.get_text()) for t in normed.axes[0].texts)
+  assert texts[3:6] == [(1, 0, "0.17"), (1, 1, "0.58"), (1, 2, "0.25")]
+  with pytest.raises(ValueError, match="cm"):
+    viz.confusion_matrix_figure(np.ones((2, 3)), ["a", "b"])
+  with pytest.raises(ValueError, match="labels"):
+    viz.confusion_matrix_figure(cm, ["a", "b"])
+
+
+def test_caption_samples_figure():
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+  captions = [f"a caption number {i}" for i in range(5)]
+  fig = viz.caption_samples_figure(images, captions, cols=3, panel_px=120)
+  pixels = viz.figure_to_array(fig)
+  assert pixels.shape == (2 * (120 + 60), 3 * 120, 3) and pixels.var() > 0
+  assert sorted(t.get_text().replace("\n", " ") for ax in fig.axes for t in ax.texts) == captions
+  with pytest.raises(ValueError, match="same number"):
+    viz.caption_samples_figure(images, captions[:2])
+
+
+def test_training_curves(tmp_path):
+  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    viz.training_curves(tmp_path)
+  rows = [{"step": s, "time": 0.0, "train/loss": 2.0 / s} for s in range(1, 6)] + [{"step": 5, "test/accuracy": 0.5}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  path = viz.training_curves(tmp_path)
+  pixels = np.asarray(Image.open(path))
+  assert pixels.ndim == 3 and pixels.var() > 0
+
+
+def tiny_vqa(fusion, **fusion_kwargs):
+  return VQAModel(vision={"name": "small_cnn", "features": 16, "channels": (8, 8, 8, 8), "norm": "layer",
+                          "coords": True},
+                  text={"name": "rnn_text", "vocab_size": 30, "features": 16, "hidden": 8},
+                  fusion=fusion, fusion_kwargs=fusion_kwargs, features=16, num_answers=10,
+                  image_shape=(75, 75, 3), question_len=8, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def cross_model():
+  return tiny_vqa("cross_attention", depth=2)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  rng = np.random.default_rng(1)
+  images = rng.uniform(size=(2, 75, 75, 3)).astype(np.float32)
+  ids = rng.integers(5, 30, (2, 8)).astype(np.int32)
+  mask = np.arange(8)[None] < np.array([[5], [8]])
+  return images, np.where(mask, ids, 0), mask
+
+
+def test_cross_attention_maps_are_the_models(cross_model, inputs):
+  images, ids, mask = inputs
+
+  @nnx.jit
+  def run(model, images, ids, mask):
+    attn, logits = viz.question_image_attention(model, images, ids, mask, layer=0)
+    ref_logits, aux = model(images, ids, mask)
+    return attn, logits, ref_logits, aux["fusion"]["cross_attention"]["text"]["image"]
+
+  attn, logits, ref_logits, maps = jax.device_get(run(cross_model, images, ids, mask))
+  per_token = maps[0].mean(1)  # layer 0, mean over heads: (B, N_text, N_image)
+  ref = np.stack([per_token[b][mask[b]].mean(0) for b in range(2)])
+  np.testing.assert_allclose(attn, ref / ref.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-6)
+  assert attn.shape == (2, 25)
+
+
+def test_single_stream_attention_matches_explicit_softmax(inputs):
+  model = tiny_vqa("single_stream", depth=2, num_heads=2)
+  images, ids, mask = inputs
+
+  @nnx.jit
+  def run(model, images, ids, mask):
+    got = [viz.question_image_attention(model, images, ids, mask, layer=layer)[0] for layer in (0, -1)]
+    # The [CLS] row of softmax(q k^T / sqrt(d)) over the joint sequence [CLS, image, text].
+    f = model.fusion
+    img = model.vision(images).tokens
+    txt = model.text(ids, mask).tokens
+    h = jnp.concatenate([jnp.broadcast_to(f.cls[...], (2, 1, 16)), f.modality_embed(f.proj["image"](img), 0),
+                         f.modality_embed(f.proj["text"](txt), 1)], axis=1)
+    h = f.embed_norm(h)
+    joint = jnp.concatenate([jnp.ones((2, 26), bool), mask], axis=1)
+    refs = []
+    for block in f.encoder.layers:
+      x = block.attn_norm(h)
+      heads = lambda y: y.reshape(2, -1, 2, 8)  # (B, L, H, Dh)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", heads(block.attn.query(x)), heads(block.attn.key(x))) / np.sqrt(8)
+      weights = jax.nn.softmax(jnp.where(joint[:, None, None, :], logits, -jnp.inf), axis=-1)
+      ref = weights[:, :, 0, 1:26].mean(1)
+      refs.append(ref / ref.sum(-1, keepdims=True))
+      h = block(h, make_attention_mask(joint, joint))
+    return got, refs
+
+  got, refs = jax.device_get(run(model, images, ids, mask))
+  for attn, ref in zip(got, refs):
+    assert attn.shape == (2, 25)
+    np.testing.assert_allclose(attn, ref, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(refs[0], refs[1])
+
+
+def test_vqa_attention_figure_from_model(cross_model, inputs):
+  images, ids, mask = inputs
+  image = (images[0] * 255).astype(np.uint8)
+  fig = viz.vqa_attention_figure(cross_model, image, (ids[0], mask[0]), size_px=200)
+  pixels = viz.figure_to_array(fig)
+  assert pixels.shape == (200, 200, 3) and pixels.var() > 0
+  with pytest.raises(ValueError, match="tokenizer"):
+    viz.vqa_attention_figure(cross_model, image, "What shape is the red object?")
+  film = nnx.eval_shape(lambda: tiny_vqa("film", condition="text"))
+  with pytest.raises(ValueError, match="fusion"):
+    viz.question_image_attention(film, images, ids, mask)

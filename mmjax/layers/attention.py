@@ -95,7 +95,7 @@ class MultiHeadAttention(nnx.Module):
       q_pos = idx + jnp.arange(step)
       dmask = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]  # (1, 1, step, max_len)
       mask = dmask if mask is None else mask & dmask
-    if return_weights or not deterministic:
+    if return_weights or (not deterministic and self.dropout.rate > 0):  # else the fused path
       out, w = self._explicit(q, k, v, mask, deterministic)
     else:
       out, w = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), None

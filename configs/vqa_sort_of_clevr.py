@@ -19,12 +19,14 @@ FUSION_KWARGS = {
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, size="default", fusion="relation", text="rnn")
+  arg = parse_arg(arg, size="default", fusion="film", text="rnn")
   c = ml_collections.ConfigDict()
   c.task = "vqa_sort_of_clevr"
   c.name = f"vqa-{arg.fusion}-{arg.size}"
   c.seed = 0
-  steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (6000, 32, 128)}[arg.size]
+  # FiLM is the default: 12.6 GFLOP per step of 32 images x 20 questions at width 128, against
+  # 136 for the relation network and 101 for cross-attention (python -m mmjax.train.plan).
+  steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (4000, 32, 128)}[arg.size]
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)

@@ -131,7 +131,7 @@ class Setup:
       (loss, (metrics, mstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
-      metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+      metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
       new = {"params": params, "model_state": mstate, "opt_state": opt_state, "step": state["step"] + 1}
       return new, metrics
 

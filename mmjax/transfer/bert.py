@@ -19,7 +19,8 @@ from flax import nnx
 
 from mmjax.encoders.text import BertEncoder, BertSpec
 from mmjax.layers.common import Dtype
-from mmjax.transfer.io import (Rule, export_weights, import_weights, layer_norm_rule, linear_rule,
+from mmjax.transfer.io import (Rule, encoder_layer_rules, export_weights, import_weights,
+                               layer_norm_rule, linear_rule,
                                read_safetensors, write_safetensors)
 
 PREFIX = "bert."
@@ -41,13 +42,9 @@ def bert_rules(depth: int, pooler: bool = True) -> list[Rule]:
   ]
   for i in range(depth):
     ours, hf = f"encoder.layers.{i}", f"encoder.layer.{i}"
-    for proj in ("query", "key", "value"):
-      rules += linear_rule(f"{ours}.attn.{proj}", f"{hf}.attention.self.{proj}")
-    rules += linear_rule(f"{ours}.attn.out", f"{hf}.attention.output.dense")
-    rules += layer_norm_rule(f"{ours}.attn_norm", f"{hf}.attention.output.LayerNorm")
-    rules += linear_rule(f"{ours}.mlp.fc1", f"{hf}.intermediate.dense")
-    rules += linear_rule(f"{ours}.mlp.fc2", f"{hf}.output.dense")
-    rules += layer_norm_rule(f"{ours}.mlp_norm", f"{hf}.output.LayerNorm")
+    rules += encoder_layer_rules(ours, hf, qkv=f"{hf}.attention.self",
+                                 attn_norm=f"{hf}.attention.output.LayerNorm",
+                                 mlp_norm=f"{hf}.output.LayerNorm")
   if pooler:
     rules += linear_rule("pooler", "pooler.dense")
   return rules

@@ -40,6 +40,23 @@ def layer_norm_rule(path: str, name: str) -> list[Rule]:
   return [Rule(f"{path}.scale", f"{name}.weight"), Rule(f"{path}.bias", f"{name}.bias")]
 
 
+def encoder_layer_rules(ours: str, hf: str, *, qkv: str, attn_norm: str, mlp_norm: str) -> list[Rule]:
+  """One `mmjax.layers.EncoderBlock` at `ours` <-> an HF BERT-style layer at `hf`.
+
+  HF BERT and ViT share the attention output / intermediate / output dense names and differ in
+  where q/k/v live (`qkv`) and in their LayerNorm names (full names, given by the caller).
+  """
+  rules = []
+  for proj in ("query", "key", "value"):
+    rules += linear_rule(f"{ours}.attn.{proj}", f"{qkv}.{proj}")
+  rules += linear_rule(f"{ours}.attn.out", f"{hf}.attention.output.dense")
+  rules += layer_norm_rule(f"{ours}.attn_norm", attn_norm)
+  rules += linear_rule(f"{ours}.mlp.fc1", f"{hf}.intermediate.dense")
+  rules += linear_rule(f"{ours}.mlp.fc2", f"{hf}.output.dense")
+  rules += layer_norm_rule(f"{ours}.mlp_norm", mlp_norm)
+  return rules
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors file (or the model.safetensors in a folder); refuses pickle formats."""
   path = os.fspath(path)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from mmjax.encoders.vision import ViT, ViTSpec
 from mmjax.layers.common import Dtype
-from mmjax.transfer.io import (PICKLE_SUFFIXES, Rule, export_weights, import_weights,
+from mmjax.transfer.io import (PICKLE_SUFFIXES, Rule, encoder_layer_rules, export_weights, import_weights,
                                layer_norm_rule, linear_rule, read_safetensors, write_safetensors)
 
 PREFIX = "vit."
@@ -55,13 +55,8 @@ def vit_rules(spec: ViTSpec) -> list[Rule]:
   ]
   for i in range(spec.depth):
     ours, hf = f"encoder.layers.{i}", f"{p}encoder.layer.{i}"
-    for proj in ("query", "key", "value"):
-      rules += linear_rule(f"{ours}.attn.{proj}", f"{hf}.attention.attention.{proj}")
-    rules += linear_rule(f"{ours}.attn.out", f"{hf}.attention.output.dense")
-    rules += layer_norm_rule(f"{ours}.attn_norm", f"{hf}.layernorm_before")
-    rules += linear_rule(f"{ours}.mlp.fc1", f"{hf}.intermediate.dense")
-    rules += linear_rule(f"{ours}.mlp.fc2", f"{hf}.output.dense")
-    rules += layer_norm_rule(f"{ours}.mlp_norm", f"{hf}.layernorm_after")
+    rules += encoder_layer_rules(ours, hf, qkv=f"{hf}.attention.attention",
+                                 attn_norm=f"{hf}.layernorm_before", mlp_norm=f"{hf}.layernorm_after")
   rules += layer_norm_rule("encoder.final_norm", f"{p}layernorm")
   if spec.pooler:
     rules += linear_rule("pooler", "pooler.dense")

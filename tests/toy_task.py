@@ -1,5 +1,7 @@
 """A tiny deterministic task for trainer tests (also run in subprocesses by the tests)."""
 
+import json
+import logging
 import os
 import time
 
@@ -14,9 +16,9 @@ from mmjax.train.tasks import TASKS
 
 
 class ToyModel(nnx.Module):
-  def __init__(self, rngs):
-    self.enc = dense(8, 32, ("embed", "mlp"), rngs=rngs)
-    self.head = dense(32, 4, ("mlp", "vocab"), rngs=rngs)
+  def __init__(self, rngs, dtype=jnp.float32):
+    self.enc = dense(8, 32, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.head = dense(32, 4, ("mlp", "vocab"), rngs=rngs, dtype=dtype)
     self.drop = nnx.Dropout(0.1, rngs=rngs)
 
   def __call__(self, x, train):
@@ -39,8 +41,10 @@ class ToyIterator:
     if SLOW_S:
       time.sleep(SLOW_S)
     rng = np.random.default_rng(self.i)
-    self.i += 1
     x = rng.normal(size=(self.bs * self.shard_count, 8)).astype(np.float32)
+    if self.i in NAN_AT:  # one poisoned value: the loss and every gradient become NaN
+      x[0, 0] = np.nan
+    self.i += 1
     x = x[self.shard_index * self.bs:(self.shard_index + 1) * self.bs]  # this host's rows
     return {"x": x, "y": (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)}
 
@@ -52,6 +56,7 @@ class ToyIterator:
 
 
 FAIL_AFTER = {"n": None}
+NAN_AT: set[int] = set()  # batch indices that carry a NaN
 SLOW_S = float(os.environ.get("TOY_SLOW_S", "0"))  # per batch, so a subprocess can be killed mid-run
 
 
@@ -64,10 +69,10 @@ class ToyTask:
     self.config = config
 
   def build_model(self, rngs):
-    return ToyModel(rngs)
+    return ToyModel(rngs, jnp.dtype(self.config.get("model", {}).get("dtype", "float32")))
 
   def loss_fn(self, model, batch, train):
-    logits = model(batch["x"], train)
+    logits = model(batch["x"], train).astype(jnp.float32)
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], 1))
     return loss, {}
 
@@ -115,4 +120,18 @@ if __name__ == "__main__":
 
   cfg = toy_config(steps, {"data": -1, "fsdp": 1, "tensor": 1})
   cfg.train.checkpoint_every = 1
-  trainer.train(cfg, workdir, progress=False)
+  cfg.train.update(json.loads(os.environ.get("TOY_TRAIN", "{}")))  # e.g. {"preemption_grace_s": 30}
+  finalize_sleep = float(os.environ.get("TOY_FINALIZE_SLEEP_S", "0"))
+  if finalize_sleep:  # a save stays in flight (written, not yet renamed) for this long
+    from orbax.checkpoint._src.path import atomicity
+
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def slow_finalize(self):
+      time.sleep(finalize_sleep)
+      await finalize(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
+  logging.basicConfig(level=logging.INFO)
+  final = trainer.train(cfg, workdir, progress=False)
+  print("FINAL", json.dumps({k: final[k] for k in ("step", "preempted")}), flush=True)

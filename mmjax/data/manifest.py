@@ -175,10 +175,10 @@ def _read_csv(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[str]]:
 
 
 def _label_kind(label: Any) -> str:
-  """'id' for ints and digit strings, 'name' for other strings, else 'bad'."""
+  """'id' for non-negative ints and digit strings, 'name' for other strings, else 'bad'."""
   if isinstance(label, bool):
     return "bad"
-  if isinstance(label, int) or (isinstance(label, str) and re.fullmatch(r"\d+", label.strip())):
+  if (isinstance(label, int) and label >= 0) or (isinstance(label, str) and re.fullmatch(r"\d+", label.strip())):
     return "id"
   return "name" if isinstance(label, str) and label.strip() else "bad"
 

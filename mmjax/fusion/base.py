@@ -21,6 +21,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mmjax import sharding
@@ -123,6 +124,11 @@ def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None
     if mask.shape != tokens.shape[:2]:
       raise ValueError(f"fusion input {name!r}: mask expected shape (B, N) = {tokens.shape[:2]}, "
                        f"got {mask.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.floating):
+      raise TypeError(f"fusion input {name!r}: tokens expected a float array, got {tokens.dtype}")
+    if not isinstance(tokens, jax.core.Tracer) and not isinstance(mask, jax.core.Tracer) and not (
+        np.isfinite(np.asarray(tokens)) | ~np.asarray(mask, bool)[..., None]).all():
+      raise ValueError(f"fusion input {name!r}: tokens contain NaN or Inf at unmasked positions")
     if batch is None:
       batch, first = tokens.shape[0], name
     elif tokens.shape[0] != batch:

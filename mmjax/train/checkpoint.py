@@ -1,15 +1,45 @@
-"""Orbax checkpoints of the train state plus the data iterator state, with resume and best-keeping."""
+"""Orbax checkpoints of the train state plus the data iterator state, with resume and best-keeping.
+
+Faults are handled so that a run never loses more than one checkpoint interval:
+
+- An interrupted save (SIGKILL, power loss) leaves only an Orbax temporary folder
+  (`<step>.orbax-checkpoint-tmp-*`); steps are published by an atomic rename, so such a folder
+  is never listed as a step. The trainer's Checkpointer removes these leftovers with a warning.
+- Every checkpoint carries a checksum of each array (`integrity` item). A checkpoint that fails
+  to read or whose arrays do not match their checksums (truncated or garbled files) raises
+  `CorruptCheckpointError` naming the step; `restore_latest` then falls back to the newest step
+  that restores, and moves the bad ones aside to `<step>.corrupt` (so the run can save that step
+  again). If every step fails (typically a config that no longer matches the checkpoints),
+  nothing is moved and the error lists each step's reason.
+- A failed write (disk full, permissions) raises `CheckpointSaveError` naming the step and the
+  last complete step, which is left intact.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint step that cannot be restored: unreadable files or array checksum mismatches."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (disk full, permissions, ...); earlier steps are intact."""
 
 
 class Checkpointer:
@@ -20,12 +50,18 @@ class Checkpointer:
     keep: how many recent checkpoints to keep.
     best_metric: if set (e.g. "eval/accuracy"), checkpoints carrying the best value of this
       metric are kept too; `best_mode` is "max" or "min".
+    async_save: write in a background thread (the arrays are copied to host first).
+    cleanup: remove temporary folders of interrupted saves (with a warning). Only the process
+      that owns the directory (the trainer) should set it: a reader such as the predictor would
+      otherwise delete a save in flight.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
-               best_mode: str = "max", async_save: bool = True):
+               best_mode: str = "max", async_save: bool = True, cleanup: bool = False):
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
+    if cleanup and jax.process_index() == 0:
+      self._remove_partial_saves()
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
@@ -35,6 +71,26 @@ class Checkpointer:
         keep_checkpoints_without_metrics=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=opts)
+    self._in_flight: int | None = None
+
+  def _remove_partial_saves(self) -> None:
+    if not os.path.isdir(self.directory):
+      return
+    partial = sorted(n for n in os.listdir(self.directory) if TMP_MARKER in n)
+    for name in partial:
+      path = os.path.join(self.directory, name)
+      log.warning("removing %s: a partial checkpoint left by an interrupted save (the last "
+                  "complete step is restored instead)", path)
+      for attempt in range(10):  # writers of a failed save in this process may still be finishing
+        try:
+          shutil.rmtree(path)
+          break
+        except FileNotFoundError:
+          break
+        except OSError:
+          time.sleep(0.1 * (attempt + 1))
+      else:
+        log.warning("could not remove %s; it is ignored (never listed as a step)", path)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -42,32 +98,160 @@ class Checkpointer:
   def best_step(self) -> int | None:
     return self.manager.best_step() if self.best_metric else self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  # -- saving ----------------------------------------------------------------------------------
   def save(self, step: int, state: Any, data_state: dict | None = None,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    args = {"state": ocp.args.StandardSave(state)}
+    """Starts saving `step` (finished in the background); raises CheckpointSaveError on failure."""
+    args = {"state": ocp.args.StandardSave(state),
+            "integrity": ocp.args.JsonSave({"step": int(step), "checksums": checksums(state)})}
     if data_state is not None:
       args["data"] = ocp.args.JsonSave(data_state)
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
-    return self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
+    self._check(self._finish_previous)
+    self._in_flight = int(step)
+    return self._check(lambda: self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                                                 force=force))
 
-  def restore(self, step: int, abstract_state: Any, with_data: bool = True) -> tuple[Any, dict | None]:
-    """Restores onto `abstract_state` (ShapeDtypeStructs with shardings: any mesh works)."""
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_data = with_data and os.path.isdir(os.path.join(self.directory, str(step), "data"))
-    if has_data:
-      args["data"] = ocp.args.JsonRestore()
-    out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return out["state"], (out["data"] if has_data else None)
+  def _finish_previous(self) -> None:
+    """Waits for the save in flight; its failure is reported under its own step."""
+    if self._in_flight is not None:
+      self.manager.wait_until_finished()
+      self._in_flight = None
+
+  def _check(self, fn):
+    """Runs fn; an error of the save in flight becomes a CheckpointSaveError naming its step."""
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._in_flight = self._in_flight, None
+      if step is None:
+        raise
+      cause = e
+      while cause.__cause__ is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+      self.manager.reload()
+      complete = [s for s in self.all_steps() if s != step]
+      raise CheckpointSaveError(
+          f"saving checkpoint step {step} to {self.directory} failed: {type(cause).__name__}: {cause}. "
+          f"The last complete checkpoint (step {complete[-1] if complete else None}) is intact."
+      ) from e
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._check(self.manager.wait_until_finished)
+    self._in_flight = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  # -- restoring -------------------------------------------------------------------------------
+  def restore(self, step: int, abstract_state: Any, with_data: bool = True) -> tuple[Any, dict | None]:
+    """Restores `step` onto `abstract_state` (ShapeDtypeStructs with shardings: any mesh works).
+
+    Raises CorruptCheckpointError naming the step when its files cannot be read or its arrays
+    do not match the checksums saved with them.
+    """
+    step_dir = os.path.join(self.directory, str(step))
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    has_data = with_data and os.path.isdir(os.path.join(step_dir, "data"))
+    has_integrity = os.path.isdir(os.path.join(step_dir, "integrity"))
+    if has_data:
+      args["data"] = ocp.args.JsonRestore()
+    if has_integrity:
+      args["integrity"] = ocp.args.JsonRestore()
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: "
+                                   f"{type(e).__name__}: {e}") from e
+    if has_integrity:
+      want, got = out["integrity"]["checksums"], checksums(out["state"])
+      bad = sorted(k for k in want if got.get(k) != want[k])
+      if bad:
+        raise CorruptCheckpointError(
+            f"checkpoint step {step} in {self.directory} is corrupted: {len(bad)} array(s) do not "
+            f"match their saved checksums ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    return out["state"], (out["data"] if has_data else None)
+
+  def restore_latest(self, abstract_state: Any, with_data: bool = True) -> tuple[int, Any, dict | None] | None:
+    """(step, state, data) of the newest step that restores; None when there is no checkpoint.
+
+    Corrupted newer steps are logged, skipped and moved aside to `<step>.corrupt`; if no step
+    restores, CorruptCheckpointError lists every step's reason and nothing is moved.
+    """
+    failures: list[tuple[int, CorruptCheckpointError]] = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, data = self.restore(step, abstract_state, with_data)
+      except CorruptCheckpointError as e:
+        log.warning("%s; trying the previous checkpoint", e)
+        failures.append((step, e))
+        continue
+      if failures:
+        self._move_aside([s for s, _ in failures])
+        log.warning("restored checkpoint step %d instead of the corrupted newer step(s) %s",
+                    step, [s for s, _ in failures])
+      return step, state, data
+    if failures:
+      raise CorruptCheckpointError("no checkpoint in " + self.directory + " can be restored:\n" +
+                                   "\n".join(str(e) for _, e in failures)) from failures[0][1]
+    return None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst = src + CORRUPT_SUFFIX
+        if os.path.exists(dst):
+          shutil.rmtree(dst)
+        os.rename(src, dst)
+        log.warning("moved the corrupted checkpoint %s aside to %s", src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("mmjax_checkpoint_move_aside")
+    self.manager.reload()
 
 
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a concrete or abstract pytree."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums: a position-weighted sum of each array's bits, modulo 2**32, computed where the
+# arrays live (one small jitted reduction per save and restore; only scalars reach the host).
+# ---------------------------------------------------------------------------------------------
+def _bits(x: jax.Array) -> jax.Array:
+  """The raw bits of `x` as a flat uint32 vector."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  width = jnp.dtype(x.dtype).itemsize
+  if width >= 4:  # 8-byte types become (..., 2) uint32
+    x = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    x = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 1: jnp.uint8}[width]).astype(jnp.uint32)
+  return x.reshape(-1)
+
+
+@jax.jit
+def _checksum_tree(tree: Any) -> Any:
+  def one(x):
+    bits = _bits(x)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32) ^ jnp.uint32(bits.size)
+  return jax.tree.map(one, tree)
+
+
+def checksums(state: Any) -> dict[str, int]:
+  """{'params/enc/kernel': checksum, ...} of every array in `state`."""
+  sums = jax.device_get(_checksum_tree(state))
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): int(np.asarray(v))
+          for path, v in jax.tree_util.tree_leaves_with_path(sums)}

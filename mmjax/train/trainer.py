@@ -4,15 +4,25 @@ Compiled entry points are pure functions of the train state, a dict pytree:
   {"params": nnx.State, "model_state": nnx.State (e.g. BatchNorm stats), "opt_state": ..., "step": int}
 Dropout keys are re-derived each step from (seed, step), so a resumed run is exact without saving
 RNG state.
+
+Faults (see also `mmjax.train.checkpoint`):
+- Non-finite loss or gradients: the jitted step never applies such an update (parameters, model
+  and optimizer state stay as they were; the step counter advances past the batch). Config
+  `train.nonfinite` chooses what follows: "skip" counts the step (`train/nonfinite_steps` in the
+  metrics) and goes on; "stop" (the default) raises FloatingPointError before the next save, so
+  the latest checkpoint stays the last good one. Either way the step and batch index are logged.
+- SIGTERM (preemption): a checkpoint is written at the next step boundary and `train` returns
+  normally; if that takes longer than `train.preemption_grace_s` seconds, the process exits
+  with status 1 and the next start resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -22,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import sharding
@@ -31,6 +42,8 @@ from mmjax.train.tasks import TASKS
 from mmjax.transfer.lora import apply_lora
 
 log = logging.getLogger("mmjax.train")
+
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +72,9 @@ class Setup:
     abstract_model = nnx.eval_shape(ctor)
     self.graphdef, abs_params, abs_rng, abs_mstate = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
     self.total_steps = int(config.train.steps)
+    self.nonfinite = config.train.get("nonfinite", "stop")
+    if self.nonfinite not in NONFINITE_POLICIES:
+      raise ValueError(f"train.nonfinite: expected one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
     self.tx = optim.make_optimizer(config.optim, abs_params, self.total_steps)
     self.num_params = optim.count_params(abs_params)
     replicated = NamedSharding(self.mesh, P())
@@ -129,10 +145,14 @@ class Setup:
         return loss, (metrics, mstate)
 
       (loss, (metrics, mstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      grad_norm = optax.tree.norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN/Inf gradient makes the norm so
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
-      metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-      new = {"params": params, "model_state": mstate, "opt_state": opt_state, "step": state["step"] + 1}
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32)}
+      new = {"params": keep(params, state["params"]), "model_state": keep(mstate, state["model_state"]),
+             "opt_state": keep(opt_state, state["opt_state"]), "step": state["step"] + 1}
       return new, metrics
 
     return jax.jit(train_step, in_shardings=(self.state_shardings, None),
@@ -144,7 +164,9 @@ class Setup:
     def eval_step(state, batch):
       return task.eval_fn(self.model(state), batch)
 
-    return jax.jit(eval_step, in_shardings=(self.state_shardings, None))
+    # Replicated outputs: every process can read per-example rows (see `evaluate`).
+    return jax.jit(eval_step, in_shardings=(self.state_shardings, None),
+                   out_shardings=NamedSharding(self.mesh, P()))
 
 
 class _Both:
@@ -166,11 +188,15 @@ class _Both:
 # Evaluation.
 # ---------------------------------------------------------------------------------------------
 def evaluate(setup: Setup, state: dict[str, Any], eval_step, split: str) -> dict[str, float]:
-  """Runs `split` once; a short last batch is padded and masked with `valid`."""
+  """Runs `split` once; a short last batch is padded and masked with `valid`.
+
+  Scalar outputs of `eval_fn` are summed over batches; array outputs (per-example rows with a
+  leading batch axis, e.g. decoded tokens or embeddings) are concatenated, padding included.
+  """
   cfg = setup.config
   bs = int(cfg.data.eval_batch_size)
   local_bs = bs // jax.process_count()
-  sums: dict[str, float] = {}
+  sums: dict[str, Any] = {}
   data = setup.task.dataset(split, train=False, batch_size=local_bs,
                             shard_index=jax.process_index(), shard_count=jax.process_count())
   with setup.context():
@@ -178,7 +204,11 @@ def evaluate(setup: Setup, state: dict[str, Any], eval_step, split: str) -> dict
       batch = _pad(batch, local_bs)
       out = jax.device_get(eval_step(state, setup.global_batch(batch)))
       for k, v in out.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+        if np.ndim(v):
+          sums.setdefault(k, []).append(np.asarray(v))
+        else:
+          sums[k] = sums.get(k, 0.0) + float(v)
+  sums = {k: np.concatenate(v) if isinstance(v, list) else v for k, v in sums.items()}
   return {f"{split}/{k}": v for k, v in setup.task.summarize(sums).items()}
 
 
@@ -264,11 +294,18 @@ def plot_curves(workdir: str) -> str | None:
 # The loop.
 # ---------------------------------------------------------------------------------------------
 class _Preempted:
-  """Set by SIGTERM: the loop saves a checkpoint at the next step boundary and exits cleanly."""
+  """Set by SIGTERM: the loop saves a checkpoint at the next step boundary and exits cleanly.
 
-  def __init__(self):
+  A watchdog ends the process (status 1) if that has not happened `grace_s` seconds after the
+  signal, so a preempted job never outlives its grace period in the middle of a write it cannot
+  finish; the partial save is then discarded on the next start.
+  """
+
+  def __init__(self, grace_s: float):
     self.flag = False
+    self.grace_s = float(grace_s)
     self._old = None
+    self._timer: threading.Timer | None = None
 
   def __enter__(self):
     try:
@@ -278,15 +315,53 @@ class _Preempted:
     return self
 
   def _handle(self, *_):
+    if self.flag:
+      return
     self.flag = True
+    log.warning("SIGTERM: saving a checkpoint at the next step boundary (grace %.0f s)", self.grace_s)
+    self._timer = threading.Timer(self.grace_s, self._expired)
+    self._timer.daemon = True
+    self._timer.start()
+
+  def _expired(self):
+    log.error("SIGTERM: no checkpoint written within train.preemption_grace_s=%.0f s; exiting; "
+              "the next start resumes from the last complete checkpoint", self.grace_s)
+    logging.shutdown()
+    os._exit(1)
 
   def __exit__(self, *exc):
+    if self._timer is not None:
+      self._timer.cancel()
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _nonfinite_steps(pending: list[tuple[int, dict]]) -> list[int]:
+  """Steps among `pending` whose loss or gradients were not finite (one small host transfer)."""
+  flags = jax.device_get([m["nonfinite"] for _, m in pending])
+  return [s for (s, _), bad in zip(pending, flags) if bad]
+
+
+def _stopped(step: int, last_good: int | None) -> FloatingPointError:
+  return FloatingPointError(
+      f"non-finite loss or gradients at step {step} (batch index {step - 1} of the training stream); "
+      f"stopped by train.nonfinite='stop' without saving; the last good checkpoint is step {last_good}")
+
+
+def _window_average(host: list[dict]) -> dict[str, float]:
+  """Per-key mean over the steps of a logging window, leaving out skipped (non-finite) steps."""
+  good = [m for m in host if not m["nonfinite"]]
+  avg = {f"train/{k}": float(np.mean([m[k] for m in good])) for k in host[0] if k != "nonfinite"} if good else {}
+  avg["train/nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in host))
+  return avg
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+  """Trains `config` in `workdir`, resuming from its latest complete, readable checkpoint.
+
+  Returns the final metrics, with "step", "num_params", "nonfinite_steps" (skipped in this run)
+  and "preempted" (True when SIGTERM ended the run early).
+  """
   from tqdm.auto import tqdm
 
   os.makedirs(workdir, exist_ok=True)
@@ -297,7 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.get("keep", 3)),
-                      best_metric=setup.task.best_metric)
+                      best_metric=setup.task.best_metric, cleanup=True)
   writer = MetricWriter(workdir, enabled=is_main)
   bs = int(config.data.batch_size)
   if bs % jax.process_count():
@@ -305,9 +380,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   train_iter = iter(setup.task.dataset("train", train=True, batch_size=bs // jax.process_count(),
                                        shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(start, setup.abstract_state)
+  restored = ckpt.restore_latest(setup.abstract_state)
+  if restored is not None:
+    start, state, data_state = restored
     if data_state is not None and hasattr(train_iter, "set_state"):
       train_iter.set_state(data_state)
     log.info("resumed from step %d", start)
@@ -318,31 +393,47 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
   ckpt_every = int(tcfg.checkpoint_every)
   total = setup.total_steps
+  max_minutes = tcfg.get("max_minutes")  # wall-clock budget from here, compiles included
+  deadline = time.perf_counter() + 60 * float(max_minutes) if max_minutes else None
   final: dict[str, Any] = {}
-  pending: list[dict] = []
+  pending: list[tuple[int, dict]] = []  # (step, on-device metrics) since the last log row
+  skipped = 0
   t0, n0 = time.perf_counter(), start
   bar = tqdm(total=total, initial=start, disable=not (progress and is_main), dynamic_ncols=True,
              desc=config.get("name", config.task))
   try:
-    with _Preempted() as preempt:
+    with _Preempted(float(tcfg.get("preemption_grace_s", 60.0))) as preempt:
       step = start
       while step < total:
         with setup.context():
           state, metrics = train_step(state, setup.global_batch(next(train_iter)))
         step += 1
-        pending.append(metrics)
+        if deadline and step % log_every == 0 and multihost_utils.broadcast_one_to_all(time.perf_counter() > deadline):
+          total = step  # train.max_minutes reached: this step's log, eval and save follow
+        pending.append((step, metrics))
         bar.update(1)
+        save = step % ckpt_every == 0 or step == total or preempt.flag
+        if save and setup.nonfinite == "stop":
+          bad = _nonfinite_steps(pending)
+          if bad:  # before saving: the latest checkpoint stays the last good one
+            raise _stopped(bad[0], ckpt.latest_step())
         if step % log_every == 0 or step == total:
-          host = jax.device_get(pending)
+          host = jax.device_get([m for _, m in pending])
+          for (s, _), m in zip(pending, host):
+            if m["nonfinite"]:
+              log.warning("non-finite loss or gradients at step %d (batch index %d of the training "
+                          "stream): update skipped (train.nonfinite=%r)", s, s - 1, setup.nonfinite)
+              if setup.nonfinite == "stop":
+                raise _stopped(s, ckpt.latest_step())
           pending = []
           dt = time.perf_counter() - t0
-          avg = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+          avg = _window_average(host)
+          skipped += int(avg["train/nonfinite_steps"])
           avg["train/examples_per_s"] = (step - n0) * bs / max(dt, 1e-9)
           t0, n0 = time.perf_counter(), step
-          if not math.isfinite(avg["train/loss"]):
-            raise FloatingPointError(f"loss became {avg['train/loss']} at step {step}")
           writer.write(step, avg)
-          bar.set_postfix(loss=f"{avg['train/loss']:.4f}", ex_s=f"{avg['train/examples_per_s']:.0f}")
+          if "train/loss" in avg:
+            bar.set_postfix(loss=f"{avg['train/loss']:.4f}", ex_s=f"{avg['train/examples_per_s']:.0f}")
           final.update(avg)
         evals = {}
         if step % eval_every == 0 or step == total:
@@ -353,10 +444,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
           bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
           if is_main:
             plot_curves(workdir)
-        if step % ckpt_every == 0 or step == total or preempt.flag:
+        if save:
           data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
           ckpt.save(step, state, data_state, metrics=evals or None, force=True)
         if preempt.flag:
+          ckpt.wait()
           log.warning("SIGTERM: saved step %d, exiting", step)
           break
   finally:  # an exception still finalises checkpoints already written
@@ -365,4 +457,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     writer.close()
   final["step"] = step
   final["num_params"] = setup.num_params
+  final["nonfinite_steps"] = skipped
+  final["preempted"] = preempt.flag
   return final

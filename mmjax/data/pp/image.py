@@ -147,6 +147,9 @@ class ValueRange:
 
   def __call__(self, example: Example, rng: np.random.Generator) -> Example:
     x = field(example, self.key)
+    if isinstance(x, (bytes, str)):
+      raise TypeError(f"{record_name(example)}: field {self.key!r}: expected a numeric array, got "
+                      f"{type(x).__name__}; put image.decode first")
     x = (np.asarray(x, np.float32) - self.in_min) / (self.in_max - self.in_min)
     x = (self.vmin + x * (self.vmax - self.vmin)).astype(np.float32)
     if self.clip_values:

@@ -20,6 +20,9 @@ def get_texts(example: Example, key: str) -> tuple[list[str], bool]:
   """(strings, is_scalar) from a str/bytes field or a sequence of them."""
   x = field(example, key)
   scalar = isinstance(x, (str, bytes)) or (isinstance(x, np.ndarray) and x.ndim == 0)
+  if not scalar and not isinstance(x, (list, tuple, np.ndarray)):
+    raise TypeError(f"{record_name(example)}: field {key!r}: expected str or bytes text or a list of "
+                    f"them, got {type(x).__name__}")
   items = [x.item() if isinstance(x, np.ndarray) else x] if scalar else list(x)
   out = []
   for i, s in enumerate(items):

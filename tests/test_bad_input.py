@@ -1,0 +1,393 @@
+"""Bad input over the public APIs, property-based: every case raises an error naming the field.
+
+Encoders, fusion blocks, the VQA model, pp ops, manifests and config loading get inputs of the
+wrong rank, shape or dtype, NaN/Inf values, empty or whitespace text, out-of-range token ids,
+zero-length or NaN audio, batch sizes that differ across modalities, unknown config keys and
+fusion names. Each must raise ValueError/TypeError/KeyError whose message names the field (no
+hang, no XLA crash, no silent NaN); silent audio and over-long text must work and stay finite.
+Modules are built once and called eagerly on tiny shapes; the last test checks how many cases ran.
+(Predictor inputs are swept in test_predict_load.py, which has a trained workdir.)
+"""
+
+import collections
+import functools
+import json
+import os
+import pathlib
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from mmjax.data import manifest, pp
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.encoders import ENCODERS
+from mmjax.encoders import audio_frontend as af
+from mmjax.fusion import FUSIONS, build_fusion
+from mmjax.models.vqa import VQAModel
+from mmjax.train.config import load_config, parse_arg, set_path
+
+CASES = collections.Counter()
+ERRORS = (ValueError, TypeError, KeyError)
+SWEEP = settings(deadline=None, derandomize=True, database=None, print_blob=False,
+                 suppress_health_check=list(HealthCheck))
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vqa_sort_of_clevr.py")
+
+
+def expect(api: str, fn, *fields: str):
+  """fn() raises one of ERRORS whose message names every one of `fields`."""
+  CASES[api] += 1
+  with pytest.raises(ERRORS) as e:
+    fn()
+  message = str(e.value)
+  for f in fields:
+    assert f in message, f"{api}: message {message!r} does not name {f!r}"
+
+
+def finite(api: str, fn):
+  """fn() succeeds and every float array it returns is finite."""
+  CASES[api] += 1
+  out = fn()
+  leaves = out if isinstance(out, (tuple, list)) else [out]
+  for x in leaves:
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating):
+      assert np.isfinite(x).all(), f"{api}: non-finite output"
+
+
+def poison(x: np.ndarray, data, value=None) -> np.ndarray:
+  """x with one NaN/Inf at a drawn position."""
+  x = np.array(x)
+  i = data.draw(st.integers(0, x.size - 1))
+  x.reshape(-1)[i] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf])) if value is None else value
+  return x
+
+
+shapes = lambda rank, lo=1, hi=4: st.lists(st.integers(lo, hi), min_size=rank, max_size=rank).map(tuple)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders.
+# ---------------------------------------------------------------------------------------------
+@functools.cache
+def encoder(name: str):
+  rngs = nnx.Rngs(0)
+  kw = {
+      "vit": dict(variant=None, width=16, depth=1, heads=2, mlp_dim=32, patch=4, image_size=8),
+      "small_cnn": dict(features=8, channels=(4, 4), norm="layer"),
+      "bert": dict(variant="tiny", max_len=16),
+      "rnn_text": dict(vocab_size=50, features=8, hidden=8),
+      "ast": dict(width=16, depth=1, num_heads=2, n_mels=16, patch=4, max_frames=32),
+      "audio_cnn": dict(features=8, channels=(4,), n_mels=16),
+  }[name]
+  return ENCODERS.build(name, rngs=rngs, **kw)
+
+
+VOCAB = {"bert": 1000, "rnn_text": 50}
+
+
+@settings(SWEEP, max_examples=150)
+@given(name=st.sampled_from(["vit", "small_cnn"]), kind=st.sampled_from(["rank", "channels", "dtype", "nan", "size", "type"]),
+       data=st.data())
+def test_vision_encoders(name, kind, data):
+  enc = encoder(name)
+  b = data.draw(st.integers(1, 3))
+  good = np.random.default_rng(0).uniform(size=(b, 8, 8, 3)).astype(np.float32)
+  if kind == "rank":
+    x = np.zeros(data.draw(shapes(data.draw(st.sampled_from([0, 1, 2, 3, 5])))), np.float32)
+  elif kind == "channels":
+    x = np.zeros((b, 8, 8, data.draw(st.sampled_from([1, 2, 4, 5]))), np.float32)
+  elif kind == "dtype":
+    x = good.astype(data.draw(st.sampled_from([np.int32, np.uint8, np.bool_])))
+  elif kind == "nan":
+    x = poison(good, data)
+  elif kind == "size" and name == "vit":
+    x = np.zeros((b, *data.draw(shapes(2, 1, 12).filter(lambda s: s != (8, 8))), 3), np.float32)
+  else:
+    x = data.draw(st.sampled_from([None, "image.png", [[0.0]], 3.0]))
+  expect(name, lambda: enc(jnp.asarray(x) if isinstance(x, np.ndarray) else x), "images")
+
+
+@settings(SWEEP, max_examples=150)
+@given(name=st.sampled_from(["bert", "rnn_text"]), kind=st.sampled_from(["dtype", "rank", "range", "long", "mask"]),
+       data=st.data())
+def test_text_encoders(name, kind, data):
+  enc, vocab = encoder(name), VOCAB[name]
+  b, length = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8))
+  ids = np.random.default_rng(1).integers(1, vocab, (b, length)).astype(np.int32)
+  mask = None
+  field = "ids"
+  if kind == "dtype":
+    ids = ids.astype(data.draw(st.sampled_from([np.float32, np.bool_])))
+  elif kind == "rank":
+    ids = np.ones(data.draw(shapes(data.draw(st.sampled_from([0, 1, 3])))), np.int32)
+  elif kind == "range":
+    ids = poison(ids, data, data.draw(st.one_of(st.integers(-10**6, -1), st.integers(vocab, 10**6))))
+  elif kind == "long" and name == "bert":
+    ids = np.ones((b, data.draw(st.integers(17, 64))), np.int32)
+  else:
+    mask = np.ones(data.draw(shapes(2).filter(lambda s: s != ids.shape)), bool)
+    field = "mask"
+  expect(name, lambda: enc(jnp.asarray(ids), None if mask is None else jnp.asarray(mask)), field)
+
+
+@settings(SWEEP, max_examples=150)
+@given(name=st.sampled_from(["ast", "audio_cnn"]),
+       kind=st.sampled_from(["rank", "mels", "dtype", "nan", "empty", "mask", "lengths"]), data=st.data())
+def test_audio_encoders(name, kind, data):
+  enc = encoder(name)
+  b, frames = data.draw(st.integers(1, 3)), data.draw(st.integers(4, 32))
+  x = np.random.default_rng(2).normal(size=(b, frames, 16)).astype(np.float32)
+  kw, field = {}, "features"
+  if kind == "rank":
+    x = np.zeros(data.draw(shapes(data.draw(st.sampled_from([1, 2, 4])))), np.float32)
+  elif kind == "mels":
+    x = np.zeros((b, frames, data.draw(st.sampled_from([1, 8, 15, 17, 32]))), np.float32)
+  elif kind == "dtype":
+    x = x.astype(np.int32)
+  elif kind == "nan":
+    x = poison(x, data)
+  elif kind == "empty":
+    x = np.zeros((b, 0, 16), np.float32)
+  elif kind == "mask":
+    kw["mask"], field = np.ones(data.draw(shapes(2).filter(lambda s: s != (b, frames))), bool), "mask"
+  else:
+    kw["lengths"] = np.full((b,), data.draw(st.one_of(st.integers(-5, 0), st.integers(frames + 1, 99))), np.int32)
+    field = "lengths"
+  expect(name, lambda: enc(jnp.asarray(x), **{k: jnp.asarray(v) for k, v in kw.items()}), field)
+
+
+LOG_MEL = af.LogMel(sample_rate=8000, n_fft=64, hop_length=32, n_mels=16)
+
+
+@settings(SWEEP, max_examples=80)
+@given(kind=st.sampled_from(["empty", "nan", "dtype", "rank", "silent", "lengths"]), data=st.data())
+def test_audio_front_end(kind, data):
+  b, t = data.draw(st.integers(1, 3)), data.draw(st.integers(64, 400))
+  x = np.random.default_rng(3).normal(size=(b, t)).astype(np.float32)
+  if kind == "silent":  # all zeros: finite features, no error
+    finite("log_mel", lambda: LOG_MEL(jnp.zeros((b, t), jnp.float32)).values)
+    return
+  lengths, field = None, "audio"
+  if kind == "empty":
+    x = np.zeros((b, 0), np.float32)
+  elif kind == "nan":
+    x = poison(x, data)
+  elif kind == "dtype":
+    x = (x * 1000).astype(np.int16)
+  elif kind == "rank":
+    x = np.zeros(data.draw(shapes(3)), np.float32)
+  else:
+    lengths = np.full((b,), data.draw(st.one_of(st.integers(-5, 0), st.integers(t + 1, 999))), np.int32)
+  expect("log_mel", lambda: LOG_MEL(jnp.asarray(x), None if lengths is None else jnp.asarray(lengths)), field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion blocks and the VQA model.
+# ---------------------------------------------------------------------------------------------
+DIMS = {"image": 6, "text": 4}
+FUSION_KWARGS = {"relation": {"query": "text"}, "film": {"condition": "text"}}
+
+
+@functools.cache
+def fusion(name: str):
+  kw = dict(FUSION_KWARGS.get(name, {}))
+  for extra in ({"depth": 1, "num_heads": 2}, {"num_heads": 2}, {}):
+    try:
+      return build_fusion(name, modalities=DIMS, features=8, rngs=nnx.Rngs(0), **kw, **extra)
+    except TypeError:
+      continue
+  raise AssertionError(f"cannot build fusion {name!r}")
+
+
+@settings(SWEEP, max_examples=250)
+@given(name=st.sampled_from(FUSIONS.names()),
+       kind=st.sampled_from(["unknown", "width", "rank", "mask", "batch", "presence", "nan", "dtype"]),
+       data=st.data())
+def test_fusion_blocks(name, kind, data):
+  block = fusion(name)
+  b = data.draw(st.integers(1, 3))
+  rng = np.random.default_rng(4)
+  inputs = {m: [rng.normal(size=(b, 3, d)).astype(np.float32), np.ones((b, 3), bool)] for m, d in DIMS.items()}
+  presence = None
+  m = data.draw(st.sampled_from(sorted(DIMS)))
+  field = repr(m)
+  if kind == "unknown":
+    inputs[data.draw(st.sampled_from(["audio", "video", "", "Image"]))] = inputs.pop(m)
+    field = "modality"
+  elif kind == "width":
+    inputs[m][0] = np.zeros((b, 3, data.draw(st.integers(1, 9).filter(lambda d: d != DIMS[m]))), np.float32)
+  elif kind == "rank":
+    inputs[m][0] = np.zeros(data.draw(shapes(data.draw(st.sampled_from([1, 2, 4])))), np.float32)
+  elif kind == "mask":
+    inputs[m][1] = np.ones(data.draw(shapes(2).filter(lambda s: s != (b, 3))), bool)
+  elif kind == "batch":
+    other = data.draw(st.integers(1, 5).filter(lambda n: n != b))
+    inputs[m] = [rng.normal(size=(other, 3, DIMS[m])).astype(np.float32), np.ones((other, 3), bool)]
+    field = "batch size"
+  elif kind == "presence":
+    presence = {m: np.ones(data.draw(st.one_of(shapes(1, 0, 5), shapes(2)).filter(lambda s: s != (b,))), bool)}
+    field = "presence"
+  elif kind == "nan":
+    inputs[m][0] = poison(inputs[m][0], data)
+  else:
+    inputs[m][0] = inputs[m][0].astype(np.int32)
+  expect(f"fusion/{name}", lambda: block({k: tuple(map(jnp.asarray, v)) for k, v in inputs.items()},
+                                         presence), field)
+
+
+@functools.cache
+def vqa_model():
+  config = load_config(CONFIG + ":size=tiny")
+  m = config.model
+  return VQAModel(vision=dict(m.vision, channels=(4, 4)), text=dict(m.text, vocab_size=40, features=8, hidden=8),
+                  fusion="film", fusion_kwargs={"condition": "text"}, features=8, num_answers=10,
+                  image_shape=(75, 75, 3), question_len=16, head_hidden=8, rngs=nnx.Rngs(0))
+
+
+@settings(SWEEP, max_examples=100)
+@given(kind=st.sampled_from(["image_shape", "image_dtype", "image_nan", "ids_dtype", "ids_rank", "ids_range",
+                             "batch", "mask"]), data=st.data())
+def test_vqa_model(kind, data):
+  model = vqa_model()
+  b, q = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+  images = np.zeros((b, 75, 75, 3), np.float32)
+  ids = np.ones((b, q, 16), np.int32)
+  mask = np.ones((b, q, 16), bool)
+  if kind == "image_shape":
+    images, field = np.zeros(data.draw(st.one_of(shapes(3, 1, 80), shapes(4, 1, 80)).filter(
+        lambda s: len(s) != 4 or s[1:] != (75, 75, 3))), np.float32), "images"
+  elif kind == "image_dtype":
+    images, field = images.astype(np.uint8), "images"
+  elif kind == "image_nan":
+    images, field = poison(images, data), "images"
+  elif kind == "ids_dtype":
+    ids, field = ids.astype(np.float32), "question_ids"
+  elif kind == "ids_rank":
+    ids, field = np.ones(data.draw(shapes(data.draw(st.sampled_from([1, 4])))), np.int32), "question_ids"
+  elif kind == "ids_range":
+    ids, field = poison(ids, data, data.draw(st.one_of(st.integers(-99, -1), st.integers(40, 10**5)))), "ids"
+  elif kind == "batch":
+    ids = np.ones((data.draw(st.integers(1, 4).filter(lambda n: n != b)), q, 16), np.int32)
+    mask, field = None, "batch size"
+  else:
+    mask, field = np.ones(data.draw(shapes(3).filter(lambda s: s != (b, q, 16))), bool), "question_mask"
+  expect("vqa", lambda: model(jnp.asarray(images), jnp.asarray(ids), None if mask is None else jnp.asarray(mask)),
+         field)
+
+
+# ---------------------------------------------------------------------------------------------
+# pp ops, manifests, config loading.
+# ---------------------------------------------------------------------------------------------
+@functools.cache
+def tokenize_op(max_len: int = 8):
+  folder = tempfile.mkdtemp()
+  tok = tokenizer_lib.train_wordpiece(["what shape is the red object", "is it a circle"] * 5)
+  path = os.path.join(folder, "tokenizer.json")
+  tokenizer_lib.save_tokenizer(tok, path)
+  return pp.parse(f"text.tokenize({max_len}, {path!r}, key='question')")
+
+
+WHITESPACE = st.text(alphabet=" \t\n\r\u00a0\u2003", max_size=6)
+
+
+@settings(SWEEP, max_examples=100)
+@given(kind=st.sampled_from(["blank", "type", "missing", "long", "blank_in_list", "image_rank", "image_bytes",
+                             "image_undecoded", "wave_empty", "wave_nan"]), data=st.data())
+def test_pp_ops(kind, data):
+  rng = np.random.default_rng(0)
+  if kind == "blank":
+    expect("pp", lambda: tokenize_op()({"id": 1, "question": data.draw(WHITESPACE)}, rng), "question")
+  elif kind == "blank_in_list":
+    texts = ["is it red"] * data.draw(st.integers(0, 3)) + [data.draw(WHITESPACE)]
+    expect("pp", lambda: tokenize_op()({"id": 1, "question": texts}, rng), "question[")
+  elif kind == "type":
+    value = data.draw(st.sampled_from([3, 2.5, None, {"a": 1}]))
+    expect("pp", lambda: tokenize_op()({"id": 1, "question": value}, rng), "question")
+  elif kind == "missing":
+    expect("pp", lambda: tokenize_op()({"id": 1, "text": "is it red"}, rng), "question")
+  elif kind == "long":  # over-long text is truncated to max_len, not an error
+    CASES["pp"] += 1
+    words = " ".join(data.draw(st.lists(st.sampled_from(["red", "circle", "what", "zzz"]), min_size=9, max_size=200)))
+    out = tokenize_op()({"id": 1, "question": words}, rng)
+    assert out["question_ids"].shape == (8,) and out["question_mask"].all()
+  elif kind == "image_rank":
+    x = np.zeros(data.draw(shapes(data.draw(st.sampled_from([0, 1, 4])))), np.uint8)
+    expect("pp", lambda: pp.parse("image.resize(4)")({"id": 1, "image": x}, rng), "image")
+  elif kind == "image_bytes":
+    junk = data.draw(st.binary(min_size=0, max_size=64))
+    expect("pp", lambda: pp.parse("image.decode")({"id": 1, "image": junk}, rng), "image")
+  elif kind == "image_undecoded":
+    op = data.draw(st.sampled_from(["image.value_range(0, 1)", "image.resize(4)", "image.flip_lr(p=1.0)"]))
+    expect("pp", lambda: pp.parse(op)({"id": 1, "image": b"\x89PNG..."}, rng), "image")
+  else:
+    wave = np.zeros((0,), np.float32) if kind == "wave_empty" else poison(np.ones(256, np.float32), data)
+    expect("pp", lambda: pp.parse("audio.log_mel(sample_rate=8000, n_fft=64, hop_length=32, n_mels=8)")(
+        {"id": 1, "audio": wave, "audio_rate": 8000}, rng), "audio")
+
+
+@settings(SWEEP, max_examples=60)
+@given(kind=st.sampled_from(["absolute", "dotdot", "missing", "label", "columns", "json", "empty_path"]),
+       data=st.data())
+def test_manifests(kind, data):
+  with tempfile.TemporaryDirectory() as d:
+    root = pathlib.Path(d)
+    (root / "a.png").write_bytes(b"png")
+    rows = [{"image": "a.png", "label": 0}] * data.draw(st.integers(int(kind == "columns"), 3))
+    line = len(rows) + 1
+    name = data.draw(st.text(alphabet="bcxyz", min_size=1, max_size=5))
+    bad = {"absolute": {"image": f"/{name}.png", "label": 0},
+           "dotdot": {"image": f"../{name}.png", "label": 0},
+           "missing": {"image": f"{name}.png", "label": 0},
+           "label": {"image": "a.png", "label": data.draw(st.sampled_from([-1, 1.5, [1], None]))},
+           "columns": {"image": "a.png", "text": "extra", "label": 0},
+           "empty_path": {"image": data.draw(WHITESPACE), "label": 0},
+           "json": None}[kind]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + ("{not json\n" if bad is None else json.dumps(bad) + "\n")
+    (root / "m.jsonl").write_text(text)
+    expect("manifest", lambda: manifest.load_manifest(root / "m.jsonl"), f"line {line}")
+
+
+@settings(SWEEP, max_examples=120)
+@given(kind=st.sampled_from(["arg", "arg_syntax", "override", "nested", "fusion", "task"]),
+       name=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10))
+def test_config_loading(kind, name):
+  if kind == "arg":
+    if name in ("size", "fusion", "text"):
+      return
+    expect("config", lambda: parse_arg(f"{name}=1", size="tiny", fusion="film"), repr(name))
+  elif kind == "arg_syntax":
+    expect("config", lambda: parse_arg(f"size=tiny,{name}", size="tiny"), name)
+  elif kind == "override":
+    config = _base_config()
+    if name in config.train:
+      return
+    expect("config", lambda: set_path(config, f"train.{name}", "3"), f"train.{name}")
+  elif kind == "nested":
+    config = _base_config()
+    if name in config:
+      return
+    expect("config", lambda: set_path(config, f"{name}.lr", "3"), name)
+  elif kind == "fusion":
+    if name in FUSIONS:
+      return
+    expect("config", lambda: build_fusion(name, modalities=DIMS, features=8, rngs=nnx.Rngs(0)), repr(name))
+  else:
+    from mmjax.train.trainer import Setup  # pylint: disable=g-import-not-at-top
+    config = _base_config().copy_and_resolve_references()
+    config.task = name
+    expect("config", lambda: Setup(config), repr(name))
+
+
+@functools.cache
+def _base_config():
+  return load_config(CONFIG + ":size=tiny")
+
+
+def test_total_cases():
+  total = sum(CASES.values())
+  print(f"bad-input cases: {total} {dict(CASES)}")
+  assert total >= 1000, dict(CASES)

@@ -1,8 +1,10 @@
-"""Text encoders: a BERT-compatible Transformer and an embedding + (bi)LSTM/GRU encoder.
+"""Text encoders: a BERT-compatible Transformer, CLIP's causal text Transformer, and an
+embedding + (bi)LSTM/GRU encoder.
 
 `BertEncoder`'s parameters map one to one onto HF `BertModel` (see `mmjax.transfer.bert`), so
-pretrained BERT / MiniLM checkpoints load into it; `RnnTextEncoder` is the Show-and-Tell-era
-recurrent encoder. Both return the `EncoderOutput` contract: tokens (B, L, D), mask (B, L), pooled.
+pretrained BERT / MiniLM checkpoints load into it; `ClipTextEncoder` does the same for HF
+`CLIPTextModel`; `RnnTextEncoder` is the Show-and-Tell-era recurrent encoder. All return the
+`EncoderOutput` contract: tokens (B, L, D), mask (B, L), pooled.
 """
 
 from __future__ import annotations
@@ -183,6 +185,106 @@ class BertEncoder(nnx.Module):
       pooled = x[:, 0]
     else:
       pooled = masked_mean(x, mask).astype(x.dtype)
+    out = EncoderOutput(tokens=x, mask=mask, pooled=pooled)
+    return (out, tuple(hidden)) if return_hidden else out
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipTextSpec:
+  """Hyper-parameters of CLIP's text Transformer (the fields of HF `CLIPTextConfig` that shape it).
+
+  Attributes:
+    vocab_size: BPE vocabulary size.
+    hidden: model width D.
+    depth: number of pre-LN causal encoder blocks.
+    heads: attention heads.
+    mlp_dim: feed-forward width.
+    max_len: learned position table size (longest input; 77 in OpenAI CLIP).
+    eos_id: end-of-text id; the pooled vector is the token at its first occurrence. None pools
+      at the largest id of each row instead (HF's rule for old configs with eos_token_id 2, where
+      end-of-text is the largest id of the vocabulary).
+    ln_eps: LayerNorm epsilon.
+    act: feed-forward activation name (CLIP: "quick_gelu").
+    dropout: dropout after embeddings and each sub-layer.
+    attn_dropout: dropout on attention weights.
+  """
+
+  vocab_size: int = 49408
+  hidden: int = 512
+  depth: int = 12
+  heads: int = 8
+  mlp_dim: int = 2048
+  max_len: int = 77
+  eos_id: int | None = 49407
+  ln_eps: float = 1e-5
+  act: str = "quick_gelu"
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+
+
+@ENCODERS.register("clip_text")
+class ClipTextEncoder(nnx.Module):
+  """CLIP's text tower: token + learned positions, causal pre-LN blocks, final LN, EOS pooling.
+
+  Parameters map 1:1 onto HF `CLIPTextModel` (see `mmjax.transfer.clip`).
+
+  Attributes:
+    spec: the `ClipTextSpec` hyper-parameters.
+    word_embed, position_embed: token and position tables.
+    encoder: `mmjax.layers.Encoder` of pre-LN blocks with the final LayerNorm.
+
+  Args:
+    dtype: compute dtype; param_dtype: parameter dtype.
+    rngs: parameter and dropout keys.
+    **fields: any `ClipTextSpec` field.
+  """
+
+  def __init__(self, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs, **fields):
+    known = {f.name for f in dataclasses.fields(ClipTextSpec)}
+    bad = sorted(set(fields) - known)
+    if bad:
+      raise TypeError(f"unknown CLIP text field(s) {bad}; known: {sorted(known)}")
+    spec = ClipTextSpec(**fields)
+    if spec.eos_id is not None and not 0 <= spec.eos_id < spec.vocab_size:
+      raise ValueError(f"eos_id: expected an id in [0, {spec.vocab_size}) or None, got {spec.eos_id}")
+    self.spec, self.dtype = spec, dtype
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.word_embed = Embed(spec.vocab_size, spec.hidden, **kw)
+    self.position_embed = LearnedPositions(spec.max_len, spec.hidden, param_dtype=param_dtype,
+                                           rngs=rngs)
+    self.embed_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
+    self.encoder = Encoder(spec.depth, spec.hidden, spec.heads, spec.mlp_dim, norm="pre",
+                           final_norm=True, ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
+                           attn_dropout=spec.attn_dropout, **kw)
+
+  def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
+               deterministic: bool = True, return_hidden: bool = False):
+    """Encodes token ids.
+
+    Args:
+      ids: (B, L) integer ids, L <= spec.max_len, each row holding an end-of-text token.
+      mask: (B, L) bool/int, True for real tokens (keys outside it are not attended); default
+        all True. Attention is causal, so right padding never changes the real tokens.
+      deterministic: disables dropout when True.
+      return_hidden: also return the embedding output and every block's output (depth + 1
+        arrays (B, L, D), before the final LayerNorm, as HF).
+
+    Returns:
+      `EncoderOutput` with tokens after the final LayerNorm and pooled the end-of-text token,
+      and with `return_hidden` a tuple of hidden states too.
+    """
+    spec = self.spec
+    _check_ids(ids, spec.vocab_size, "ids", spec.max_len)
+    mask = jnp.ones(ids.shape, bool) if mask is None else _token_mask(ids, mask, 0)
+    x = self.position_embed(self.word_embed(ids))  # (B, L, D)
+    x = self.embed_dropout(x, deterministic=deterministic)
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+    causal = jnp.tril(jnp.ones((ids.shape[1],) * 2, bool))  # (L, L)
+    amask = causal[None, None] & mask[:, None, None, :]  # (B, 1, L, L)
+    x, hidden = self.encoder(x, amask, deterministic=deterministic, return_hidden=True)
+    eos = jnp.argmax(ids if spec.eos_id is None else ids == spec.eos_id, axis=-1)  # (B,)
+    pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]  # (B, D)
     out = EncoderOutput(tokens=x, mask=mask, pooled=pooled)
     return (out, tuple(hidden)) if return_hidden else out
 

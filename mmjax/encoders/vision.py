@@ -43,12 +43,15 @@ def _pair(v: int | tuple[int, int] | list[int], field: str) -> tuple[int, int]:
 
 
 def check_images(images: jax.Array, in_channels: int) -> None:
-  """Raises TypeError/ValueError naming `images` unless it is float (B, H, W, in_channels)."""
+  """Raises TypeError/ValueError naming `images` unless it is float (B, H, W, in_channels) and, when
+  concrete (not traced), finite."""
   if not hasattr(images, "dtype") or not jnp.issubdtype(images.dtype, jnp.floating):
     raise TypeError(f"images: expected a float array of shape (B, H, W, {in_channels}), got "
                     f"{getattr(images, 'dtype', type(images).__name__)}")
   if images.ndim != 4 or images.shape[-1] != in_channels:
     raise ValueError(f"images: expected shape (B, H, W, {in_channels}), got {images.shape}")
+  if not isinstance(images, jax.core.Tracer) and not np.isfinite(np.asarray(images)).all():
+    raise ValueError("images: contains NaN or Inf")
 
 
 def mean_pool(tokens: jax.Array) -> jax.Array:
@@ -84,6 +87,8 @@ class ViTSpec:
     posemb: "learn" (learned table, covering the class token too, as HF/timm) or "sincos2d"
       (fixed 2-D sin-cos on the patches; the class token gets none, as big_vision).
     pooler: HF ViTModel's pooler (dense + tanh) on the pooled vector.
+    pre_norm: a LayerNorm on the embeddings before the encoder (CLIP's "pre_layrnorm").
+    patch_bias: whether the patch conv has a bias (CLIP's has none).
     ln_eps: LayerNorm epsilon (HF ViT uses 1e-12, timm/big_vision 1e-6).
     act: feed-forward activation name (see `mmjax.layers.activation`).
     dropout: dropout after the embeddings and each sub-layer.
@@ -101,6 +106,8 @@ class ViTSpec:
   pool: str = "cls"
   posemb: str = "learn"
   pooler: bool = False
+  pre_norm: bool = False
+  patch_bias: bool = True
   ln_eps: float = 1e-6
   act: str = "gelu"
   dropout: float = 0.0
@@ -120,6 +127,7 @@ class ViT(nnx.Module):
     patch_embed: strided conv patchifier (kernel (ph, pw, C, D)).
     cls_token: (1, 1, D) class token, or None for pool="gap".
     pos_embed: `LearnedPositions` over the class token + N patches, or None for "sincos2d".
+    pre_norm: LayerNorm on the embeddings before the encoder, or None.
     encoder: `mmjax.layers.Encoder` of pre-LN blocks with its final LayerNorm.
     pooler: dense (D -> D) + tanh (HF ViTModel's pooler), or None.
     head: dense (D -> num_classes) on the pooled vector, or None.
@@ -151,13 +159,14 @@ class ViT(nnx.Module):
     self.spec = spec
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     d = spec.width
-    self.patch_embed = PatchEmbed(spec.patch, spec.in_channels, d, **kw)
+    self.patch_embed = PatchEmbed(spec.patch, spec.in_channels, d, use_bias=spec.patch_bias, **kw)
     cls_init = part(normal02, (None, None, "embed"))
     self.cls_token = (nnx.Param(cls_init(rngs.params(), (1, 1, d), param_dtype))
                       if spec.pool == "cls" else None)
     n = spec.grid[0] * spec.grid[1] + (spec.pool == "cls")
     self.pos_embed = (LearnedPositions(n, d, param_dtype=param_dtype, rngs=rngs)
                       if spec.posemb == "learn" else None)
+    self.pre_norm = layer_norm(d, eps=spec.ln_eps, **kw) if spec.pre_norm else None
     self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
     self.encoder = Encoder(spec.depth, d, spec.heads, spec.mlp_dim, norm="pre", final_norm=True,
                            ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
@@ -193,6 +202,8 @@ class ViT(nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, D)
     if self.pos_embed is not None:
       x = self.pos_embed(x)
+    if self.pre_norm is not None:
+      x = self.pre_norm(x)
     x = self.dropout(x, deterministic=deterministic)
     x = sharding.constrain(x, ("batch", "length", "embed"))
     x, hidden = self.encoder(x, deterministic=deterministic, return_hidden=True)
@@ -388,6 +399,7 @@ class SmallCNN(nnx.Module):
   Attributes:
     layers: `ConvNorm`s, each 3x3 (by default) with stride 2, followed by the activation.
     proj: dense (C [+ 2] -> features) applied to every grid cell.
+    encoder: optional Transformer `Encoder` over the grid tokens.
 
   Args:
     features: token width D.
@@ -396,6 +408,10 @@ class SmallCNN(nnx.Module):
     norm: "batch", "group", "layer" or "none".
     norm_groups: groups for "group".
     coords: append each cell's normalised (x, y) in [-1, 1] before the projection.
+    depth: pre-LN Transformer layers over the grid tokens after the projection (0: none). With
+      coordinates this lets every cell see every other once per image, which relational questions
+      need, at a cost shared by all questions about the image.
+    num_heads, mlp_ratio: of those layers.
     in_channels: image channels C.
     act: activation after each conv.
     dtype, param_dtype: compute and parameter dtypes.
@@ -404,10 +420,13 @@ class SmallCNN(nnx.Module):
 
   def __init__(self, features: int = 64, *, channels: tuple[int, ...] = (24, 24, 24, 24),
                kernel_size: int = 3, norm: str = "batch", norm_groups: int = 8,
-               coords: bool = False, in_channels: int = 3, act: str = "relu",
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               coords: bool = False, depth: int = 0, num_heads: int = 4, mlp_ratio: int = 2,
+               in_channels: int = 3, act: str = "relu", dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if not channels:
       raise ValueError("channels: expected at least one conv layer")
+    if depth < 0:
+      raise ValueError(f"depth: expected a non-negative int, got {depth!r}")
     self.in_channels, self.coords = in_channels, coords
     self.act = activation(act)
     kw = dict(norm=norm, groups=norm_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -416,6 +435,8 @@ class SmallCNN(nnx.Module):
                             for ci, co in zip(cins, channels)])
     self.proj = dense(channels[-1] + 2 * coords, features, (None, "embed"), rngs=rngs,
                       dtype=dtype, param_dtype=param_dtype)
+    self.encoder = (Encoder(depth, features, num_heads, mlp_ratio * features, rngs=rngs,
+                            dtype=dtype, param_dtype=param_dtype) if depth else None)
 
   def __call__(self, images: jax.Array, *, deterministic: bool = True) -> EncoderOutput:
     """images (B, H, W, C) float -> tokens (B, h*w, features), grid row-major, pooled mean."""
@@ -429,5 +450,7 @@ class SmallCNN(nnx.Module):
       x = jnp.concatenate([x, xy], axis=-1)
     tokens = self.proj(x.reshape(b, h * w, x.shape[-1]))  # (B, h*w, D)
     tokens = sharding.constrain(tokens, ("batch", "length", "embed"))
+    if self.encoder is not None:
+      tokens = self.encoder(tokens, deterministic=deterministic)
     return EncoderOutput(tokens=tokens, mask=jnp.ones((b, h * w), bool),
                          pooled=mean_pool(tokens))

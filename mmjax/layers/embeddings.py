@@ -72,11 +72,12 @@ class PatchEmbed(nnx.Module):
   """Non-overlapping patches of (B, H, W, C) images -> (B, H/p * W/p, D) tokens via a strided conv."""
 
   def __init__(self, patch: int | tuple[int, int], in_channels: int, features: int, *,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
     self.patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     self.conv = nnx.Conv(
         in_channels, features, kernel_size=self.patch, strides=self.patch, padding="VALID",
-        dtype=dtype, param_dtype=param_dtype,
+        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=part(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
         bias_init=part(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
 

@@ -75,7 +75,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> None:
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path))
+  save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, os.fspath(path))
 
 
 def _flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -128,4 +128,6 @@ def import_weights(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Seq
 def export_weights(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
   """The inverse of `import_weights`: foreign-layout tensors from the module's parameters."""
   params = _flat_params(model)
-  return {r.name: np.ascontiguousarray(r.to_foreign(np.asarray(params[r.path][...]))) for r in rules}
+  # order="C" keeps 0-d tensors (CLIP's logit_scale) 0-d, unlike np.ascontiguousarray.
+  return {r.name: np.asarray(r.to_foreign(np.asarray(params[r.path][...])), order="C")
+          for r in rules}

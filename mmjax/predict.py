@@ -1,10 +1,16 @@
-"""Inference on raw inputs (image files, question strings) from a trained workdir.
+"""Inference on raw inputs (image files, question strings, wav files) from a trained workdir.
 
   predictor = Predictor.from_workdir("workdirs/vqa")          # best checkpoint, else the latest
   predictor.answer("scene.png", "What shape is the red object?")
   # {'answer': 'circle', 'probabilities': {'circle': 0.97, 'square': 0.02, ...}}
+  Predictor.from_workdir("workdirs/caption").caption("scene.png")
+  # {'caption': 'a red circle in the top left of the image', 'score': -1.9, 'log_prob': -1.9}
+  Predictor.from_workdir("workdirs/av").classify("digit.png", "seven.wav")
+  # {'class': 'seven', 'label': 7, 'probabilities': {'seven': 0.98, ...}}
 
   python -m mmjax.predict --workdir workdirs/vqa --image scene.png --question "..." [--json]
+  python -m mmjax.predict --workdir workdirs/caption --image scene.png [--beam]
+  python -m mmjax.predict --workdir workdirs/av --image digit.png --wav seven.wav
 
 The workdir is what `mmjax.train.trainer.train` writes: `config.json` and Orbax `checkpoints/`.
 Only the parameters and model state are restored (not the optimizer state), onto the shardings
@@ -15,11 +21,11 @@ Each task kind gets one function, compiled ahead of time on first use for a fixe
 length (the config's `data.max_len`): requests are padded to that shape, so serving never
 retraces or recompiles. Preprocessing matches the training pipeline
 (`mmjax.data.pipeline.sort_of_clevr_pipeline`): RGB uint8 pixels scaled to [0, 1], questions
-tokenized with `[CLS] ... [SEP]`, truncated and padded to `max_len`.
-
-Extension points: `caption(image)` and `classify(image, wav)` are where captioning and
-audio-visual classification tasks will be served, in the same way as `answer`; no such task
-exists in `mmjax.tasks` yet, so they raise NotImplementedError.
+tokenized with `[CLS] ... [SEP]`, truncated and padded to `max_len`. Captioning decodes inside
+the compiled function (greedy or beam search, one compilation per method). Audio-visual
+classification prepares a wav as `mmjax.data.datasets.av_digits` made its records: resampled to
+16 kHz, leading and trailing silence trimmed (40 dB), cropped or zero-padded to 1 s; the
+log-mel front end runs inside the model. Calling a method of another task kind is a ValueError.
 """
 
 from __future__ import annotations
@@ -111,35 +117,42 @@ def restore_params(setup, workdir: str | os.PathLike, step: int | None = None) -
 # Raw inputs.
 # ---------------------------------------------------------------------------------------------
 def load_image(image: ImageInput, size_hw: tuple[int, int], *, resize: bool = False,
-               field: str = "image") -> np.ndarray:
-  """A path, PIL image or (H, W, 3) uint8 array -> (H, W, 3) uint8 of size `size_hw`.
+               field: str = "image", channels: int = 3) -> np.ndarray:
+  """A path, PIL image or (H, W, C) uint8 array -> (H, W, C) uint8 of size `size_hw`.
 
-  A path or PIL image in another mode (grey, RGBA, palette) is converted to RGB. A size other than
+  C is `channels`: 3 (RGB) or 1 (grey; an (H, W) array is accepted too). A path or PIL image in
+  another mode (grey, RGBA, palette, RGB) is converted to RGB or to grey ("L"). A size other than
   `size_hw` is an error naming the expected H×W, unless `resize` (bilinear, via PIL).
   """
+  if channels not in (1, 3):
+    raise ValueError(f"channels: expected 1 (grey) or 3 (RGB), got {channels}")
+  mode, kind = ("RGB", "RGB") if channels == 3 else ("L", "grey")
   if isinstance(image, (str, os.PathLike)):
     path = os.fspath(image)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{field}: no image file at {path!r}")
     with Image.open(path) as img:
-      array = np.asarray(img.convert("RGB"))
+      array = np.asarray(img.convert(mode))
   elif isinstance(image, Image.Image):
-    array = np.asarray(image.convert("RGB"))
+    array = np.asarray(image.convert(mode))
   elif isinstance(image, (np.ndarray, jax.Array)):
     array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-      raise TypeError(f"{field}: expected an (H, W, 3) uint8 RGB array (pixel values 0..255), "
-                      f"got {array.dtype} {array.shape}")
+    if channels == 1 and array.ndim == 2:
+      array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != channels:
+      raise TypeError(f"{field}: expected an (H, W, {channels}) uint8 {kind} array (pixel values "
+                      f"0..255), got {array.dtype} {array.shape}")
   else:
-    raise TypeError(f"{field}: expected a file path, a PIL image or an (H, W, 3) uint8 array, "
-                    f"got {type(image).__name__}")
+    raise TypeError(f"{field}: expected a file path, a PIL image or an (H, W, {channels}) uint8 "
+                    f"array, got {type(image).__name__}")
   h, w = size_hw
   if array.shape[:2] != (h, w):
     if not resize:
       raise ValueError(f"{field}: expected {h}×{w} pixels (H×W), got {array.shape[0]}×{array.shape[1]}; "
                        "pass resize=True (--resize) to resize it")
-    array = np.asarray(Image.fromarray(array).resize((w, h), Image.BILINEAR))
-  return array
+    grey = channels == 1 and array.ndim == 3
+    array = np.asarray(Image.fromarray(array[..., 0] if grey else array).resize((w, h), Image.BILINEAR))
+  return array.reshape(h, w, channels)
 
 
 def check_question(question: Any, field: str = "question") -> str:
@@ -149,6 +162,52 @@ def check_question(question: Any, field: str = "question") -> str:
   if not question.strip():
     raise ValueError(f"{field}: expected a non-empty question, got {question!r}")
   return question.strip()
+
+
+WavInput = Union[str, os.PathLike, np.ndarray]
+
+
+def load_wav(wav: WavInput, *, field: str = "wav") -> tuple[np.ndarray, int]:
+  """A wav file path or a mono (T,) waveform at 16 kHz -> (16000,) float32 and its spoken samples.
+
+  Prepared as `mmjax.data.datasets.av_digits` prepares its records: resampled to 16 kHz (files
+  carry their rate), leading and trailing silence trimmed (frames 40 dB below the loudest), cut
+  to 1 s and zero-padded. A missing file is a FileNotFoundError; an empty, unreadable or silent
+  one a ValueError naming `field`.
+  """
+  import soundfile  # pylint: disable=g-import-not-at-top
+
+  from mmjax.data import pp  # pylint: disable=g-import-not-at-top
+  from mmjax.data.datasets import av_digits  # pylint: disable=g-import-not-at-top
+
+  rate = av_digits.SAMPLE_RATE
+  if isinstance(wav, (str, os.PathLike)):
+    path = os.fspath(wav)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{field}: no audio file at {path!r}")
+    try:
+      wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError) as e:
+      raise ValueError(f"{field}: cannot read audio file {path!r} ({e})") from None
+    wave = wave.mean(axis=1)
+  elif isinstance(wav, (np.ndarray, jax.Array)):
+    wave = np.asarray(wav)
+    if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
+      raise TypeError(f"{field}: expected a mono (T,) float waveform at {rate} Hz, got "
+                      f"{wave.dtype} {wave.shape}")
+  else:
+    raise TypeError(f"{field}: expected a wav file path or a (T,) float waveform, got {type(wav).__name__}")
+  if wave.shape[0] == 0:
+    raise ValueError(f"{field}: the audio is empty (zero samples)")
+  if not np.all(np.isfinite(wave)):
+    raise ValueError(f"{field}: the audio contains NaN or Inf")
+  prepare = pp.parse(f"audio.resample({av_digits.SAMPLE_RATE})|audio.trim(top_db={av_digits.TRIM_DB})|"
+                     f"audio.pad_or_crop(samples={av_digits.NUM_SAMPLES})")
+  out = prepare({"audio": wave.astype(np.float32), "audio_sr": np.int32(rate)}, np.random.default_rng(0))
+  length = int(out["audio_len"])
+  if length == 0 or not np.any(out["audio"]):
+    raise ValueError(f"{field}: the audio is silent (all samples zero)")
+  return out["audio"], length
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +223,7 @@ class Predictor:
     state: {'params', 'model_state'} on the setup's shardings.
     step: the checkpoint step served (None when built from a state in memory).
     batch_size: the fixed batch every compiled function runs on.
-    kind: "vqa", the kind of task served (None for a model of another kind).
+    kind: the kind of task served: "vqa", "caption" or "classify" (None for another model).
 
   Args:
     setup: as above.
@@ -176,6 +235,8 @@ class Predictor:
 
   def __init__(self, setup, state: dict[str, Any], *, step: int | None = None,
                batch_size: int | None = None):
+    from mmjax.models.captioner import ShowAndTell, TransformerCaptioner  # pylint: disable=g-import-not-at-top
+    from mmjax.models.classifier import MultimodalClassifier  # pylint: disable=g-import-not-at-top
     from mmjax.models.vqa import VQAModel  # pylint: disable=g-import-not-at-top
 
     self.setup, self.config, self.task = setup, setup.config, setup.task
@@ -190,7 +251,9 @@ class Predictor:
     self._input_sharding = setup.batch_sharding(np.zeros((self.batch_size,)))
     self._compiled: dict[str, Any] = {}
     self._model = None
-    self.kind = "vqa" if isinstance(self.model, VQAModel) else None
+    kinds = ((VQAModel, "vqa"), ((ShowAndTell, TransformerCaptioner), "caption"),
+             (MultimodalClassifier, "classify"))
+    self.kind = next((kind for cls, kind in kinds if isinstance(self.model, cls)), None)
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None, *,
@@ -270,8 +333,8 @@ class Predictor:
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C) of the model's input images."""
-    return tuple(self.model.image_shape)
+    """(H, W, C) of the model's input images (the task's, else the model's)."""
+    return tuple(getattr(self.task, "image_shape", None) or self.model.image_shape)
 
   def vqa_inputs(self, images: Sequence[ImageInput], questions: Sequence[str], *,
                  resize: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -325,23 +388,101 @@ class Predictor:
     """
     return self.answer_batch([image], [question], resize=resize)[0]
 
-  # -- extension points ------------------------------------------------------------------------
-  def caption(self, image: ImageInput) -> str:
-    """Extension point: the caption of `image`, once a captioning task exists in `mmjax.tasks`."""
-    raise NotImplementedError(
-        "caption: no captioning task exists in mmjax.tasks yet (this workdir's task is "
-        f"{self.config.task!r}); a captioning task is served here like `answer`")
+  # -- captioning ------------------------------------------------------------------------------
+  def _images(self, images: Sequence[ImageInput], resize: bool, method: str) -> np.ndarray:
+    """Raw images -> (N, H, W, C) float32 in [0, 1], as the training pipelines make them."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or not len(images):
+      raise TypeError(f"{method}: images: expected a non-empty sequence of images (use the "
+                      "single-image method for one)")
+    h, w, c = self.image_shape
+    return np.stack([load_image(im, (h, w), resize=resize, channels=c,
+                                field=f"images[{i}]" if len(images) > 1 else "image")
+                     for i, im in enumerate(images)]).astype(np.float32) / 255.0
 
-  def classify(self, image: ImageInput, wav: str | os.PathLike | np.ndarray) -> dict[str, Any]:
-    """Extension point: audio-visual class probabilities, once such a task exists in `mmjax.tasks`."""
-    raise NotImplementedError(
-        "classify: no audio-visual classification task exists in mmjax.tasks yet (this workdir's "
-        f"task is {self.config.task!r}); such a task is served here like `answer`")
+  def caption_batch(self, images: Sequence[ImageInput], *, method: str | None = None,
+                    resize: bool = False) -> list[dict[str, Any]]:
+    """Captions images[i]; see `caption`."""
+    from mmjax.models import decoding  # pylint: disable=g-import-not-at-top
+
+    self._require("caption", "caption")
+    method = method or self.config.eval.decode
+    if method not in decoding.METHODS:
+      raise ValueError(f"method: expected one of {decoding.METHODS}, got {method!r}")
+    pixels = self._images(images, resize, "caption")
+    fn = lambda model, x: tuple(self.task.generate(model, x, method)[:3])  # tokens, scores, log_probs
+    parts = [self.run(f"caption_{method}", fn, pixels[s]) for s in self._batches(len(pixels))]
+    tokens, scores, log_probs = (np.concatenate(p) for p in zip(*parts))
+    return [{"caption": c, "score": float(s), "log_prob": float(lp)}
+            for c, s, lp in zip(self.task.detokenize(tokens), scores, log_probs)]
+
+  def caption(self, image: ImageInput, *, method: str | None = None, resize: bool = False) -> dict[str, Any]:
+    """Captions `image`.
+
+    Args:
+      image: a file path, a PIL image or an (H, W, 3) uint8 RGB array of the training size.
+      method: "greedy" or "beam" (the config's `eval.beam_size` and `eval.length_penalty`);
+        default the config's `eval.decode`.
+      resize: resize an image of another size instead of raising.
+
+    Returns:
+      {'caption': the decoded caption, 'score': its length-normalised log-probability (the
+      search's ranking score), 'log_prob': its summed token log-probability, EOS included}.
+    """
+    return self.caption_batch([image], method=method, resize=resize)[0]
+
+  # -- audio-visual classification -------------------------------------------------------------
+  @property
+  def classes(self) -> tuple[str, ...]:
+    """The class names (index -> string)."""
+    self._require("classify", "classes")
+    return tuple(self.task.classes)
+
+  def classify_batch(self, images: Sequence[ImageInput], wavs: Sequence[WavInput], *,
+                     resize: bool = False) -> list[dict[str, Any]]:
+    """Classifies (images[i], wavs[i]); see `classify`."""
+    self._require("classify", "classify")
+    if isinstance(wavs, (str, os.PathLike, np.ndarray)) or len(wavs) != len(images):
+      raise ValueError(f"images and wavs: expected sequences of the same length, got {len(images)} "
+                       f"images and {'one wav' if isinstance(wavs, (str, os.PathLike, np.ndarray)) else len(wavs)}")
+    pixels = self._images(images, resize, "classify")
+    audio = [load_wav(w, field=f"wavs[{i}]" if len(wavs) > 1 else "wav") for i, w in enumerate(wavs)]
+    waves = np.stack([a for a, _ in audio])
+    lengths = np.array([n for _, n in audio], np.int32)
+    probs = np.concatenate([self.run("classify", _class_probs, pixels[s], waves[s], lengths[s])
+                            for s in self._batches(len(pixels))])
+    classes = self.classes
+    out = []
+    for p in probs:
+      order = np.argsort(-p, kind="stable")
+      out.append({"class": classes[order[0]], "label": int(order[0]),
+                  "probabilities": {classes[i]: float(p[i]) for i in order}})
+    return out
+
+  def classify(self, image: ImageInput, wav: WavInput, *, resize: bool = False) -> dict[str, Any]:
+    """Classifies an image with its audio (AV digits: a handwritten digit and its spoken name).
+
+    Args:
+      image: a file path, a PIL image or an (H, W) / (H, W, 1) uint8 grey array of the training
+        size (8×8 for AV digits; colour images are converted to grey).
+      wav: a wav file path, or a mono (T,) float waveform at 16 kHz (see `load_wav`).
+      resize: resize an image of another size instead of raising.
+
+    Returns:
+      {'class': the most probable class name, 'label': its index, 'probabilities': {name: p}
+      over every class, most probable first}.
+    """
+    return self.classify_batch([image], [wav], resize=resize)[0]
 
 
 def _vqa_probs(model, images: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
   """Answer probabilities (B, A) of a VQA model."""
   logits, _ = model(images, ids, mask)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _class_probs(model, images: jax.Array, audio: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Class probabilities (B, C) of an image + audio classifier."""
+  logits, _ = model({"image": images, "audio": {"x": audio, "lengths": lengths}})
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -356,11 +497,13 @@ def _batch_shards(setup) -> int:
 # Command line.
 # ---------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m mmjax.predict --workdir W --image img.png --question "..." [--json]`."""
+  """`python -m mmjax.predict --workdir W --image img.png [--question "..." | --wav a.wav] [--json]`."""
   parser = argparse.ArgumentParser(prog="python -m mmjax.predict", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints/)")
   parser.add_argument("--image", required=True, help="image file")
-  parser.add_argument("--question", required=True, help="question about the image")
+  parser.add_argument("--question", default=None, help="question about the image (VQA)")
+  parser.add_argument("--wav", default=None, help="audio file (audio-visual classification)")
+  parser.add_argument("--beam", action="store_true", help="caption with beam search (default: the config's)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
   parser.add_argument("--resize", action="store_true", help="resize an image of another size")
   parser.add_argument("--top", type=int, default=5, help="how many probabilities to print")
@@ -368,14 +511,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     predictor = Predictor.from_workdir(args.workdir, args.step)
-    out = predictor.answer(args.image, args.question, resize=args.resize)
+    needs = {"vqa": ("question", "--question"), "classify": ("wav", "--wav")}.get(predictor.kind)
+    if needs and getattr(args, needs[0]) is None:
+      raise ValueError(f"{needs[1]} is required for this workdir's task {predictor.config.task!r}")
+    if predictor.kind == "caption":
+      out = predictor.caption(args.image, method="beam" if args.beam else None, resize=args.resize)
+    elif predictor.kind == "classify":
+      out = predictor.classify(args.image, args.wav, resize=args.resize)
+    else:
+      out = predictor.answer(args.image, args.question, resize=args.resize)
   except (FileNotFoundError, ValueError, TypeError) as e:
     parser.exit(2, f"error: {e}\n")
+  if predictor.kind == "caption":
+    if args.json:
+      print(json.dumps({**out, "step": predictor.step}))
+    else:
+      print(f"caption: {out['caption']}  (score {out['score']:.3f})")
+    return 0
+  key = "class" if predictor.kind == "classify" else "answer"
   top = dict(list(out["probabilities"].items())[:max(args.top, 1)])
   if args.json:
-    print(json.dumps({"answer": out["answer"], "probabilities": top, "step": predictor.step}))
+    print(json.dumps({key: out[key], "probabilities": top, "step": predictor.step}))
   else:
-    print(f"answer: {out['answer']}")
+    print(f"{key}: {out[key]}")
     for name, p in top.items():
       print(f"  {name:>12s}  {p:.4f}")
   return 0

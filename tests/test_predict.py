@@ -133,9 +133,9 @@ def test_bad_inputs(predictor, test_split):
     predictor.answer(image, None)
   with pytest.raises(ValueError, match="same number"):
     predictor.answer_batch([image, image], ["What shape is the red object?"])
-  with pytest.raises(NotImplementedError, match="caption.*vqa_sort_of_clevr"):
+  with pytest.raises(ValueError, match="caption.*vqa_sort_of_clevr"):
     predictor.caption(image)
-  with pytest.raises(NotImplementedError, match="classif.*vqa_sort_of_clevr"):
+  with pytest.raises(ValueError, match="classif.*vqa_sort_of_clevr"):
     predictor.classify(image, np.zeros(16000, np.float32))
 
 

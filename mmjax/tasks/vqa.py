@@ -11,6 +11,7 @@ from flax import nnx
 
 from mmjax import losses
 from mmjax.data import pipeline
+from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.datasets import sort_of_clevr
 from mmjax.models.vqa import VQAModel
 from mmjax.train.tasks import TASKS
@@ -25,8 +26,20 @@ class SortOfClevrVQA:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.eval_splits = tuple(config.data.eval_splits)
-    self.tokenizer = sort_of_clevr.load_tokenizer(config.data.data_dir, config=self._builder_config())
+    self.tokenizer = self._load_tokenizer()
     self.answers = sort_of_clevr.ANSWERS
+
+  def _load_tokenizer(self):
+    """`data.tokenizer`: "minilm" or a tokenizer folder; default MiniLM's for the "minilm" text
+    encoder (its vocabulary), else the data set's own WordPiece."""
+    name = self.config.data.get("tokenizer") or (
+        "minilm" if self.config.model.text.get("name") == "minilm" else None)
+    if name is None:
+      return sort_of_clevr.load_tokenizer(self.config.data.data_dir, config=self._builder_config())
+    if name == "minilm":
+      from mmjax.transfer import minilm  # noqa: PLC0415 (optional dependency)
+      return minilm.load_tokenizer()
+    return tokenizer_lib.load_tokenizer(name)
 
   # -- model -----------------------------------------------------------------------------------
   def model_kwargs(self) -> dict[str, Any]:
@@ -38,7 +51,8 @@ class SortOfClevrVQA:
                 fusion_kwargs=dict(m.fusion_kwargs), features=m.features,
                 num_answers=len(self.answers), image_shape=(75, 75, 3),
                 question_len=self.config.data.max_len, head_hidden=m.head_hidden,
-                modality_dropout=m.modality_dropout)
+                modality_dropout=m.modality_dropout,
+                dtype=jnp.dtype(m.get("dtype", "float32")))  # compute dtype; parameters stay f32
 
   def build_model(self, rngs: nnx.Rngs) -> VQAModel:
     return VQAModel(**self.model_kwargs(), rngs=rngs)
@@ -85,4 +99,5 @@ class SortOfClevrVQA:
     return pipeline.sort_of_clevr_pipeline(
         split, batch_size, data_dir=d.data_dir, config=self._builder_config(), max_len=d.max_len,
         seed=int(self.config.seed), training=train, shard_index=shard_index,
-        shard_count=shard_count, worker_count=d.worker_count if train else 0).dataset
+        shard_count=shard_count, worker_count=d.worker_count if train else 0,
+        tokenizer=self.tokenizer).dataset

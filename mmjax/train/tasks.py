@@ -32,10 +32,15 @@ class Task(Protocol):
     """Scalar loss and a dict of scalar metrics for one global batch."""
 
   def eval_fn(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Sums of per-example statistics; examples with batch['valid'] False must count zero."""
+    """Sums of per-example statistics; examples with batch['valid'] False must count zero.
 
-  def summarize(self, sums: dict[str, float]) -> dict[str, float]:
-    """Final metrics from summed statistics."""
+    Non-scalar outputs are per-example rows (B, ...) that the trainer concatenates over the
+    split instead of summing (padding rows included: return batch['valid'] as a row to drop
+    them), for metrics over the whole split such as CIDEr-D or retrieval recall@K.
+    """
+
+  def summarize(self, sums: dict[str, Any]) -> dict[str, float]:
+    """Final metrics from summed statistics (floats) and concatenated rows (numpy arrays)."""
 
   def dataset(self, split: str, *, train: bool, batch_size: int, shard_index: int,
               shard_count: int) -> Iterable[dict[str, Any]]:

@@ -1,0 +1,59 @@
+"""CLIP (or SigLIP) on the embedded shapes_captions: image and caption towers, recall@K both ways.
+
+  python train.py --config configs/clip_shapes.py --workdir workdirs/clip
+  python train.py --config configs/clip_shapes.py:size=small,loss=siglip --workdir /tmp/clip
+  python train.py --config configs/clip_shapes.py --config.optim.lr=3e-4 ...
+
+Args (after the colon): size = tiny | small | default; loss = clip | siglip.
+Evaluation embeds the test images and all five captions of each, and reports image->text and
+text->image recall@1/5 and their sum (rsum, which keeps the best checkpoint).
+"""
+
+import ml_collections
+
+from mmjax.train.config import parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, size="default", loss="clip")
+  c = ml_collections.ConfigDict()
+  c.task = "clip_shapes"
+  c.name = f"clip-{arg.loss}-{arg.size}"
+  c.seed = 0
+  steps, bs, width = {"tiny": (30, 16, 32), "small": (600, 64, 64), "default": (4000, 128, 128)}[arg.size]
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.batch_size = bs  # image-caption pairs per step: the contrastive batch
+  c.data.eval_batch_size = 8 if arg.size == "tiny" else 50
+  c.data.max_len = 16
+  c.data.worker_count = 0
+  c.data.eval_splits = ("test",)
+  # Images per split (train, test); None = the full 9,800 / 200.
+  c.data.num_images = (64, 16) if arg.size == "tiny" else None
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image = {"name": "small_cnn", "features": width, "channels": (32, 64, 64, 64),
+                   "norm": "layer", "coords": True}
+  c.model.text = {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width}
+  c.model.embed_dim = width
+  c.model.loss_type = arg.loss
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-3 if arg.size == "tiny" else 1e-3
+  c.optim.warmup_steps = max(steps // 20, 1)
+  c.optim.schedule = "cosine"
+  c.optim.weight_decay = 1e-4
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum = 1
+  c.optim.groups = []
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = steps
+  c.train.log_every = max(steps // 100, 1)
+  c.train.eval_every = steps if arg.size == "tiny" else max(steps // 10, 1)
+  c.train.checkpoint_every = c.train.eval_every
+  c.train.keep = 2
+
+  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  return c

@@ -1,0 +1,96 @@
+"""Task glue for CLIP on shapes_captions: image/caption pairs, contrastive loss, retrieval recall@K.
+
+Training pairs each image with one of its five captions at random; the loss is the dual encoder's
+(CLIP softmax or SigLIP sigmoid, by config) over the global batch. Evaluation embeds every test
+image and all five of its captions, returns the embeddings as per-example rows, and `summarize`
+ranks the whole split: image->text (an image's best-ranked own caption) and text->image recall@K
+(`mmjax.metrics.recall_at_k`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmjax.data import pipeline
+from mmjax.data.datasets import shapes_captions
+from mmjax.metrics.retrieval import recall_at_k
+from mmjax.models.dual_encoder import DualEncoder
+from mmjax.tasks.caption import IMAGE_SHAPE, CaptionPreprocess
+from mmjax.train.tasks import TASKS
+
+RECALL_KS = (1, 5)
+
+
+@TASKS.register("clip_shapes")
+class ShapesCLIP:
+  """Image-text contrastive learning on shapes_captions with towers "image" and "text"."""
+
+  best_metric = "test/rsum"
+  image_shape = IMAGE_SHAPE
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.eval_splits = tuple(config.data.eval_splits)
+    self.tokenizer = shapes_captions.load_tokenizer(config.data.data_dir, config=self._builder_config())
+
+  # -- model -----------------------------------------------------------------------------------
+  def build_model(self, rngs: nnx.Rngs) -> DualEncoder:
+    m, length = self.config.model, int(self.config.data.max_len)
+    text = dict(m.text)
+    if "vocab_size" in text and not text["vocab_size"]:
+      text["vocab_size"] = self.tokenizer.vocab_size
+    examples = {"image": jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32),
+                "text": (jax.ShapeDtypeStruct((1, length), jnp.int32),
+                         jax.ShapeDtypeStruct((1, length), jnp.bool_))}
+    return DualEncoder(towers={"image": dict(m.image), "text": text}, input_examples=examples,
+                       embed_dim=int(m.embed_dim), loss_type=m.loss_type, rngs=rngs)
+
+  # -- loss and metrics ------------------------------------------------------------------------
+  def loss_fn(self, model, batch, train):
+    emb, _ = model({"image": batch["image"], "text": (batch["caption_ids"], batch["caption_mask"])},
+                   deterministic=not train)
+    loss, metrics = model.loss(emb)
+    metrics.pop("loss")
+    return loss, metrics
+
+  def eval_fn(self, model, batch):
+    ids, mask, valid = batch["caption_ids"], batch["caption_mask"], batch["valid"]  # (B, K, L), (B,)
+    b, k, length = ids.shape
+    emb, _ = model({"image": batch["image"],
+                    "text": (ids.reshape(b * k, length), mask.reshape(b * k, length))})
+    text = emb["text"].reshape(b, k, -1)  # (B, K, E)
+    loss, _ = model.loss({"image": emb["image"], "text": text[:, 0]}, mask=valid)
+    count = valid.sum()
+    return {"loss": loss * count, "count": count, "image_emb": emb["image"], "text_emb": text,
+            "valid": valid}
+
+  def summarize(self, sums):
+    valid = np.asarray(sums["valid"], bool)
+    images, texts = sums["image_emb"][valid], sums["text_emb"][valid]  # (N, E), (N, K, E)
+    n, k, _ = texts.shape
+    similarity = images @ texts.reshape(n * k, -1).T  # (N, N*K); embeddings are L2-normalised
+    out = recall_at_k(similarity, np.repeat(np.arange(n), k), RECALL_KS)
+    out["loss"] = sums["loss"] / max(sums["count"], 1.0)
+    return out
+
+  # -- data ------------------------------------------------------------------------------------
+  def _builder_config(self):
+    n = self.config.data.num_images
+    if not n:
+      return None
+    counts = (("train", int(n[0])), ("test", int(n[1])))
+    return shapes_captions.ShapesCaptionsConfig(name=f"n{counts[0][1]}_{counts[1][1]}", num_images=counts)
+
+  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
+    d = self.config.data
+    source = shapes_captions.load(split, d.data_dir, config=self._builder_config())
+    mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else
+            dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
+    return pipeline.make_pipeline(
+        source, batch_size=batch_size, preprocess=CaptionPreprocess(self.tokenizer, int(d.max_len), train),
+        seed=int(self.config.seed), shard_index=shard_index, shard_count=shard_count,
+        worker_count=d.worker_count if train else 0, **mode)

@@ -1,0 +1,153 @@
+"""Captioning, CLIP and AV-digits tasks: tiny configs train through the trainer (loss goes down),
+eval metrics are in range and agree with an independent computation, and predict round-trips."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+
+import mmjax.tasks  # noqa: F401  (registers the tasks)
+from mmjax import predict
+from mmjax.data.datasets import av_digits, shapes_captions
+from mmjax.metrics.caption import CaptionMetrics, simple_tokenize
+from mmjax.train import trainer
+from mmjax.train.config import load_config
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def _train(tmp_path_factory, config_name, steps, overrides=()):
+  """Trains configs/<config_name>.py:size=tiny for `steps` steps (one eval at the end)."""
+  data_dir = str(tmp_path_factory.getbasetemp() / "task_data")
+  config = load_config(os.path.join(CONFIGS, f"{config_name}.py:size=tiny"),
+                       [f"data.data_dir={data_dir}", *overrides])
+  config.train.steps = config.train.eval_every = config.train.checkpoint_every = steps
+  config.train.log_every = 1
+  workdir = str(tmp_path_factory.mktemp(config_name))
+  final = trainer.train(config, workdir, progress=False)
+  losses = [r["train/loss"] for r in trainer.read_metrics(workdir) if "train/loss" in r]
+  return workdir, final, losses
+
+
+def _decreases(losses):
+  assert len(losses) >= 6 and np.all(np.isfinite(losses))
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+# ------------------------------------------------------------------------------------- caption
+@pytest.fixture(scope="module")
+def caption_run(tmp_path_factory):
+  return _train(tmp_path_factory, "caption_shapes", 8)
+
+
+def test_caption_trains_and_eval_matches_predictor(caption_run):
+  workdir, final, losses = caption_run
+  _decreases(losses)
+  for k in ("bleu_1", "bleu_4", "rouge_l"):
+    assert 0.0 <= final[f"test/{k}"] <= 1.0
+  assert final["test/cider"] >= 0.0 and np.isfinite(final["test/nll"])
+  p = predict.Predictor.from_workdir(workdir)
+  assert p.kind == "caption" and p.step == 8
+  data_dir = p.config.data.data_dir  # the test's own data folder, never the user's cache
+  source = shapes_captions.load("test", data_dir, config=p.task._builder_config())
+  records = sorted((source[i] for i in range(len(source))), key=lambda r: r["index"])
+  out = p.caption_batch([r["image"] for r in records])
+  train = shapes_captions.load("train", data_dir, config=p.task._builder_config())
+  words = {w for i in range(len(train)) for c in train[i]["captions"] for w in c.decode().split()}
+  for o in out:
+    assert o["caption"] and set(o["caption"].split()) <= words
+    assert o["score"] <= 0.0
+  # The trainer's eval loop (decoded rows concatenated over padded batches) scores exactly the
+  # predictor's captions of the same checkpoint.
+  acc = CaptionMetrics()
+  acc.update([simple_tokenize(o["caption"]) for o in out],
+             [[simple_tokenize(c.decode()) for c in r["captions"]] for r in records])
+  m = acc.compute()
+  np.testing.assert_allclose([m["cider_d"], m["bleu_4"], m["rouge_l"]],
+                             [final["test/cider"], final["test/bleu_4"], final["test/rouge_l"]], rtol=1e-9)
+  beam = p.caption(records[0]["image"], method="beam")
+  assert beam["caption"] and set(beam["caption"].split()) <= words
+  with pytest.raises(ValueError, match="75×75"):
+    p.caption(np.zeros((32, 32, 3), np.uint8))
+  with pytest.raises(FileNotFoundError, match="no image file"):
+    p.caption(os.path.join(workdir, "missing.png"))
+  with pytest.raises(ValueError, match="classify: needs a classify task"):
+    p.classify(records[0]["image"], np.zeros(100, np.float32))
+
+
+# ---------------------------------------------------------------------------------------- clip
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+  return _train(tmp_path_factory, "clip_shapes", 8)
+
+
+def test_clip_trains_and_reports_recall(clip_run):
+  _, final, losses = clip_run
+  _decreases(losses)
+  for d in ("i2t", "t2i"):
+    r1, r5 = final[f"test/{d}_r@1"], final[f"test/{d}_r@5"]
+    assert 0.0 <= r1 <= r5 <= 1.0
+  np.testing.assert_allclose(final["test/rsum"], sum(final[f"test/{d}_r@{k}"] for d in ("i2t", "t2i")
+                                                     for k in (1, 5)))
+
+
+def test_clip_summarize_ranks_the_whole_split(clip_run):
+  """Rows as the eval loop concatenates them: padding rows are dropped, recall is exact."""
+  workdir, _, _ = clip_run
+  task = predict.Predictor.from_workdir(workdir).task
+  n, k, e = 6, 5, 8
+  images = np.eye(e)[:n]  # orthonormal image embeddings
+  texts = np.repeat(images[:, None], k, axis=1)  # every caption on its own image
+  texts[1, :] = images[2]  # image 1's captions all look like image 2
+  pad = np.full((2, e), 9.0)  # padding rows that would win every ranking
+  sums = {"image_emb": np.concatenate([images, pad]),
+          "text_emb": np.concatenate([texts, np.repeat(pad[:, None], k, 1)]),
+          "valid": np.array([True] * n + [False] * 2), "loss": 3.0, "count": 6.0}
+  out = task.summarize(sums)
+  assert out["i2t_r@1"] == 1.0  # image 1 scores 0 with every caption (ties count as found)
+  assert out["t2i_r@1"] == pytest.approx(25 / 30)  # image 1's captions point to image 2 (ties win)
+  assert out["i2t_r@5"] == out["t2i_r@5"] == 1.0 and out["loss"] == 0.5
+
+
+# ----------------------------------------------------------------------------------- av digits
+@pytest.fixture(scope="module")
+def av_run(tmp_path_factory):
+  if shutil.which("espeak-ng") is None:
+    pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+  return _train(tmp_path_factory, "av_digits", 10)
+
+
+def test_av_digits_trains_and_classifies(av_run, tmp_path):
+  workdir, final, losses = av_run
+  _decreases(losses)
+  for k in ("accuracy", "accuracy_image", "accuracy_audio"):
+    assert 0.0 <= final[f"test/{k}"] <= 1.0
+  p = predict.Predictor.from_workdir(workdir)
+  assert p.kind == "classify" and p.classes == av_digits.WORDS
+  rows = {"prediction": np.array([1, 2, 2, 7, 0]), "label": np.array([1, 2, 3, 7, 9]),
+          "prediction_audio": np.array([1, 0, 3, 7, 0]), "valid": np.array([1, 1, 1, 1, 0], bool)}
+  assert p.task.summarize(rows) == {"accuracy": 0.75, "accuracy_audio": 0.75}
+  cm = p.task.last_confusion
+  assert cm.shape == (10, 10) and cm.sum() == 4 and cm[3, 2] == 1 and cm[7, 7] == 1 and cm[9].sum() == 0
+  source = av_digits.load("test", p.config.data.data_dir, config=p.task.builder_config())
+  record = source[0]
+  audio = record["audio"][:record["audio_len"]]
+  path = tmp_path / "digit.wav"
+  soundfile.write(path, audio, av_digits.SAMPLE_RATE, subtype="FLOAT")
+  out = p.classify(record["image"], str(path))
+  assert out["class"] in av_digits.WORDS and out["class"] == av_digits.WORDS[out["label"]]
+  np.testing.assert_allclose(sum(out["probabilities"].values()), 1.0, atol=1e-5)
+  again = p.classify(record["image"][..., 0], audio)  # (H, W) image and a waveform array
+  np.testing.assert_allclose(again["probabilities"][out["class"]], out["probabilities"][out["class"]], rtol=1e-5)
+  with pytest.raises(ValueError, match="wav: the audio is empty"):
+    p.classify(record["image"], np.zeros(0, np.float32))
+  with pytest.raises(ValueError, match="wav: the audio is silent"):
+    p.classify(record["image"], np.zeros(800, np.float32))
+  with pytest.raises(FileNotFoundError, match="no audio file"):
+    p.classify(record["image"], str(tmp_path / "missing.wav"))
+  with pytest.raises(ValueError, match="8×8"):
+    p.classify(np.zeros((16, 16), np.uint8), audio)
+  with pytest.raises(ValueError, match="caption: needs a caption task"):
+    p.caption(record["image"])

@@ -243,6 +243,7 @@ def sort_of_clevr_pipeline(
   value_range: tuple[float, float] = (0.0, 1.0),
   seed: int = 0,
   training: bool | None = None,
+  tokenizer: Any = None,
   **kwargs: Any,
 ) -> VqaData:
   """Sort-of-CLEVR batches for VQA (the data set is built on first use).
@@ -262,6 +263,8 @@ def sort_of_clevr_pipeline(
     training: default `split == 'train'`. Training shuffles, repeats forever and drops the
       last partial batch; evaluation reads each image once in order and zero-pads the last
       batch (with a `valid` (B,) field).
+    tokenizer: the question tokenizer (e.g. a pretrained text encoder's); default the data
+      set's own WordPiece, trained on the train questions.
     **kwargs: overrides of `make_pipeline` arguments (worker_count, shard_index, ...).
 
   Returns:
@@ -270,7 +273,8 @@ def sort_of_clevr_pipeline(
   from mmjax.data.datasets import sort_of_clevr  # pylint: disable=g-import-not-at-top
 
   source = sort_of_clevr.load(split, data_dir, config=config)
-  tokenizer = sort_of_clevr.load_tokenizer(data_dir, config=config)
+  if tokenizer is None:
+    tokenizer = sort_of_clevr.load_tokenizer(data_dir, config=config)
   training = split == "train" if training is None else training
   mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if training else
           dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))

@@ -1,0 +1,156 @@
+"""Cross-modal transfer: does pretrained language knowledge carry over to unseen wordings?
+
+  python bench/transfer.py [--steps 2000] [--size default] [--variants finetune,frozen,lora,scratch_rnn]
+  python bench/transfer.py --steps 3 --size tiny          # smoke run, seconds
+
+VQA on Sort-of-CLEVR (configs/vqa_transfer.py over configs/vqa_sort_of_clevr.py), one training
+run per question encoder:
+  finetune     pretrained all-MiniLM-L6-v2 trained at a small learning rate (the seed's recipe)
+  frozen       pretrained MiniLM fixed
+  lora         pretrained MiniLM fixed, LoRA adapters trained
+  scratch_rnn  a (bi)LSTM from scratch on the data set's own tokenizer
+  scratch_bert a bert-tiny from scratch on the data set's own tokenizer
+Each is scored on the `test` split (the training templates, new images) and on the held-out
+`paraphrase` split (wordings no training question uses, new images), per question kind.
+Prints a markdown table and writes it with the raw numbers (JSON) and a bar chart (PNG) to
+--out-dir. Training time is the wall time of the whole run (compilation and the final
+evaluation included) on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "vqa_transfer.py"
+VARIANTS = {  # name -> configs/vqa_transfer.py arguments
+    "finetune": "transfer=finetune",
+    "frozen": "transfer=frozen",
+    "lora": "transfer=lora",
+    "scratch_rnn": "transfer=scratch,scratch=rnn",
+    "scratch_bert": "transfer=scratch,scratch=bert",
+}
+SPLITS = ("test", "paraphrase")
+KINDS = (("non_relational", "non-rel"), ("relational", "rel"), ("", "all"))
+
+
+def load_config(variant: str, size: str, steps: int | None, fusion: str):
+  """The variant's config; with `steps`, a run of that many steps evaluated once at its end."""
+  spec = importlib.util.spec_from_file_location("vqa_transfer_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  arg = f"{VARIANTS[variant]},size={size}" + (f",fusion={fusion}" if fusion else "")
+  c = module.get_config(arg)
+  if steps is not None:
+    c.train.steps = steps
+    c.optim.warmup_steps = max(steps // 20, 1)
+    c.train.log_every = max(steps // 20, 1)
+  c.train.eval_every = c.train.checkpoint_every = c.train.steps
+  return c
+
+
+def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fusion: str) -> dict:
+  """Trains one variant in `workdir` (resuming if it holds checkpoints) and returns its scores."""
+  import mmjax.tasks  # noqa: F401, PLC0415  (registers the tasks)
+  from mmjax.train import trainer  # noqa: PLC0415
+
+  config = load_config(variant, size, steps, fusion)
+  t0 = time.perf_counter()
+  final = trainer.train(config, workdir, progress=False)
+  seconds = time.perf_counter() - t0
+  row = {"variant": variant, "steps": int(final["step"]), "seconds": seconds,
+         "num_params": int(final["num_params"]), "text": config.model.text.get("name")}
+  for split in SPLITS:
+    for kind, _ in KINDS:
+      key = f"{split}/accuracy" + (f"_{kind}" if kind else "")
+      row[key] = float(final[key])
+  return row
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ["variant", "text encoder"] + [f"{s} {short}" for s in SPLITS for _, short in KINDS]
+  head += ["steps", "time (s)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    accs = [r[f"{s}/accuracy" + (f"_{k}" if k else "")] for s in SPLITS for k, _ in KINDS]
+    cells = [r["variant"], r["text"]] + [f"{100 * a:.1f}" for a in accs]
+    cells += [str(r["steps"]), f"{r['seconds']:.0f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Grouped bars: accuracy per variant, test vs paraphrase, per question kind."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, axes = plt.subplots(1, len(KINDS), figsize=(4 * len(KINDS), 3.6), sharey=True)
+  width = 0.8 / len(SPLITS)
+  for ax, (kind, short) in zip(axes, KINDS):
+    for i, split in enumerate(SPLITS):
+      key = f"{split}/accuracy" + (f"_{kind}" if kind else "")
+      xs = [j + (i - (len(SPLITS) - 1) / 2) * width for j in range(len(rows))]
+      ax.bar(xs, [100 * r[key] for r in rows], width, label=split)
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right")
+    ax.set_title(f"{short} questions")
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].set_ylabel("accuracy (%)")
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--variants", default="finetune,frozen,lora,scratch_rnn",
+                 help=f"comma-separated, from {list(VARIANTS)}")
+  p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+  p.add_argument("--size", default="default", help="tiny | small | default (as the VQA config)")
+  p.add_argument("--fusion", default="", help="fusion block (default: the VQA config's)")
+  p.add_argument("--workdir", default=None,
+                 help="one folder per variant below it (a folder with checkpoints resumes); "
+                      "default a fresh temporary folder")
+  p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"),
+                 help="where transfer.md, transfer.json and transfer.png go")
+  args = p.parse_args(argv)
+  variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or not variants:
+    p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+  if args.steps is not None and args.steps < 1:
+    p.error(f"--steps: expected a positive int, got {args.steps}")
+  root = args.workdir or tempfile.mkdtemp(prefix="mmjax_transfer_")
+  rows = []
+  for v in variants:
+    print(f"== {v}", file=sys.stderr, flush=True)
+    rows.append(run_variant(v, os.path.join(root, v), size=args.size, steps=args.steps,
+                            fusion=args.fusion))
+  table = markdown(rows)
+  print(table)
+  os.makedirs(args.out_dir, exist_ok=True)
+  machine = f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
+  header = (f"VQA on Sort-of-CLEVR, size={args.size}, accuracy (%) per question kind on the test "
+            f"and paraphrase splits; {machine}.\n\n")
+  with open(os.path.join(args.out_dir, "transfer.md"), "w") as f:
+    f.write(header + table + "\n")
+  results = {"size": args.size, "fusion": args.fusion or None, "machine": machine, "rows": rows}
+  with open(os.path.join(args.out_dir, "transfer.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  plot(rows, os.path.join(args.out_dir, "transfer.png"))
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,71 @@
+"""Cross-modal transfer on Sort-of-CLEVR VQA: a pretrained question encoder (MiniLM) or none.
+
+  python train.py --config configs/vqa_transfer.py:transfer=finetune --workdir workdirs/vqa-ft
+  python train.py --config configs/vqa_transfer.py:transfer=lora,size=small --workdir /tmp/l
+  python bench/transfer.py --steps 2000      # every variant, one table
+
+Args (after the colon):
+  transfer = finetune (MiniLM trained at `text_lr`, the rest at optim.lr: the seed article's
+             recipe of pretrained encoders fine-tuned with a small learning rate)
+           | frozen   (MiniLM fixed)
+           | lora     (MiniLM fixed, LoRA adapters of rank `lora_rank` on its attention and MLP
+                       Dense layers trained at optim.lr)
+           | scratch  (the `scratch` encoder, randomly initialised, on the data set's own
+                       tokenizer, whose vocabulary has never seen the paraphrase split's words)
+  scratch = rnn | bert (bert-tiny); size, fusion as in configs/vqa_sort_of_clevr.py (fusion
+  empty = its default); text_lr; lora_rank.
+
+Everything else is configs/vqa_sort_of_clevr.py's, except the question length: 32 tokens, so
+that no question of any split is truncated by either tokenizer (MiniLM needs 18, the data set's
+own WordPiece 32 on the paraphrase split).
+"""
+
+import importlib.util
+import os
+
+from mmjax.train.config import parse_arg
+
+TRANSFERS = ("finetune", "frozen", "lora", "scratch")
+MAX_LEN = 32
+# Parameter paths ('text/encoder/layers/0/attn/query/kernel') of the question encoder.
+TEXT = r"text/.*"
+LORA_TARGETS = r"^text/encoder/layers/\d+/(attn/(query|key|value|out)|mlp/fc[12])$"
+LORA_PARAMS = r"text/.*/lora_[ab]"
+
+
+def _base_get_config():
+  """configs/vqa_sort_of_clevr.py's get_config (config files are loaded by path, not package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqa_sort_of_clevr.py")
+  spec = importlib.util.spec_from_file_location("vqa_sort_of_clevr_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, transfer="finetune", scratch="rnn", size="default", fusion="",
+                  text_lr=5e-5, lora_rank=8)
+  if arg.transfer not in TRANSFERS:
+    raise ValueError(f"transfer: expected one of {TRANSFERS}, got {arg.transfer!r}")
+  if arg.scratch not in ("rnn", "bert"):
+    raise ValueError(f"scratch: expected 'rnn' or 'bert', got {arg.scratch!r}")
+  text = arg.scratch if arg.transfer == "scratch" else "minilm"
+  base = f"size={arg.size},text={text}" + (f",fusion={arg.fusion}" if arg.fusion else "")
+  c = _base_get_config()(base)
+  variant = f"scratch_{arg.scratch}" if arg.transfer == "scratch" else arg.transfer
+  c.name = f"vqa-transfer-{variant}-{arg.size}"
+
+  c.data.max_len = MAX_LEN
+  c.data.tokenizer = "minilm" if text == "minilm" else ""  # "" = the data set's own
+  if "max_len" in c.model.text:  # a learned position table must cover the questions
+    c.model.text.max_len = MAX_LEN
+
+  if arg.transfer == "finetune":
+    c.optim.groups = [{"name": "text", "pattern": TEXT, "lr": arg.text_lr}]
+  elif arg.transfer == "frozen":
+    c.optim.groups = [{"name": "text", "pattern": TEXT, "freeze": True}]
+  elif arg.transfer == "lora":
+    c.lora = {"pattern": LORA_TARGETS, "rank": arg.lora_rank, "alpha": float(arg.lora_rank)}
+    c.optim.groups = [{"name": "text_lora", "pattern": LORA_PARAMS},
+                      {"name": "text", "pattern": TEXT, "freeze": True}]
+  return c

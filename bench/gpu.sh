@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One prepared single-GPU run: bf16 training MFU of ViT-B/16 and CLIP B/16 at batch 256 and the
+# measured bf16 matmul limit (bench/gpu_mfu.py). Needs only jax (with CUDA), flax, optax, numpy
+# and this checkout; under 2 minutes on an H200, compiles included (cut at 300 s).
+#
+#   bash bench/gpu.sh                          # tables and JSON to $OUT (default bench/gpu_out)
+#   OUT=/tmp/x bash bench/gpu.sh --batch 128   # extra arguments go to gpu_mfu.py
+#   bash bench/gpu.sh --peak-tflops 312        # another chip: its dense bf16 peak (A100: 312)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  date -u +"date: %Y-%m-%d %H:%M UTC"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/gpu_env.txt"
+timeout 300 python3 bench/gpu_mfu.py --batch 256 --steps 10 --warmup 3 --out "$OUT/gpu_mfu.json" "$@" \
+  | tee "$OUT/gpu_mfu.md"

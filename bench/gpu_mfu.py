@@ -1,0 +1,295 @@
+"""Training MFU of ViT-B/16 and CLIP B/16 in bfloat16 on one accelerator, with the matmul limit.
+
+For each model, one train step (forward + backward + AdamW; bfloat16 compute, float32 parameters
+and optimizer state; dropout 0; synthetic inputs made on the device) is compiled once with
+`jax.jit` (parameters and optimizer state donated) and timed: the median of `--steps` steps after
+`--warmup`. Reported per model:
+
+- FLOPs of one step from XLA's cost analysis of the step lowered for the CPU
+  (`lowered.cost_analysis()`: the HLO before optimisation, which GPU backends do not analyse),
+  the analytic matmul FLOPs (3 x the forward
+  pass's matmuls: patchify, projections, MLPs, QK^T and AV, heads) as a check, and the count of
+  the compiled step (`compiled.cost_analysis()`). On GPU the compiled count leaves out the
+  matmuls that XLA hands to cuBLAS (it came out 20x too low on an H200), so it is not used;
+- achieved TFLOP/s (the HLO count / median step time), MFU = that / `--peak-tflops` (the chip's
+  dense bf16 spec; H200 SXM: 989), and the fraction of the measured limit: the median rate of a
+  jitted bf16 (n, n) @ (n, n) matmul in the same run.
+
+  python bench/gpu_mfu.py --batch 256                     # ViT-B/16 and CLIP B/16 (bench/gpu.sh)
+  python bench/gpu_mfu.py --tiny                          # seconds on a CPU; the smoke test
+
+The models:
+
+- vit: `mmjax.encoders.vision.ViT("B/16")`, 224 px, 1000 classes, softmax cross-entropy.
+- clip: `mmjax.models.dual_encoder.DualEncoder` of a ViT-B/16 image tower (quick-GELU) and a
+  12-layer text tower (`BertEncoder`: D 512, 8 heads, MLP 2048, vocab 49408, length 77, CLS-pooled),
+  512-wide projections, CLIP loss over the batch.
+
+`--tiny` shrinks both to ViT-Ti widths, depth 2, 32 px images, batch 2, 2 steps.
+
+This file imports only jax, flax, optax, numpy and the mmjax model packages (no data pipeline,
+no ml_collections), so it runs on a machine with just those installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mmjax.encoders.text import BertEncoder
+from mmjax.encoders.vision import ViT, decode_variant
+from mmjax.models.dual_encoder import DualEncoder
+
+MODELS = ("vit", "clip")
+H200_BF16_TFLOPS = 989.0  # NVIDIA H200 SXM, dense bf16 tensor-core peak (spec sheet)
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# XLA compiler options of --tiny (LLVM optimisation off): fast CPU compiles for the smoke test.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """Shapes of one run.
+
+  Attributes:
+    vit: `ViT` constructor keywords (width, depth, heads, mlp_dim, patch, image_size).
+    text: text tower widths (hidden, depth, heads, mlp_dim, vocab_size, max_len).
+    classes: ViT classification head outputs.
+    embed: CLIP projection width.
+  """
+
+  vit: dict[str, int]
+  text: dict[str, int]
+  classes: int = 1000
+  embed: int = 512
+
+
+FULL = Size(vit={**decode_variant("B/16"), "image_size": 224},
+            text=dict(hidden=512, depth=12, heads=8, mlp_dim=2048, vocab_size=49408, max_len=77))
+TINY = Size(vit={**decode_variant("Ti/16"), "depth": 2, "image_size": 32},
+            text=dict(hidden=32, depth=2, heads=2, mlp_dim=64, vocab_size=500, max_len=8),
+            classes=10, embed=16)
+
+
+def _layers_flops(b: int, t: int, d: int, m: int, depth: int) -> float:
+  """Matmul FLOPs of `depth` transformer blocks on (b, t, d) tokens with MLP width m."""
+  return depth * (2 * b * t * (4 * d * d + 2 * d * m) + 4 * b * t * t * d)
+
+
+def vit_forward_flops(v: dict[str, int], b: int) -> float:
+  """Matmul FLOPs of one ViT forward pass (patchify, blocks), without the head."""
+  p = v["patch"] if isinstance(v["patch"], int) else v["patch"][0]
+  n = (v["image_size"] // p) ** 2
+  return 2 * b * n * (p * p * 3) * v["width"] + _layers_flops(b, n + 1, v["width"], v["mlp_dim"], v["depth"])
+
+
+def analytic_flops(name: str, size: Size, b: int) -> float:
+  """Matmul FLOPs of one train step: 3 x the forward pass (forward + two backward matmuls)."""
+  fwd = vit_forward_flops(size.vit, b)
+  if name == "vit":
+    fwd += 2 * b * size.vit["width"] * size.classes
+  else:
+    t = size.text
+    fwd += _layers_flops(b, t["max_len"], t["hidden"], t["mlp_dim"], t["depth"])
+    fwd += 2 * b * (size.vit["width"] + t["hidden"]) * size.embed + 2 * b * b * size.embed
+  return 3.0 * fwd
+
+
+def build(name: str, size: Size, dtype) -> tuple[nnx.Module, Callable[[nnx.Module, dict], jax.Array]]:
+  """The model (bf16 compute, f32 parameters) and its loss on a batch dict."""
+  rngs = nnx.Rngs(0)
+  if name == "vit":
+    model = ViT(None, **size.vit, num_classes=size.classes, dtype=dtype, rngs=rngs)
+
+    def loss(m, b):
+      logits = m.classify(b["images"]).astype(jnp.float32)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+
+    return model, loss
+  t = size.text
+  image = ViT(None, **size.vit, act="quick_gelu", ln_eps=1e-5, dtype=dtype, rngs=rngs)
+  text = BertEncoder("bert-base", **t, act="quick_gelu", ln_eps=1e-5, pooler=False, pool="cls",
+                     dropout=0.0, attn_dropout=0.0, dtype=dtype, rngs=rngs)
+  hw = size.vit["image_size"]
+  examples = {"image": jax.ShapeDtypeStruct((1, hw, hw, 3), jnp.float32),
+              "text": (jax.ShapeDtypeStruct((1, t["max_len"]), jnp.int32),
+                       jax.ShapeDtypeStruct((1, t["max_len"]), jnp.bool_))}
+  model = DualEncoder(towers={"image": image, "text": text}, input_examples=examples,
+                      embed_dim=size.embed, loss_type="clip", dtype=dtype, rngs=rngs)
+
+  def loss(m, b):
+    emb, _ = m({"image": b["images"], "text": (b["ids"], b["mask"])})
+    return m.loss(emb)[0]
+
+  return model, loss
+
+
+def make_batch(name: str, size: Size, b: int, dtype) -> dict[str, jax.Array]:
+  """Synthetic inputs on the default device (images in the compute dtype)."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  hw = size.vit["image_size"]
+  batch = {"images": jax.random.normal(k1, (b, hw, hw, 3), dtype)}  # (B, H, W, 3)
+  if name == "vit":
+    batch["labels"] = jax.random.randint(k2, (b,), 0, size.classes, jnp.int32)
+  else:
+    t = size.text
+    batch["ids"] = jax.random.randint(k2, (b, t["max_len"]), 1, t["vocab_size"], jnp.int32)
+    batch["mask"] = jnp.ones((b, t["max_len"]), bool)
+  return batch
+
+
+def _flops(cost: Any) -> float:
+  """The FLOPs entry of an XLA cost analysis (nan when unavailable)."""
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost.get("flops", math.nan)) if cost else math.nan
+
+
+def cpu_hlo_flops(fn: Callable, *args: Any) -> float:
+  """FLOPs of `fn` on `args`' shapes from XLA's cost analysis of its HLO lowered for the CPU."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  with jax.default_device(jax.devices("cpu")[0]):
+    return _flops(jax.jit(fn).lower(*abstract).cost_analysis())
+
+
+def matmul_limit(n: int, dtype, reps: int, inner: int = 10) -> dict[str, float]:
+  """Median TFLOP/s of a jitted (n, n) @ (n, n) matmul; each sample times `inner` calls."""
+  k1, k2 = jax.random.split(jax.random.key(1))
+  a = jax.random.normal(k1, (n, n), dtype)
+  b = jax.random.normal(k2, (n, n), dtype)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    outs = [f(a, b) for _ in range(inner)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) / inner)
+  med = statistics.median(times)
+  return {"n": n, "median_ms": med * 1e3, "tflops": 2 * n ** 3 / med / 1e12}
+
+
+def run_model(name: str, size: Size, b: int, dtype, steps: int, warmup: int,
+              compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Compiles (with `compiler_options`) and times the train step of one model."""
+  static: dict[str, Any] = {}
+
+  def init():
+    model, static["loss"] = build(name, size, dtype)
+    static["graphdef"], params, rest = nnx.split(model, nnx.Param, ...)
+    return params, rest
+
+  params, rest = jax.jit(init)()  # rest: the RNG state, an input of the step
+  graphdef, loss_of = static["graphdef"], static["loss"]
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+  opt_state = jax.jit(tx.init)(params)
+  batch = make_batch(name, size, b, dtype)
+
+  def step(params, opt_state, rest, batch):
+    def loss_fn(p):
+      return loss_of(nnx.merge(graphdef, p, rest), batch)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  hlo_flops = cpu_hlo_flops(step, params, opt_state, rest, batch)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, rest, batch).compile(
+      compiler_options)
+  compile_s = time.perf_counter() - t0
+  losses, times = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    params, opt_state, loss = compiled(params, opt_state, rest, batch)
+    loss.block_until_ready()
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+    losses.append(float(loss))
+  return {"params": num_params, "compile_s": compile_s, "step_ms": [t * 1e3 for t in times],
+          "median_ms": statistics.median(times) * 1e3, "hlo_flops": hlo_flops,
+          "compiled_flops": _flops(compiled.cost_analysis()),
+          "analytic_flops": analytic_flops(name, size, b), "first_loss": losses[0],
+          "last_loss": losses[-1]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="compute dtype")
+  p.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
+                 help="the chip's dense peak in the compute dtype (MFU denominator)")
+  p.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-limit probe")
+  p.add_argument("--tiny", action="store_true", help="tiny models, batch 2, 2 steps (smoke test)")
+  p.add_argument("--out", default=None, help="also write the results as JSON here")
+  args = p.parse_args(argv)
+  args.models = [m for m in args.models.split(",") if m]
+  bad = [m for m in args.models if m not in MODELS]
+  if bad or not args.models:
+    p.error(f"--models: unknown {bad}; expected a subset of {MODELS}")
+  if args.tiny:
+    args.batch, args.steps, args.warmup, args.matmul_n = 2, 2, 1, 256
+  return args
+
+
+def table(results: dict[str, Any]) -> str:
+  """The markdown table of a run."""
+  peak, limit = results["peak_tflops"], results["matmul"]["tflops"]
+  lines = [
+      f"device: {results['device']} — compute {results['dtype']}, params float32 — batch "
+      f"{results['batch']} — median of {results['steps']} steps after {results['warmup']}",
+      f"matmul limit ({results['matmul']['n']}² {results['dtype']}): {limit:.1f} TFLOP/s "
+      f"({limit / peak:.1%} of the {peak:g} TFLOP/s peak)",
+      "",
+      "| model | params | ms/step | HLO GFLOP/step | analytic GFLOP/step | compiled GFLOP/step "
+      "| TFLOP/s | MFU | of matmul limit | compile s |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, r in results["models"].items():
+    tflops = r["hlo_flops"] / (r["median_ms"] / 1e3) / 1e12
+    lines.append(f"| {name} | {r['params']:,} | {r['median_ms']:.1f} | "
+                 f"{r['hlo_flops'] / 1e9:,.1f} | {r['analytic_flops'] / 1e9:,.1f} | "
+                 f"{r['compiled_flops'] / 1e9:,.1f} | {tflops:.1f} | {tflops / peak:.1%} | "
+                 f"{tflops / limit:.1%} | {r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  size = TINY if args.tiny else FULL
+  dtype = DTYPES[args.dtype]
+  dev = jax.devices()[0]
+  results: dict[str, Any] = {
+      "device": f"{dev.platform} {dev.device_kind}", "jax": jax.__version__, "dtype": args.dtype,
+      "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+      "peak_tflops": args.peak_tflops, "matmul": matmul_limit(args.matmul_n, dtype, max(args.steps, 3)),
+      "models": {}}
+  for name in args.models:
+    results["models"][name] = run_model(name, size, args.batch, dtype, args.steps, args.warmup,
+                                        FAST_COMPILE if args.tiny else None)
+    print(f"{name}: {results['models'][name]['median_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+  print(table(results), flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == "__main__":
+  main()

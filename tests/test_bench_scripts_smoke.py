@@ -1,0 +1,79 @@
+"""Smoke tests of bench/sort_of_clevr.py, bench/fusion_sweep.py and bench/gpu_mfu.py at tiny settings.
+
+They check what the scripts produce, never how fast anything is: the trainer's wall-clock budget
+(`train.max_minutes`) ends a run early, the accuracy with every modality marked present equals
+the trainer's own evaluation of the same checkpoint, the tables and files are written, and XLA's
+FLOP count of a train step agrees with the analytic matmul count.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_fusion_sweep_time_budget_and_absent_modalities(tmp_path, capsys):
+  sweep = _load("fusion_sweep")
+  out = tmp_path / "out"
+  # 1000 scheduled steps, a budget that the first compile exceeds: the run stops at the first
+  # logging step (every step at size=tiny), then evaluates and saves.
+  results = sweep.main(["--tasks", "sort_of_clevr", "--fusions", "concat", "--dropouts", "0",
+                        "--size", "tiny", "--steps", "1000", "--minutes", "0.001",
+                        "--set", f"data.data_dir={tmp_path / 'data'}", "--out", str(out)])
+  (run,) = results["runs"]
+  assert run["steps"] == 1 and run["final"]["step"] == 1
+  # Every modality marked present: the same accuracy as the trainer's evaluation of that state.
+  assert run["accuracy"]["all"] == pytest.approx(run["final"]["test/accuracy"], abs=1e-9)
+  assert set(run["accuracy"]) == {"all", "no_image", "no_text"}
+  assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
+  assert run["train_flops_per_example"] > 0 and run["params"] > 0
+  table = capsys.readouterr().out
+  assert f"| sort_of_clevr | concat | 0 | {run['params']:,} |" in table
+  assert json.loads((out / "results.json").read_text())["runs"][0]["steps"] == 1
+  assert (out / "table.md").read_text().strip() in table and (out / "sweep.png").stat().st_size > 0
+
+
+def test_sort_of_clevr_table_and_curves(tmp_path):
+  soc = _load("sort_of_clevr")
+  final = {"num_params": 1234, "test/accuracy_relational": 0.5, "test/accuracy_non_relational": 0.75,
+           "paraphrase/accuracy": 0.625, **{f"test/accuracy_{s}": i / 10 for i, s in enumerate(soc.SUBTYPES)}}
+  curve = [{"minutes": 1.0, "test/accuracy_relational": 0.25, "test/accuracy_non_relational": 0.5},
+           {"minutes": 2.0, "test/accuracy_relational": 0.5, "test/accuracy_non_relational": 0.75}]
+  results = {"size": "tiny", "minutes_budget": 2, "models": {
+      "relation": {"final": final, "steps": 7, "minutes": 2.0, "examples_per_s": 3.0, "params": 1234,
+                   "curve": curve}}}
+  text = soc.table(results)
+  assert "| relation network (CNN+RN) | relation | 1,234 | 7 | 2.0 | 60 | 50.0 | 75.0 | 62.5 | > 94% | > 94% |" in text
+  assert "| relation | " + " | ".join(f"{10 * i:.1f}" for i in range(len(soc.SUBTYPES))) + " |" in text
+  soc.plot(results, tmp_path / "curves.png")
+  assert (tmp_path / "curves.png").stat().st_size > 0
+  with pytest.raises(SystemExit):
+    soc.parse_args(["--models", "concat,nope"])
+
+
+def test_gpu_mfu_tiny(tmp_path, capsys):
+  gm = _load("gpu_mfu")
+  # ViT-B/16 at 224 px: 17.6 G multiply-adds per image forward (the ViT paper, timm), a train
+  # step 3 forward passes.
+  per_image = gm.analytic_flops("vit", gm.FULL, 1) / 3
+  assert per_image / 1e9 == pytest.approx(35.1, abs=0.2)
+  results = gm.main(["--tiny", "--models", "vit", "--out", str(tmp_path / "mfu.json")])
+  r = results["models"]["vit"]
+  assert len(r["step_ms"]) == 2 and all(t > 0 for t in r["step_ms"])
+  assert r["last_loss"] < r["first_loss"]  # 3 AdamW steps on one batch
+  # XLA's count = the matmuls + norms, softmax and AdamW, which weigh more at tiny widths.
+  assert 1.0 < r["hlo_flops"] / r["analytic_flops"] < 1.6, r
+  assert f"| vit | {r['params']:,} |" in capsys.readouterr().out
+  assert json.loads((tmp_path / "mfu.json").read_text())["models"]["vit"]["params"] == r["params"]

@@ -1,4 +1,4 @@
-"""Figures: attention over images, VQA attention, training curves, confusion matrices, captions.
+"""Figures: attention over images, VQA attention, training curves, confusion matrices, captions, bars.
 
 Every function builds a `matplotlib.figure.Figure` on an Agg canvas (no pyplot, no display, no
 global figure registry), returns it, and writes it as a PNG when given `path`.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -373,4 +373,45 @@ def caption_samples_figure(images: Sequence[Any], captions: Sequence[str], *, co
     ax.set_yticks([])
     ax.text(0.5, -0.02, textwrap.fill(str(caption), width_chars), transform=ax.transAxes,
             ha="center", va="top", fontsize=7)
+  return _finish(fig, path)
+
+
+def grouped_bars_figure(values: Mapping[str, Mapping[str, float]], *, ylabel: str = "",
+                        title: str | None = None, size_px: tuple[int, int] = (400, 720),
+                        path: str | os.PathLike | None = None) -> Figure:
+  """A grouped bar chart: one group per outer key, one bar (and legend entry) per inner key.
+
+  Args:
+    values: group -> {series: value}, e.g. fusion -> {"both": 0.91, "no image": 0.42}. Every
+      group has the same series, in the same order.
+    ylabel: the value axis label.
+    title: axes title.
+    size_px: (height, width) of the figure.
+    path: PNG to write.
+
+  Returns:
+    The figure; each bar's height is its value, written above it.
+  """
+  if not values:
+    raise ValueError("values: expected at least one group")
+  groups = list(values)
+  series = list(values[groups[0]])
+  for g in groups:
+    if list(values[g]) != series:
+      raise ValueError(f"values[{g!r}]: expected the series {series} (as in {groups[0]!r}), got {list(values[g])}")
+  fig = new_figure(size_px, layout="constrained")
+  ax = fig.add_subplot()
+  width = 0.8 / max(len(series), 1)
+  x = np.arange(len(groups))
+  for i, s in enumerate(series):
+    heights = [float(values[g][s]) for g in groups]
+    bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=s)
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+  ax.set_xticks(x, labels=groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+  ax.set_ylabel(ylabel)
+  ax.margins(y=0.15)
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  if title:
+    ax.set_title(title)
   return _finish(fig, path)

@@ -96,6 +96,22 @@ def test_training_curves(tmp_path):
   assert pixels.ndim == 3 and pixels.var() > 0
 
 
+def test_grouped_bars_heights_are_the_values(tmp_path):
+  values = {"concat": {"both": 0.9, "no image": 0.4}, "film": {"both": 0.7, "no image": 0.2},
+            "gated": {"both": 0.5, "no image": 0.6}}
+  path = tmp_path / "bars.png"
+  fig = viz.grouped_bars_figure(values, ylabel="accuracy", size_px=(300, 500), path=path)
+  pixels = np.asarray(Image.open(path))
+  assert pixels.shape[:2] == (300, 500) and pixels.std() > 5
+  ax = fig.axes[0]
+  heights = [round(p.get_height(), 6) for p in ax.patches]  # series by series, groups in order
+  assert heights == [0.9, 0.7, 0.5, 0.4, 0.2, 0.6]
+  assert [t.get_text() for t in ax.get_xticklabels()] == list(values)
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ["both", "no image"]
+  with pytest.raises(ValueError, match="series"):
+    viz.grouped_bars_figure({"a": {"x": 1.0}, "b": {"y": 1.0}})
+
+
 def tiny_vqa(fusion, **fusion_kwargs):
   return VQAModel(vision={"name": "small_cnn", "features": 16, "channels": (8, 8, 8, 8), "norm": "layer",
                           "coords": True},

@@ -21,7 +21,10 @@ from mmjax.fusion import FUSIONS, build_fusion, full_presence, masked_mean, moda
 DIMS = {"image": 6, "text": 4, "audio": 2}
 LENS = {"image": 5, "text": 4, "audio": 3}
 B, F = 4, 8
-FAMILIES = FUSIONS.names()
+# Variants "family:tag" with their extra arguments: cross-attention that rewrites the text stream
+# only (the question reads the image, whose tokens stay as projected), FiLM with max pooling.
+VARIANTS = {"cross_attention:text": dict(update=("text",)), "film:max": dict(pool="max")}
+FAMILIES = FUSIONS.names() + list(VARIANTS)
 EXTRA = {
     "bottleneck": dict(depth=1, num_heads=2, num_bottleneck=2),
     "cross_attention": dict(depth=1, num_heads=2),
@@ -42,6 +45,8 @@ def mods(M):
 
 def build(family, M, **kw):
   """The block with seeded numpy parameters: `nnx.eval_shape` + numpy, so no init compiles."""
+  kw = {**VARIANTS.get(family, {}), **kw}
+  family = family.partition(":")[0]
   abstract = nnx.eval_shape(lambda: build_fusion(family, modalities=mods(M), features=F, rngs=nnx.Rngs(0),
                                                  **{**EXTRA.get(family, {}), **kw}))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

@@ -69,6 +69,8 @@ GRAD_CASES = {
     "resnet_basic_batch": ("resnet", dict(depth=18, width=8, stage_sizes=(1, 1), num_classes=3),
                            16),
     "small_cnn_batch_coords": ("small_cnn", dict(features=16, channels=(8, 8, 8), coords=True), 16),
+    "small_cnn_attention": ("small_cnn", dict(features=16, channels=(8, 8, 8), norm="layer", coords=True,
+                                              depth=1, num_heads=2), 16),
 }
 
 

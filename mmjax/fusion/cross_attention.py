@@ -5,6 +5,10 @@ modalities, to their concatenation), then runs self-attention and an MLP per str
 LXMERT the cross-attention weights are shared by all directions and the sub-layers are post-LN
 (BERT style): x = LN(x + CrossAtt(x, others)); x = LN(x + SelfAtt(x)); x = LN(x + MLP(x)).
 
+`update` restricts which streams the layers rewrite: with `update=("text",)` only the question
+attends to (fixed) image tokens, a decoder-style one-way fusion whose cost does not grow with
+the number of image tokens per question beyond the attention itself.
+
 Every stream is prefixed with one learned "missing" token that is attendable only when its
 modality is absent, so an absent modality is represented by a learned embedding that the other
 streams can attend to, and no attention row is ever fully masked.
@@ -29,23 +33,25 @@ class CrossModalLayer(nnx.Module):
   """One LXMERT cross-modality layer over several streams of width F."""
 
   def __init__(self, names: Sequence[str], features: int, num_heads: int, mlp_dim: int, *,
-               act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
+               update: Sequence[str] | None = None, act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
                ln_eps: float = 1e-12, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.names = tuple(names)
+    self.update = tuple(update) if update is not None else self.names
     self.cross = MultiHeadAttention(num_heads, features, dropout=attn_dropout, **kw)
     self.cross_norm = layer_norm(features, eps=ln_eps, **kw)
     self.streams = nnx.Dict({m: EncoderBlock(features, num_heads, mlp_dim, norm="post", act=act,
                                              dropout=dropout, attn_dropout=attn_dropout,
-                                             ln_eps=ln_eps, **kw) for m in self.names})
+                                             ln_eps=ln_eps, **kw) for m in self.update})
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, xs: dict[str, jax.Array], masks: dict[str, jax.Array], *,
                deterministic: bool = True, return_weights: bool = False):
-    """xs: name -> (B, L_m, F); masks: name -> (B, L_m). Returns new xs and name -> (B, H, L_m, sum L_o)."""
+    """xs: name -> (B, L_m, F); masks: name -> (B, L_m). Returns new xs and, per updated stream,
+    name -> (B, H, L_m, sum L_o)."""
     crossed, weights = {}, {}
-    for m in self.names:
+    for m in self.update:
       others = [o for o in self.names if o != m]
       ctx = jnp.concatenate([xs[o] for o in others], axis=1)  # (B, sum L_o, F)
       ctx_mask = jnp.concatenate([masks[o] for o in others], axis=1)[:, None, None, :]
@@ -53,7 +59,8 @@ class CrossModalLayer(nnx.Module):
       if return_weights:
         out, weights[m] = out
       crossed[m] = self.cross_norm(xs[m] + self.dropout(out, deterministic=deterministic))
-    new = {m: self.streams[m](crossed[m], masks[m], deterministic=deterministic) for m in self.names}
+    new = dict(xs)
+    new.update({m: self.streams[m](crossed[m], masks[m], deterministic=deterministic) for m in self.update})
     return new, weights
 
 
@@ -62,16 +69,19 @@ class CrossAttentionFusion(FusionBlock):
   """LXMERT-style cross-modality encoder over all modalities.
 
   Attributes:
+    update: the streams the layers rewrite (default all); the others stay their projected tokens.
     proj: name -> dense (D_m -> features) then `in_norm`, as LXMERT's feature encoders.
     missing: name -> learned (features,) token standing in for an absent modality.
     layers: `depth` CrossModalLayers.
-    pool: "mean" (average of per-stream masked means) or "concat" (their concatenation, projected).
+    pool: "mean" (average of the updated streams' masked means) or "concat" (their concatenation,
+      projected).
     attention_maps: when True, aux["cross_attention"][m][o] holds stream m's weights over
       modality o's tokens, (depth, B, H, N_m, N_o) (the missing-token slots left out).
   """
 
   def __init__(self, modalities: Mapping[str, int], features: int, *, depth: int = 2,
-               num_heads: int = 4, mlp_dim: int | None = None, act: str = "gelu",
+               num_heads: int = 4, mlp_dim: int | None = None, update: Sequence[str] | None = None,
+               act: str = "gelu",
                dropout: float = 0.0, attn_dropout: float = 0.0, pool: str = "mean",
                attention_maps: bool = True, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
@@ -79,15 +89,19 @@ class CrossAttentionFusion(FusionBlock):
     if pool not in ("mean", "concat"):
       raise ValueError(f"pool must be 'mean' or 'concat', got {pool!r}")
     self.pool, self.attention_maps = pool, attention_maps
+    self.update = self.names if update is None else tuple(self._check_member("update", m) for m in update)
+    if not self.update:
+      raise ValueError("update: expected at least one modality to update")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.proj = nnx.Dict({m: dense(d, features, ("embed", "mlp"), **kw) for m, d in self.modality_dims})
     self.in_norm = nnx.Dict({m: layer_norm(features, eps=1e-12, **kw) for m in self.names})
     self.missing = nnx.Dict({m: learned((features,), ("embed",), rngs=rngs, param_dtype=param_dtype)
                              for m in self.names})
     self.layers = nnx.List([
-        CrossModalLayer(self.names, features, num_heads, mlp_dim or 4 * features, act=act,
+        CrossModalLayer(self.names, features, num_heads, mlp_dim or 4 * features,
+                        update=self.update, act=act,
                         dropout=dropout, attn_dropout=attn_dropout, **kw) for _ in range(depth)])
-    self.out = (dense(len(self.names) * features, features, ("mlp", "embed"), **kw)
+    self.out = (dense(len(self.update) * features, features, ("mlp", "embed"), **kw)
                 if pool == "concat" else None)
 
   def fuse(self, x: FusionInputs, *, deterministic: bool) -> FusionOutput:
@@ -102,7 +116,7 @@ class CrossAttentionFusion(FusionBlock):
     for layer in self.layers:
       xs, w = layer(xs, masks, deterministic=deterministic, return_weights=self.attention_maps)
       maps.append(w)
-    pooled = [masked_mean(xs[m], masks[m]) for m in self.names]  # M x (B, F)
+    pooled = [masked_mean(xs[m], masks[m]) for m in self.update]  # M x (B, F)
     if self.pool == "mean":
       fused = jnp.mean(jnp.stack(pooled, axis=1), axis=1)
     else:
@@ -114,7 +128,7 @@ class CrossAttentionFusion(FusionBlock):
   def _split_maps(self, maps: list[dict[str, jax.Array]], x: FusionInputs) -> dict:
     """Per layer (B, H, 1 + N_m, sum_o (1 + N_o)) -> m -> o -> (depth, B, H, N_m, N_o)."""
     out = {}
-    for m in self.names:
+    for m in self.update:
       stacked = jnp.stack([w[m] for w in maps])  # (depth, B, H, 1 + N_m, ctx)
       out[m], start = {}, 0
       for o in self.names:

@@ -47,7 +47,9 @@ class FiLMFusion(FusionBlock):
   If the conditioning modality is absent the modulation is the identity (gamma = 1, beta = 0).
   Each modulated stream is prefixed with a learned "missing" token that is real only when its
   modality is absent, so an absent modality is a learned embedding that is still modulated.
-  Each stream is masked-mean pooled and the pooled streams are concatenated into an MLP. Fused
+  Each stream is pooled over its tokens, by a masked mean or (as in the FiLM paper's classifier)
+  a masked max, and the pooled streams are concatenated into an MLP. Max pooling lets the
+  question select one object's cell without the dilution of averaging over every grid cell. Fused
   tokens are returned for the modulated modalities only.
 
   Attributes:
@@ -57,14 +59,19 @@ class FiLMFusion(FusionBlock):
     film: name -> dense (D_condition -> num_blocks * 2 * features) FiLM generator.
     blocks: name -> `num_blocks` FiLMBlocks.
     missing: name -> learned (features,) token standing in for an absent modulated modality.
+    pool: "mean" or "max" over each modulated stream's tokens.
     head: (len(targets) * features -> mlp_dim -> features).
   """
 
   def __init__(self, modalities: Mapping[str, int], features: int, *, condition: str = "text",
-               num_blocks: int = 2, mlp_dim: int | None = None, dropout: float = 0.0,
+               num_blocks: int = 2, mlp_dim: int | None = None, pool: str = "mean",
+               dropout: float = 0.0,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(modalities, features, dtype=dtype, param_dtype=param_dtype)
     self.condition = self._check_member("condition", condition)
+    if pool not in ("mean", "max"):
+      raise ValueError(f"pool: expected 'mean' or 'max', got {pool!r}")
+    self.pool = pool
     if num_blocks < 1:
       raise ValueError(f"num_blocks: expected a positive int, got {num_blocks!r}")
     self.num_blocks = num_blocks
@@ -97,7 +104,11 @@ class FiLMFusion(FusionBlock):
       for k, block in enumerate(self.blocks[m]):
         h = block(h, gamma[:, k], beta[:, k])
       tokens[m] = masked_token_output(h[:, 1:], x.masks[m])
-      pooled.append(masked_mean(h, mask))
+      if self.pool == "max":
+        top = jnp.where(mask[..., None], h, jnp.asarray(-jnp.inf, h.dtype)).max(axis=1)  # (B, F)
+        pooled.append(jnp.where(mask.any(axis=1)[:, None], top, jnp.zeros((), h.dtype)))
+      else:
+        pooled.append(masked_mean(h, mask))
       gammas[m], betas[m] = gamma, beta
     fused = self.head(jnp.concatenate(pooled, axis=-1), deterministic=deterministic)
     return FusionOutput(fused, tokens, {"gamma": gammas, "beta": betas})

@@ -48,7 +48,7 @@ def test_every_fusion_trains(data_dir, batch, fusion):
     return optax.apply_updates(params, u), opt, loss
 
   losses = []
-  for _ in range(8):
+  for _ in range(12):
     params, opt, loss = step(params, opt)
     losses.append(float(loss))
   assert np.isfinite(losses).all()

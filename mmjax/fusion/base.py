@@ -126,9 +126,6 @@ def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None
                        f"got {mask.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.floating):
       raise TypeError(f"fusion input {name!r}: tokens expected a float array, got {tokens.dtype}")
-    if not isinstance(tokens, jax.core.Tracer) and not isinstance(mask, jax.core.Tracer) and not (
-        np.isfinite(np.asarray(tokens)) | ~np.asarray(mask, bool)[..., None]).all():
-      raise ValueError(f"fusion input {name!r}: tokens contain NaN or Inf at unmasked positions")
     if batch is None:
       batch, first = tokens.shape[0], name
     elif tokens.shape[0] != batch:
@@ -148,6 +145,10 @@ def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None
       tokens, mask = jnp.zeros((batch, 1, d), dtype), jnp.zeros((batch, 1), bool)
     if name in presence and name in raw:
       mask = mask & jnp.asarray(presence[name]).astype(bool)[:, None]
+    if name in raw and not isinstance(tokens, jax.core.Tracer) and not isinstance(mask, jax.core.Tracer) and not (
+        np.isfinite(np.asarray(tokens)) | ~np.asarray(mask, bool)[..., None]).all():
+      raise ValueError(f"fusion input {name!r}: tokens contain NaN or Inf at unmasked positions "
+                       "of present examples")
     tokens = jnp.where(mask[..., None], tokens, jnp.zeros((), tokens.dtype))  # (B, N, D_m)
     out_tokens[name] = sharding.constrain(tokens, ("batch", "length", "embed"))
     out_masks[name] = mask

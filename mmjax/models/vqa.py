@@ -113,6 +113,9 @@ class VQAModel(nnx.Module):
       q_mask = (question_mask[:, None] if single else question_mask).astype(bool)
       if q_mask.shape != q_ids.shape:
         raise ValueError(f"question_mask: expected shape {q_ids.shape}, got {question_mask.shape}")
+    if presence is not None and "image" in presence:  # absent images never reach arithmetic
+      keep = jnp.asarray(presence["image"]).astype(bool).reshape(-1, 1, 1, 1)
+      images = jnp.where(keep, images, jnp.zeros((), images.dtype))
     img: EncoderOutput = self.vision(images, deterministic=deterministic)
     txt: EncoderOutput = self.text(q_ids.reshape(B * Q, L), q_mask.reshape(B * Q, L),
                                    deterministic=deterministic)

@@ -412,7 +412,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
           total = step  # train.max_minutes reached: this step's log, eval and save follow
         pending.append((step, metrics))
         bar.update(1)
-        save = step % ckpt_every == 0 or step == total or preempt.flag
+        preempted = preempt.flag  # read once; a later signal is handled at the next step
+        save = step % ckpt_every == 0 or step == total or preempted
         if save and setup.nonfinite == "stop":
           bad = _nonfinite_steps(pending)
           if bad:  # before saving: the latest checkpoint stays the last good one
@@ -447,7 +448,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         if save:
           data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
           ckpt.save(step, state, data_state, metrics=evals or None, force=True)
-        if preempt.flag:
+        if preempted:
           ckpt.wait()
           log.warning("SIGTERM: saved step %d, exiting", step)
           break

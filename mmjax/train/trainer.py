@@ -128,7 +128,7 @@ class Setup:
     """A live model from the state, its dropout keys derived from (seed, step)."""
     rng_state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
                              else jax.random.key(0), self.rng_state)
-    model = nnx.merge(self.graphdef, state["params"], rng_state, state["model_state"])
+    model = nnx.merge(self.graphdef, state["params"], rng_state, state["model_state"], copy=True)
     key = jax.random.fold_in(jax.random.key(int(self.config.seed) + 1), step)
     nnx.reseed(model, dropout=key)
     return model

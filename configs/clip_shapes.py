@@ -11,7 +11,7 @@ text->image recall@1/5 and their sum (rsum, which keeps the best checkpoint).
 
 import ml_collections
 
-from mmjax.train.config import parse_arg
+from mmjax.train.config import parse_arg, standard_optim_and_train
 
 
 def get_config(arg=None):
@@ -39,21 +39,5 @@ def get_config(arg=None):
   c.model.embed_dim = width
   c.model.loss_type = arg.loss
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 3e-3 if arg.size == "tiny" else 1e-3
-  c.optim.warmup_steps = max(steps // 20, 1)
-  c.optim.schedule = "cosine"
-  c.optim.weight_decay = 1e-4
-  c.optim.clip_norm = 1.0
-  c.optim.grad_accum = 1
-  c.optim.groups = []
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = steps
-  c.train.log_every = max(steps // 100, 1)
-  c.train.eval_every = steps if arg.size == "tiny" else max(steps // 10, 1)
-  c.train.checkpoint_every = c.train.eval_every
-  c.train.keep = 2
-
-  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  standard_optim_and_train(c, steps, tiny=arg.size == "tiny")
   return c

@@ -74,3 +74,26 @@ def set_path(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     raise KeyError(f"config key {dotted!r} does not exist; siblings: {sorted(node.keys())}")
   current = node[leaf]
   node[leaf] = _literal(text, type(current)) if current is not None else _literal(text, object)
+
+
+def standard_optim_and_train(c: ml_collections.ConfigDict, steps: int, *, tiny: bool) -> None:
+  """Adds the shared `optim`, `train` and `mesh` sections of the task configs to `c`: AdamW
+  with warmup + cosine, clipping at 1, eval/checkpoint every tenth of the run (tiny runs: once,
+  at the end), a data-parallel mesh over every device."""
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-3 if tiny else 1e-3
+  c.optim.warmup_steps = max(steps // 20, 1)
+  c.optim.schedule = "cosine"
+  c.optim.weight_decay = 1e-4
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum = 1
+  c.optim.groups = []
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = steps
+  c.train.log_every = max(steps // 100, 1)
+  c.train.eval_every = steps if tiny else max(steps // 10, 1)
+  c.train.checkpoint_every = c.train.eval_every
+  c.train.keep = 2
+
+  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}

@@ -56,6 +56,7 @@ def get_config(arg=None):
   c.model.features = narrow
   c.model.head_hidden = width
   c.model.modality_dropout = 0.0
+  c.model.question_tokens = "all"  # "pooled": the question reaches the fusion as one vector
   c.model.dtype = "float32"  # compute dtype: "bfloat16" computes in bf16 on f32 master weights
 
   c.optim = ml_collections.ConfigDict()

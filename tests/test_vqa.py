@@ -18,9 +18,9 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("vqa_data"))
 
 
-def _task(data_dir, fusion):
+def _task(data_dir, fusion, *overrides):
   cfg = load_config(f"configs/vqa_sort_of_clevr.py:size=tiny,fusion={fusion}",
-                    [f"data.data_dir={data_dir}"])
+                    [f"data.data_dir={data_dir}", *overrides])
   return TASKS.get(cfg.task)(cfg)
 
 
@@ -31,9 +31,11 @@ def batch(data_dir):
   return {k: jnp.asarray(v) for k, v in next(it).items()}
 
 
-@pytest.mark.parametrize("fusion", FUSIONS.names())
-def test_every_fusion_trains(data_dir, batch, fusion):
-  task = _task(data_dir, fusion)
+# The default config passes the question as one pooled vector; "all" passes every token.
+@pytest.mark.parametrize("fusion,question_tokens",
+                         [(f, "pooled") for f in FUSIONS.names()] + [("cross_attention", "all")])
+def test_every_fusion_trains(data_dir, batch, fusion, question_tokens):
+  task = _task(data_dir, fusion, f"model.question_tokens={question_tokens}")
   model = task.build_model(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adam(3e-3)
@@ -66,6 +68,16 @@ def test_absent_image_does_not_change_answers(data_dir, batch):
   assert not np.allclose(a[1], c[1])
 
 
+@pytest.mark.parametrize("question_tokens,text_len", [("pooled", 1), ("all", 20)])
+def test_question_tokens_reach_the_fusion(data_dir, batch, question_tokens, text_len):
+  task = _task(data_dir, "cross_attention", f"model.question_tokens={question_tokens}")
+  model = task.build_model(nnx.Rngs(0))
+  _, aux = model(batch["image"], batch["question_ids"], batch["question_mask"])
+  maps = aux["fusion"]["cross_attention"]["text"]["image"]  # (depth, B*Q, H, N_text, N_image)
+  assert maps.shape[3] == text_len
+  np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)  # no image token is absent here
+
+
 def test_bad_inputs_are_named(data_dir, batch):
   model = _task(data_dir, "concat").build_model(nnx.Rngs(0))
   with pytest.raises(ValueError, match="images"):
@@ -74,3 +86,5 @@ def test_bad_inputs_are_named(data_dir, batch):
     model(batch["image"], batch["question_ids"].astype(jnp.float32))
   with pytest.raises(ValueError, match="batch size"):
     model(batch["image"][:2], batch["question_ids"])
+  with pytest.raises(ValueError, match="question_tokens"):
+    _task(data_dir, "concat", "model.question_tokens=first").build_model(nnx.Rngs(0))

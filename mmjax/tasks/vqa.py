@@ -52,6 +52,7 @@ class SortOfClevrVQA:
                 num_answers=len(self.answers), image_shape=(75, 75, 3),
                 question_len=self.config.data.max_len, head_hidden=m.head_hidden,
                 modality_dropout=m.modality_dropout,
+                question_tokens=m.get("question_tokens", "all"),
                 dtype=jnp.dtype(m.get("dtype", "float32")))  # compute dtype; parameters stay f32
 
   def build_model(self, rngs: nnx.Rngs) -> VQAModel:

@@ -16,11 +16,17 @@ Measured (2 CPU cores, idle, lr 1e-3 cosine, 32 images x 20 questions per step):
   --norm group, one-hot, 1200 steps: non-rel 0.61, rel 0.67 at 1000 (off the prior at ~700).
   --norm group, words, 1000 steps: off the prior at ~800 (non-rel 0.58, rel 0.54 at 1000).
   --norm none (raw, inverted or standardised pixels): still near the prior at 400.
+Swapping library parts in, one at a time (group norm, one-hot, 1000 steps, loss at 1000):
+  --vision library (SmallCNN, same shape): off the prior at ~700, non-rel 0.63 (0.783).
+  + --fusion cross_attention (LXMERT post-LN, question as one token, library AnswerHead):
+    stays at the prior through 1000 (0.833): the post-LN fusion is what stalls learning.
+  + --fusion_kwargs '{"norm": "pre"}': off the prior at ~700 again (0.798).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
@@ -32,7 +38,9 @@ from flax import nnx
 from mmjax.data import scenes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.datasets import sort_of_clevr
-from mmjax.encoders.vision import grid_coords
+from mmjax.encoders.vision import SmallCNN, grid_coords
+from mmjax.fusion import build_fusion
+from mmjax.models.vqa import AnswerHead
 
 
 def load_split(split: str, tokenizer, max_len: int = 20) -> dict[str, np.ndarray]:
@@ -82,6 +90,9 @@ class Reference(nnx.Module):
     self.proj = nnx.Linear(cin + 2, d, rngs=rngs)
     self.blocks = nnx.List([Block(d, rngs) for _ in range(args.depth)])
     self.ln = nnx.LayerNorm(d, rngs=rngs)
+    # --vision library: the library's SmallCNN in place of the convs + Transformer above.
+    self.library = (SmallCNN(d, channels=tuple(int(c) for c in args.convs.split(",")), norm=args.norm,
+                             coords=True, depth=args.depth, rngs=rngs) if args.vision == "library" else None)
     if args.question == "onehot":
       self.q_in = nnx.Linear(sort_of_clevr.QUESTION_DIM, d, rngs=rngs)
     else:
@@ -89,8 +100,21 @@ class Reference(nnx.Module):
       self.q_in = nnx.Linear(d, d, rngs=rngs)
     self.wq, self.wk, self.wv = (nnx.Linear(d, d, rngs=rngs) for _ in range(3))
     self.h1, self.h2 = nnx.Linear(2 * d, 2 * d, rngs=rngs), nnx.Linear(2 * d, 10, rngs=rngs)
+    # --fusion NAME: the library's fusion block (question as one token) and answer head instead.
+    if args.fusion != "reference":
+      kw = {"cross_attention": {"update": ("text",), "depth": 1}, "film": {"condition": "text"}}
+      self.fusion = build_fusion(args.fusion, modalities={"image": d, "text": d}, features=d,
+                                 rngs=rngs, **{**kw.get(args.fusion, {}), **json.loads(args.fusion_kwargs)})
+      self.head = AnswerHead(d, 2 * d, 10, rngs=rngs)
 
   def __call__(self, images, question, train: bool):
+    if self.library is not None:
+      t = self.library(images, deterministic=not train).tokens
+    else:
+      t = self.encode_image(images, train)
+    return self.answer(t, question)
+
+  def encode_image(self, images, train):
     x = images
     for conv, norm in zip(self.convs, self.norms):
       x = conv(x)
@@ -104,12 +128,20 @@ class Reference(nnx.Module):
     t = self.proj(x.reshape(b, h * w, c + 2))
     for blk in self.blocks:
       t = blk(t)
-    t = self.ln(t)  # (B, N, d)
+    return self.ln(t)  # (B, N, d)
+
+  def answer(self, t, question):
     if self.args.question == "onehot":
       q = self.q_in(question)  # (B, Q, d)
     else:
       ids, mask = question
       q = self.q_in(jax.nn.gelu((self.embed(ids) * mask[..., None]).sum(-2) / mask.sum(-1, keepdims=True)))
+    if self.args.fusion != "reference":
+      b, nq, d = q.shape
+      img = jnp.repeat(t, nq, axis=0)
+      fused = self.fusion({"image": (img, jnp.ones(img.shape[:2], bool)),
+                           "text": (q.reshape(b * nq, 1, d), jnp.ones((b * nq, 1), bool))})
+      return self.head(fused.pooled).reshape(b, nq, -1)
     heads, d = 4, self.args.d
     split = lambda z: z.reshape(*z.shape[:2], heads, d // heads)
     att = jax.nn.softmax(jnp.einsum("bqhd,bnhd->bhqn", split(self.wq(q)), split(self.wk(t))) / np.sqrt(d // heads))
@@ -127,6 +159,9 @@ def main():
   p.add_argument("--depth", type=int, default=2)
   p.add_argument("--norm", choices=("batch", "group", "none"), default="batch")
   p.add_argument("--question", choices=("onehot", "words"), default="onehot")
+  p.add_argument("--vision", choices=("reference", "library"), default="reference")
+  p.add_argument("--fusion", default="reference", help="'reference' or a library fusion name")
+  p.add_argument("--fusion_kwargs", default="{}", help='JSON, e.g. \'{"norm": "pre"}\'')
   p.add_argument("--evals", type=int, default=6)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()

@@ -23,7 +23,8 @@ LENS = {"image": 5, "text": 4, "audio": 3}
 B, F = 4, 8
 # Variants "family:tag" with their extra arguments: cross-attention that rewrites the text stream
 # only (the question reads the image, whose tokens stay as projected), FiLM with max pooling.
-VARIANTS = {"cross_attention:text": dict(update=("text",)), "film:max": dict(pool="max")}
+VARIANTS = {"cross_attention:text": dict(update=("text",)), "cross_attention:pre": dict(norm="pre"),
+            "film:max": dict(pool="max")}
 FAMILIES = FUSIONS.names() + list(VARIANTS)
 EXTRA = {
     "bottleneck": dict(depth=1, num_heads=2, num_bottleneck=2),
@@ -468,6 +469,8 @@ def test_bad_construction_is_rejected():
     build_fusion("film", modalities=mods(2), features=F, rngs=nnx.Rngs(0), condition="speech")
   with pytest.raises(ValueError, match="query='speech'"):
     build_fusion("relation", modalities=mods(2), features=F, rngs=nnx.Rngs(0), query="speech")
+  with pytest.raises(ValueError, match="norm must be 'pre' or 'post'"):
+    build_fusion("cross_attention", modalities=mods(2), features=F, rngs=nnx.Rngs(0), norm="mid")
 
 
 def test_bad_inputs_give_clear_errors():

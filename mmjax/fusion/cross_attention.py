@@ -34,14 +34,17 @@ class CrossModalLayer(nnx.Module):
 
   def __init__(self, names: Sequence[str], features: int, num_heads: int, mlp_dim: int, *,
                update: Sequence[str] | None = None, act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
-               ln_eps: float = 1e-12, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               norm: str = "post", ln_eps: float = 1e-12, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.names = tuple(names)
     self.update = tuple(update) if update is not None else self.names
     self.cross = MultiHeadAttention(num_heads, features, dropout=attn_dropout, **kw)
     self.cross_norm = layer_norm(features, eps=ln_eps, **kw)
-    self.streams = nnx.Dict({m: EncoderBlock(features, num_heads, mlp_dim, norm="post", act=act,
+    if norm not in ("pre", "post"):
+      raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+    self.norm = norm
+    self.streams = nnx.Dict({m: EncoderBlock(features, num_heads, mlp_dim, norm=norm, act=act,
                                              dropout=dropout, attn_dropout=attn_dropout,
                                              ln_eps=ln_eps, **kw) for m in self.update})
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -55,10 +58,13 @@ class CrossModalLayer(nnx.Module):
       others = [o for o in self.names if o != m]
       ctx = jnp.concatenate([xs[o] for o in others], axis=1)  # (B, sum L_o, F)
       ctx_mask = jnp.concatenate([masks[o] for o in others], axis=1)[:, None, None, :]
-      out = self.cross(xs[m], ctx, ctx_mask, deterministic=deterministic, return_weights=return_weights)
+      pre = self.norm == "pre"
+      query = self.cross_norm(xs[m]) if pre else xs[m]
+      out = self.cross(query, ctx, ctx_mask, deterministic=deterministic, return_weights=return_weights)
       if return_weights:
         out, weights[m] = out
-      crossed[m] = self.cross_norm(xs[m] + self.dropout(out, deterministic=deterministic))
+      out = xs[m] + self.dropout(out, deterministic=deterministic)
+      crossed[m] = out if pre else self.cross_norm(out)
     new = dict(xs)
     new.update({m: self.streams[m](crossed[m], masks[m], deterministic=deterministic) for m in self.update})
     return new, weights
@@ -75,6 +81,8 @@ class CrossAttentionFusion(FusionBlock):
     layers: `depth` CrossModalLayers.
     pool: "mean" (average of the updated streams' masked means) or "concat" (their concatenation,
       projected).
+    norm: "post" (LXMERT/BERT: x = LN(x + f(x))) or "pre" (x = x + f(LN(x)), with a final
+      LayerNorm per updated stream): pre-LN keeps the query's residual stream un-normalised.
     attention_maps: when True, aux["cross_attention"][m][o] holds stream m's weights over
       modality o's tokens, (depth, B, H, N_m, N_o) (the missing-token slots left out).
   """
@@ -83,7 +91,7 @@ class CrossAttentionFusion(FusionBlock):
                num_heads: int = 4, mlp_dim: int | None = None, update: Sequence[str] | None = None,
                act: str = "gelu",
                dropout: float = 0.0, attn_dropout: float = 0.0, pool: str = "mean",
-               attention_maps: bool = True, dtype: Dtype = jnp.float32,
+               norm: str = "post", attention_maps: bool = True, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(modalities, features, dtype=dtype, param_dtype=param_dtype)
     if pool not in ("mean", "concat"):
@@ -99,8 +107,10 @@ class CrossAttentionFusion(FusionBlock):
                              for m in self.names})
     self.layers = nnx.List([
         CrossModalLayer(self.names, features, num_heads, mlp_dim or 4 * features,
-                        update=self.update, act=act,
+                        update=self.update, act=act, norm=norm,
                         dropout=dropout, attn_dropout=attn_dropout, **kw) for _ in range(depth)])
+    self.final_norm = (nnx.Dict({m: layer_norm(features, eps=1e-6, **kw) for m in self.update})
+                       if norm == "pre" else None)
     self.out = (dense(len(self.update) * features, features, ("mlp", "embed"), **kw)
                 if pool == "concat" else None)
 
@@ -116,6 +126,8 @@ class CrossAttentionFusion(FusionBlock):
     for layer in self.layers:
       xs, w = layer(xs, masks, deterministic=deterministic, return_weights=self.attention_maps)
       maps.append(w)
+    if self.final_norm is not None:
+      xs.update({m: self.final_norm[m](xs[m]) for m in self.update})
     pooled = [masked_mean(xs[m], masks[m]) for m in self.update]  # M x (B, F)
     if self.pool == "mean":
       fused = jnp.mean(jnp.stack(pooled, axis=1), axis=1)

@@ -10,7 +10,7 @@ Args (after the colon): size = tiny | small | default; fusion = any name in
 
 import ml_collections
 
-from mmjax.train.config import parse_arg
+from mmjax.train.config import parse_arg, standard_optim_and_train
 
 FUSION_KWARGS = {
     "relation": {"query": "text"},
@@ -59,21 +59,6 @@ def get_config(arg=None):
   c.model.question_tokens = "all"  # "pooled": the question reaches the fusion as one vector
   c.model.dtype = "float32"  # compute dtype: "bfloat16" computes in bf16 on f32 master weights
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = max(steps // 20, 1)
-  c.optim.schedule = "cosine"
-  c.optim.weight_decay = 1e-4
-  c.optim.clip_norm = 1.0
-  c.optim.grad_accum = 1
-  c.optim.groups = []
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = steps
-  c.train.log_every = max(steps // 100, 1)
-  c.train.eval_every = max(steps // 10, 1)
-  c.train.checkpoint_every = max(steps // 10, 1)
-  c.train.keep = 2
-
-  c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  # tiny=False for every size: the tiny VQA config keeps lr 1e-3 and evaluates every tenth.
+  standard_optim_and_train(c, steps, tiny=False)
   return c

@@ -209,7 +209,7 @@ def fusion(name: str):
        data=st.data())
 def test_fusion_blocks(name, kind, data):
   block = fusion(name)
-  b = data.draw(st.integers(1, 3))
+  b = data.draw(st.integers(2 if kind == "batch" else 1, 3))
   rng = np.random.default_rng(4)
   inputs = {m: [rng.normal(size=(b, 3, d)).astype(np.float32), np.ones((b, 3), bool)] for m, d in DIMS.items()}
   presence = None
@@ -225,7 +225,8 @@ def test_fusion_blocks(name, kind, data):
   elif kind == "mask":
     inputs[m][1] = np.ones(data.draw(shapes(2).filter(lambda s: s != (b, 3))), bool)
   elif kind == "batch":
-    other = data.draw(st.integers(1, 5).filter(lambda n: n != b))
+    # Batch sizes where one divides the other are shared inputs (one row per r examples).
+    other = data.draw(st.integers(1, 5).filter(lambda n: max(n, b) % min(n, b)))
     inputs[m] = [rng.normal(size=(other, 3, DIMS[m])).astype(np.float32), np.ones((other, 3), bool)]
     field = "batch size"
   elif kind == "presence":
@@ -243,7 +244,7 @@ def test_fusion_blocks(name, kind, data):
 def vqa_model():
   config = load_config(CONFIG + ":size=tiny")
   m = config.model
-  return VQAModel(vision=dict(m.vision, channels=(4, 4)), text=dict(m.text, vocab_size=40, features=8, hidden=8),
+  return VQAModel(vision=dict(m.vision, channels=(8, 8)), text=dict(m.text, vocab_size=40, features=8, hidden=8),
                   fusion="film", fusion_kwargs={"condition": "text"}, features=8, num_answers=10,
                   image_shape=(75, 75, 3), question_len=16, head_hidden=8, rngs=nnx.Rngs(0))
 

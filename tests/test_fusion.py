@@ -414,6 +414,38 @@ def test_cross_attention_maps(M):
     assert (rows < 1 + 1e-5).all()
 
 
+@pytest.mark.parametrize("audio_rows", [2, 1])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_rows_equal_repeated_rows(family, audio_rows):
+  """A modality given once per r examples (one image, several questions) fuses as if repeated.
+
+  Image rows serve 2 examples each, audio's rows 2 or all 4; presence differs within a group.
+  Cross-attention keeps the shared rows (keys and values once per row when the whole context
+  shares them alike), the others repeat them.
+  """
+  block = build(family, 3)
+  tokens, masks = make_tokens(3), make_masks(3)
+  rows = {"image": 2, "audio": audio_rows}
+  shared = {m: (tokens[m][:n], masks[m][:n]) for m, n in rows.items()}
+  shared["text"] = (tokens["text"], masks["text"])
+  repeated = {m: tuple(np.repeat(a, B // rows.get(m, B), axis=0) for a in v) for m, v in shared.items()}
+  presence = all_present(3)
+  presence["image"][1] = False  # example 0 has its image, example 1 (same image) does not
+  presence["text"][2] = False
+  run = forward(block)
+  a, b = run(shared, presence), run(repeated, presence)
+  np.testing.assert_allclose(a.pooled, b.pooled, rtol=1e-5, atol=1e-6)
+  for m in b.tokens or {}:
+    assert a.tokens[m].shape == (B, LENS[m], F)
+    np.testing.assert_allclose(a.tokens[m], b.tokens[m], rtol=1e-5, atol=1e-6)
+  for m in a.aux["masks"]:
+    np.testing.assert_array_equal(a.aux["masks"][m], b.aux["masks"][m])
+  if family.startswith("cross_attention"):  # the maps come back per example too
+    for m, per in a.aux["cross_attention"].items():
+      for o, w in per.items():
+        np.testing.assert_allclose(w, b.aux["cross_attention"][m][o], rtol=1e-5, atol=1e-6)
+
+
 def test_presence_none_and_encoder_outputs():
   h = harness("concat", 2)
   tokens, masks = make_tokens(2), make_masks(2)
@@ -477,7 +509,7 @@ def test_bad_inputs_give_clear_errors():
   block = harness("concat", 2).block
   tokens, masks = make_tokens(2), make_masks(2)
   good = {m: (tokens[m], masks[m]) for m in tokens}
-  with pytest.raises(ValueError, match=r"'text'.*batch size 3.*\(4, N, 4\)"):
+  with pytest.raises(ValueError, match=r"'text'.*batch size 3.*does not divide.*\(4, N, 4\)"):
     block(dict(good, text=(tokens["text"][:3], masks["text"][:3])))
   with pytest.raises(ValueError, match=r"'image': tokens expected shape \(B, N, 6\)"):
     block(dict(good, image=(tokens["image"][:, 0], masks["image"])))

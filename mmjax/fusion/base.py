@@ -8,6 +8,11 @@ A fusion block is built from `modalities` (name -> token feature dim D_m) and an
   built for may be left out of `inputs`: it is then absent for every example.
 - `presence` maps modality name -> (B,) bool, True where the example has that modality; None (or
   a left-out name) means present. A present modality whose mask is all False counts as absent.
+- Shared inputs: a modality's tokens may have batch B / r (r dividing B, the largest batch):
+  each row then serves r consecutive examples, as one image serves several questions. Its mask
+  is per row, presence stays per example. Blocks with `shares_inputs = True` (cross-attention)
+  use the shared rows as they are, e.g. projecting keys and values once per row; the others see
+  the rows repeated to B, which is what the caller would otherwise have done.
 
 Absent modalities and padded tokens are first-class: `prepare_inputs` replaces their tokens by
 zeros with `jnp.where` before any arithmetic, so neither their values (NaN and Inf included) nor
@@ -50,12 +55,18 @@ class FusionOutput(NamedTuple):
 
 
 class FusionInputs(NamedTuple):
-  """Validated inputs: tokens zeroed wherever `masks` is False; names in construction order."""
+  """Validated inputs: tokens zeroed wherever `masks` is False; names in construction order.
 
-  tokens: dict[str, jax.Array]  # name -> (B, N_m, D_m)
+  With `prepare_inputs(..., keep_shared=True)`, a shared modality's tokens keep their B / r rows
+  (`repeats[m] = r`; zeroed only where a token is masked for all r examples) while its `masks`
+  and `present` are per example.
+  """
+
+  tokens: dict[str, jax.Array]  # name -> (B / repeats[name], N_m, D_m)
   masks: dict[str, jax.Array]  # name -> (B, N_m) bool: token mask AND presence
   present: dict[str, jax.Array]  # name -> (B,) bool: presence AND at least one real token
   batch: int
+  repeats: dict[str, int]  # name -> r: each token row serves r consecutive examples (1: none)
 
 
 def build_fusion(name: str, *, modalities: Mapping[str, int], features: int, rngs: nnx.Rngs,
@@ -89,8 +100,10 @@ def _split_entry(name: str, entry: Any) -> tuple[Any, Any]:
 
 
 def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None,
-                   modalities: Sequence[tuple[str, int]]) -> FusionInputs:
+                   modalities: Sequence[tuple[str, int]], *, keep_shared: bool = False) -> FusionInputs:
   """Validates inputs against the construction-time modalities and applies the masks.
+
+  Shared inputs (batch B / r, see the module docstring) are repeated to B unless `keep_shared`.
 
   Raises ValueError naming the modality and the expected shape on an unknown name, a wrong rank
   or feature dim, a mask or presence of the wrong shape, or mismatched batch sizes.
@@ -111,7 +124,9 @@ def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None
     raise ValueError(f"fusion inputs: got no modality; expected some of {list(dims)}")
 
   raw: dict[str, tuple[jax.Array, jax.Array]] = {}
-  batch = None
+  rows = {m: (jnp.shape(_split_entry(m, e)[0])[:1] or (0,))[0] for m, e in inputs.items()}
+  first = max(rows, key=rows.get)  # the full batch B; the other modalities' rows divide it
+  batch = rows[first]
   for name, entry in inputs.items():
     tokens, mask = _split_entry(name, entry)
     d = dims[name]
@@ -126,34 +141,39 @@ def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None
                        f"got {mask.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.floating):
       raise TypeError(f"fusion input {name!r}: tokens expected a float array, got {tokens.dtype}")
-    if batch is None:
-      batch, first = tokens.shape[0], name
-    elif tokens.shape[0] != batch:
+    if tokens.shape[0] != batch and (tokens.shape[0] == 0 or batch % tokens.shape[0]):
       raise ValueError(f"fusion input {name!r}: batch size {tokens.shape[0]} differs from "
-                       f"{first!r}'s {batch}; expected tokens of shape ({batch}, N, {d})")
+                       f"{first!r}'s {batch} and does not divide it; expected tokens of shape "
+                       f"({batch}, N, {d}), or (B / r, N, {d}) for rows shared by r examples")
     raw[name] = tokens, mask.astype(bool)
   for name, p in presence.items():
     if jnp.shape(p) != (batch,):
       raise ValueError(f"presence[{name!r}]: expected shape (B,) = ({batch},), got {jnp.shape(p)}")
   dtype = next(iter(raw.values()))[0].dtype
 
-  out_tokens, out_masks, out_present = {}, {}, {}
+  out_tokens, out_masks, out_present, repeats = {}, {}, {}, {}
   for name, d in modalities:
     if name in raw:
       tokens, mask = raw[name]
     else:
       tokens, mask = jnp.zeros((batch, 1, d), dtype), jnp.zeros((batch, 1), bool)
+    r = batch // tokens.shape[0] if tokens.shape[0] else 1
+    if r > 1 and not keep_shared:
+      tokens, mask, r = jnp.repeat(tokens, r, axis=0), jnp.repeat(mask, r, axis=0), 1
+    mask = jnp.repeat(mask, r, axis=0)  # (B, N) per example
     if name in presence and name in raw:
       mask = mask & jnp.asarray(presence[name]).astype(bool)[:, None]
+    row_mask = mask.reshape(-1, r, mask.shape[1]).any(axis=1)  # (B / r, N): used by any example
     if name in raw and not isinstance(tokens, jax.core.Tracer) and not isinstance(mask, jax.core.Tracer) and not (
-        np.isfinite(np.asarray(tokens)) | ~np.asarray(mask, bool)[..., None]).all():
+        np.isfinite(np.asarray(tokens)) | ~np.asarray(row_mask, bool)[..., None]).all():
       raise ValueError(f"fusion input {name!r}: tokens contain NaN or Inf at unmasked positions "
                        "of present examples")
-    tokens = jnp.where(mask[..., None], tokens, jnp.zeros((), tokens.dtype))  # (B, N, D_m)
+    tokens = jnp.where(row_mask[..., None], tokens, jnp.zeros((), tokens.dtype))  # (B / r, N, D_m)
     out_tokens[name] = sharding.constrain(tokens, ("batch", "length", "embed"))
     out_masks[name] = mask
     out_present[name] = mask.any(axis=1)
-  return FusionInputs(out_tokens, out_masks, out_present, batch)
+    repeats[name] = r
+  return FusionInputs(out_tokens, out_masks, out_present, batch, repeats)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -234,6 +254,7 @@ class FusionBlock(nnx.Module):
   """
 
   min_modalities = 2
+  shares_inputs = False  # True: `fuse` takes shared inputs unrepeated (see FusionInputs.repeats)
 
   def __init__(self, modalities: Mapping[str, int], features: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32):
@@ -247,7 +268,7 @@ class FusionBlock(nnx.Module):
   def __call__(self, inputs: Mapping[str, Any], presence: Mapping[str, jax.Array] | None = None,
                *, deterministic: bool = True) -> FusionOutput:
     """Fuses `inputs` (name -> (tokens (B, N_m, D_m), mask (B, N_m))) given `presence` (name -> (B,))."""
-    x = prepare_inputs(inputs, presence, self.modality_dims)
+    x = prepare_inputs(inputs, presence, self.modality_dims, keep_shared=self.shares_inputs)
     out = self.fuse(x, deterministic=deterministic)
     pooled = sharding.constrain(out.pooled, ("batch", "embed"))
     return FusionOutput(pooled, out.tokens, {"masks": x.masks, "present": x.present, **out.aux})

@@ -51,16 +51,22 @@ class CrossModalLayer(nnx.Module):
 
   def __call__(self, xs: dict[str, jax.Array], masks: dict[str, jax.Array], *,
                deterministic: bool = True, return_weights: bool = False):
-    """xs: name -> (B, L_m, F); masks: name -> (B, L_m). Returns new xs and, per updated stream,
+    """xs: name -> (B, L_m, F), or (B / r, L_m, F) for a stream shared by r examples that is
+    not updated; masks: name -> (B, L_m). Returns new xs and, per updated stream,
     name -> (B, H, L_m, sum L_o)."""
     crossed, weights = {}, {}
     for m in self.update:
+      B = xs[m].shape[0]
       others = [o for o in self.names if o != m]
-      ctx = jnp.concatenate([xs[o] for o in others], axis=1)  # (B, sum L_o, F)
+      rows = {xs[o].shape[0] for o in others}
+      # Context shared by r examples: keys and values once per row (r = 1 when any is per example).
+      r = B // rows.pop() if len(rows) == 1 else 1
+      ctx = jnp.concatenate([xs[o] if r > 1 else _rows(xs[o], B) for o in others], axis=1)
       ctx_mask = jnp.concatenate([masks[o] for o in others], axis=1)[:, None, None, :]
       pre = self.norm == "pre"
       query = self.cross_norm(xs[m]) if pre else xs[m]
-      out = self.cross(query, ctx, ctx_mask, deterministic=deterministic, return_weights=return_weights)
+      out = self.cross(query, ctx, ctx_mask, deterministic=deterministic, return_weights=return_weights,
+                       context_repeats=r)
       if return_weights:
         out, weights[m] = out
       out = xs[m] + self.dropout(out, deterministic=deterministic)
@@ -68,6 +74,11 @@ class CrossModalLayer(nnx.Module):
     new = dict(xs)
     new.update({m: self.streams[m](crossed[m], masks[m], deterministic=deterministic) for m in self.update})
     return new, weights
+
+
+def _rows(x: jax.Array, batch: int) -> jax.Array:
+  """x (B / r, ...) repeated to (B, ...) (each row serves r consecutive examples)."""
+  return x if x.shape[0] == batch else jnp.repeat(x, batch // x.shape[0], axis=0)
 
 
 @FUSIONS.register("cross_attention")
@@ -114,12 +125,17 @@ class CrossAttentionFusion(FusionBlock):
     self.out = (dense(len(self.update) * features, features, ("mlp", "embed"), **kw)
                 if pool == "concat" else None)
 
+  shares_inputs = True  # a shared stream that is not updated is projected once per row
+
   def fuse(self, x: FusionInputs, *, deterministic: bool) -> FusionOutput:
     B = x.batch
     xs, masks = {}, {}
     for m in self.names:
-      h = self.in_norm[m](self.proj[m](x.tokens[m]))  # (B, N_m, F)
-      miss = jnp.broadcast_to(self.missing[m][...].astype(h.dtype), (B, 1, self.features))
+      t = x.tokens[m]  # (B / r, N_m, D_m)
+      if m in self.update:  # rewritten per example: (B, N_m, D_m), masked per example
+        t = jnp.where(x.masks[m][..., None], _rows(t, B), jnp.zeros((), t.dtype))
+      h = self.in_norm[m](self.proj[m](t))  # (B / r, N_m, F)
+      miss = jnp.broadcast_to(self.missing[m][...].astype(h.dtype), (h.shape[0], 1, self.features))
       xs[m] = sharding.constrain(jnp.concatenate([miss, h], axis=1), ("batch", "length", "embed"))
       masks[m] = jnp.concatenate([~x.present[m][:, None], x.masks[m]], axis=1)  # (B, 1 + N_m)
     maps = []
@@ -133,7 +149,7 @@ class CrossAttentionFusion(FusionBlock):
       fused = jnp.mean(jnp.stack(pooled, axis=1), axis=1)
     else:
       fused = self.out(jnp.concatenate(pooled, axis=-1))
-    tokens = {m: masked_token_output(xs[m][:, 1:], x.masks[m]) for m in self.names}
+    tokens = {m: masked_token_output(_rows(xs[m][:, 1:], B), x.masks[m]) for m in self.names}
     aux = {"cross_attention": self._split_maps(maps, x)} if self.attention_maps else {}
     return FusionOutput(fused, tokens, aux)
 

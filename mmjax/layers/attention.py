@@ -67,8 +67,12 @@ class MultiHeadAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
                *, decode: bool = False, deterministic: bool = True,
-               return_weights: bool = False):
+               return_weights: bool = False, context_repeats: int = 1):
     """Attends from `x` (B, Lq, D) to `context` (B, Lk, Dk), or to `x` itself when None.
+
+    With `context_repeats=r`, `context` is (B / r, Lk, Dk), each row shared by r consecutive
+    queries' rows (one image, several questions): keys and values are projected once per row
+    and the r query rows attend to them as one group; same result as repeating the context.
 
     `mask` is boolean, broadcastable to (B, H, Lq, Lk); True means attend. With `decode=True`
     (self-attention only) `x` holds the next token(s), keys/values are appended to the cache
@@ -95,10 +99,26 @@ class MultiHeadAttention(nnx.Module):
       q_pos = idx + jnp.arange(step)
       dmask = (jnp.arange(max_len)[None, :] <= q_pos[:, None])[None, None]  # (1, 1, step, max_len)
       mask = dmask if mask is None else mask & dmask
+    r = int(context_repeats)
+    if r != 1:
+      if context is None or decode or r < 1 or q.shape[0] != r * k.shape[0]:
+        raise ValueError(f"context_repeats={r}: expected cross-attention whose context has "
+                         f"B / {r} rows for the query's B = {q.shape[0]}, got {k.shape[0]} rows")
+      B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
+      q = q.reshape(B // r, r * Lq, *q.shape[2:])  # the r query rows of one context row, as one
+      if mask is not None:  # (B, H|1, Lq|1, Lk) -> (B / r, H|1, r * Lq, Lk)
+        mask = jnp.asarray(mask)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (B, mask.shape[1], Lq, Lk))
+        mask = mask.reshape(B // r, r, -1, Lq, Lk).swapaxes(1, 2).reshape(B // r, -1, r * Lq, Lk)
     if return_weights or (not deterministic and self.dropout.rate > 0):  # else the fused path
       out, w = self._explicit(q, k, v, mask, deterministic)
     else:
       out, w = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), None
+    if r != 1:
+      out = out.reshape(B, Lq, *out.shape[2:])
+      if w is not None:  # (B / r, H, r * Lq, Lk) -> (B, H, Lq, Lk)
+        w = w.reshape(B // r, w.shape[1], r, Lq, Lk).swapaxes(1, 2).reshape(B, -1, Lq, Lk)
     out = self.out(out.reshape(out.shape[:2] + (-1,)))
     return (out, w) if return_weights else out
 

@@ -2,8 +2,9 @@
 
 The LXMERT recipe of the seed article is `fusion="cross_attention"`; Santoro et al.'s relation
 network is `fusion="relation"`. Several questions may share one image (`question_ids` of shape
-(B, Q, L)): the image is encoded once and its tokens are repeated per question, which is about
-3x faster on Sort-of-CLEVR's 20 questions per image than encoding the image per question.
+(B, Q, L)): the image is encoded once and its tokens reach the fusion block as inputs shared by
+the Q questions (about 3x faster on Sort-of-CLEVR's 20 questions per image than encoding the
+image per question); cross-attention also projects them once per image instead of per question.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class VQAModel(nnx.Module):
       txt_tokens, txt_mask = txt.pooled[:, None], jnp.ones((B * Q, 1), bool)
     else:
       txt_tokens, txt_mask = txt.tokens, txt.mask
-    fused = self.fusion({"image": (rep(img.tokens), rep(img.mask)), "text": (txt_tokens, txt_mask)},
+    fused = self.fusion({"image": (img.tokens, img.mask), "text": (txt_tokens, txt_mask)},  # shared
                         pres, deterministic=deterministic)
     logits = self.head(fused.pooled, deterministic=deterministic)  # (B*Q, A)
     logits = logits.reshape(B, -1) if single else logits.reshape(B, Q, -1)

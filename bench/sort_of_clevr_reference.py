@@ -16,7 +16,8 @@ Measured (2 CPU cores, idle, lr 1e-3 cosine, 32 images x 20 questions per step):
   --norm group, one-hot, 1200 steps: non-rel 0.61, rel 0.67 at 1000 (off the prior at ~700).
   --norm group, words, 1000 steps: off the prior at ~800 (non-rel 0.58, rel 0.54 at 1000).
   --norm none (raw, inverted or standardised pixels): still near the prior at 400.
-Swapping library parts in, one at a time (group norm, one-hot, 1000 steps, loss at 1000):
+Swapping library parts in, one at a time (group norm, one-hot, 1000 steps, loss at 1000; measured
+with the library's earlier ReLU answer head, now GELU + LayerNorm, see bench/colour_binding.py):
   --vision library (SmallCNN, same shape): off the prior at ~700, non-rel 0.63 (0.783).
   + --fusion cross_attention (LXMERT post-LN, question as one token, library AnswerHead):
     stays at the prior through 1000 (0.833): the post-LN fusion is what stalls learning.

@@ -324,7 +324,10 @@ class RnnTextEncoder(nnx.Module):
     self.vocab_size, self.cell, self.hidden, self.pool, self.pad_id = vocab_size, cell, hidden, pool, pad_id
     self.bidirectional, self.dtype = bidirectional, dtype
     self.out_features = hidden * (2 if bidirectional else 1)
-    self.embed = Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # N(0, 1) embeddings (PyTorch's nn.Embedding default), not BERT's N(0, 0.02): no LayerNorm
+    # follows here, and with 0.02 the pooled LSTM outputs start at ~0.007 (0.18 with N(0, 1)),
+    # far below the first Adam steps of the biases downstream.
+    self.embed = Embed(vocab_size, features, init_std=1.0, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     cell_cls = nnx.LSTMCell if cell == "lstm" else nnx.GRUCell
     meta = dict(kernel_metadata={"logical_axes": ("embed", "mlp")},

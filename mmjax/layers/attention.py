@@ -33,17 +33,21 @@ class MultiHeadAttention(nnx.Module):
     num_heads: number of heads; `qkv_features` must divide by it.
     query, key, value: projections (D_in -> H*Dh), kernels named ('embed', 'heads').
     out: projection (H*Dh -> D_out), kernel named ('heads', 'embed').
+    scale: logits = scale * q.k, with scale = qk_scale / sqrt(Dh) (qk_scale 1: the usual).
   """
 
   def __init__(self, num_heads: int, in_features: int, *, kv_features: int | None = None,
                qkv_features: int | None = None, out_features: int | None = None,
-               use_bias: bool = True, dropout: float = 0.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               use_bias: bool = True, dropout: float = 0.0, qk_scale: float = 1.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     qkv_features = qkv_features or in_features
     if qkv_features % num_heads:
       raise ValueError(f"qkv_features={qkv_features} is not divisible by num_heads={num_heads}")
     kv_features = kv_features or in_features
     self.num_heads, self.head_dim = num_heads, qkv_features // num_heads
+    if not qk_scale > 0:
+      raise ValueError(f"qk_scale: expected a positive float, got {qk_scale!r}")
+    self.scale = float(qk_scale) * self.head_dim ** -0.5  # logits = scale * q.k
     self.dtype = dtype
     kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
     self.query = dense(in_features, qkv_features, ("embed", "heads"), **kw)
@@ -114,7 +118,7 @@ class MultiHeadAttention(nnx.Module):
     if return_weights or (not deterministic and self.dropout.rate > 0):  # else the fused path
       out, w = self._explicit(q, k, v, mask, deterministic)
     else:
-      out, w = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), None
+      out, w = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation="xla"), None
     if r != 1:
       out = out.reshape(B, Lq, *out.shape[2:])
       if w is not None:  # (B / r, H, r * Lq, Lk) -> (B, H, Lq, Lk)
@@ -123,7 +127,7 @@ class MultiHeadAttention(nnx.Module):
     return (out, w) if return_weights else out
 
   def _explicit(self, q, k, v, mask, deterministic):
-    scale = jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    scale = jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

@@ -37,11 +37,12 @@ def sincos_2d_positions(h: int, w: int, features: int, temperature: float = 10_0
 class Embed(nnx.Module):
   """Token embedding table (vocab, D) named ('vocab', 'embed'); `attend` gives tied output logits."""
 
-  def __init__(self, num_embeddings: int, features: int, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, num_embeddings: int, features: int, *, init_std: float = 0.02,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.num_embeddings = num_embeddings
     self.dtype = dtype
-    self.embedding = nnx.Param(part(normal02, ("vocab", "embed"))(rngs.params(), (num_embeddings, features), param_dtype))
+    init = nnx.initializers.normal(init_std)
+    self.embedding = nnx.Param(part(init, ("vocab", "embed"))(rngs.params(), (num_embeddings, features), param_dtype))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     if not jnp.issubdtype(ids.dtype, jnp.integer):

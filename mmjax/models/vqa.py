@@ -17,7 +17,7 @@ from flax import nnx
 
 from mmjax.encoders import ENCODERS, EncoderOutput
 from mmjax.fusion import build_fusion, modality_dropout
-from mmjax.layers.common import Dtype, activation, dense
+from mmjax.layers.common import Dtype, activation, dense, layer_norm
 from mmjax.registry import Registry
 
 MODELS = Registry("model")
@@ -40,17 +40,24 @@ def output_dim(encoder: nnx.Module, example: jax.ShapeDtypeStruct | tuple) -> in
 
 
 class AnswerHead(nnx.Module):
-  """MLP classifier: pooled (.., D) -> logits (.., A)."""
+  """LXMERT's answer classifier: pooled (.., D) -> dense -> GELU -> LayerNorm -> dense -> logits (.., A).
 
-  def __init__(self, features: int, hidden: int, num_answers: int, *, act: str = "relu",
+  GELU rather than ReLU: while a model still sits at the answer prior, Adam drives the ReLU
+  head's biases negative until (measured on a colour-question task) all but one unit is dead and
+  the model never leaves the prior.
+  """
+
+  def __init__(self, features: int, hidden: int, num_answers: int, *, act: str = "gelu",
                dropout: float = 0.0, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.fc1 = dense(features, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.norm = layer_norm(hidden, eps=1e-12, rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden, num_answers, ("mlp", "vocab"), rngs=rngs, dtype=dtype)
     self.act = activation(act)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    return self.fc2(self.dropout(self.act(self.fc1(x)), deterministic=deterministic))
+    h = self.norm(self.act(self.fc1(x)))
+    return self.fc2(self.dropout(h, deterministic=deterministic))
 
 
 @MODELS.register("vqa")

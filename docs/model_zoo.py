@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (config file, its argument without size, what it is).
 VARIANTS = (
-    *(("vqa_sort_of_clevr.py", f"fusion={f}", f"VQA, small CNN + GRU, {f} fusion")
+    *(("vqa_sort_of_clevr.py", f"fusion={f}", f"VQA, small CNN + LSTM, {f} fusion")
       for f in ("concat", "mean", "sum", "gated", "lmf", "tfn", "film", "cross_attention",
                 "single_stream", "bottleneck", "relation")),
-    ("vqa_sort_of_clevr.py", "fusion=film,text=bert", "VQA, small CNN + BERT-tiny, FiLM"),
-    ("vqa_sort_of_clevr.py", "fusion=film,text=minilm", "VQA, small CNN + MiniLM-L6, FiLM"),
+    ("vqa_sort_of_clevr.py", "fusion=cross_attention,text=bert", "VQA, small CNN + BERT-tiny, cross-attention"),
+    ("vqa_sort_of_clevr.py", "fusion=cross_attention,text=minilm", "VQA, small CNN + MiniLM-L6, cross-attention"),
     ("caption_shapes.py", "model=transformer", "captioning, small CNN + Transformer decoder"),
     ("caption_shapes.py", "model=show_and_tell", "captioning, Show and Tell (CNN + LSTM)"),
     ("clip_shapes.py", "loss=clip", "CLIP dual encoder, small CNN + GRU"),

@@ -12,6 +12,16 @@ grid cell its object covers (chance ~0.05).
 
   python bench/colour_binding.py --steps 600 --seeds 0,1,2 --qk_scales 1,4   # ~6 min, 2 cores
 
+Measured (2026-11-29, 2 cores shared with the test suite, `--steps 400`, GELU + LayerNorm head):
+
+| qk_scale | seed | off the prior at | accuracy | attention on the object |
+|---:|---:|---:|---:|---:|
+| 1 | 0 / 1 / 2 | > 400 / > 400 / > 400 | 0.247 / 0.243 / 0.253 | 0.017 / 0.030 / 0.013 |
+| 4 | 0 / 1 / 2 | 263 / 384 / > 400 | 0.850 / 0.437 / 0.233 | 0.730 / 0.327 / 0.193 |
+
+With the earlier ReLU answer head every variant stayed at loss ln 4 (the head's units died while
+the model sat at the prior: at step 200, 1 of 32 units was ever active).
+
 tests/test_viz.py::test_trained_attention_peaks_on_the_named_object trains the same model.
 """
 

@@ -19,8 +19,9 @@ Measured (2026-11-29, 2 cores shared with the test suite, `--steps 400`, GELU + 
 | 1 | 0 / 1 / 2 | > 400 / > 400 / > 400 | 0.247 / 0.243 / 0.253 | 0.017 / 0.030 / 0.013 |
 | 4 | 0 / 1 / 2 | 263 / 384 / > 400 | 0.850 / 0.437 / 0.233 | 0.730 / 0.327 / 0.193 |
 
-With the earlier ReLU answer head every variant stayed at loss ln 4 (the head's units died while
-the model sat at the prior: at step 200, 1 of 32 units was ever active).
+With the earlier ReLU answer head (same runs through a scratch copy of this script), qk_scale 1
+stayed at the prior for 1,000 steps and qk_scale 4 with seed 0 sat at exactly ln 4: the head's
+units had died while the model sat at the prior (at step 200, 1 of 32 units ever active).
 
 tests/test_viz.py::test_trained_attention_peaks_on_the_named_object trains the same model.
 """

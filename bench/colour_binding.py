@@ -19,6 +19,14 @@ Measured (2026-11-29, 2 cores shared with the test suite, `--steps 400`, GELU + 
 | 1 | 0 / 1 / 2 | > 400 / > 400 / > 400 | 0.247 / 0.243 / 0.253 | 0.017 / 0.030 / 0.013 |
 | 4 | 0 / 1 / 2 | 263 / 384 / > 400 | 0.850 / 0.437 / 0.233 | 0.730 / 0.327 / 0.193 |
 
+The colour inside a 7-token sentence (`--question sentence --qk_scales 4`, same conditions):
+
+| LSTM pool / question tokens | seed | off the prior at | accuracy | attention on the object |
+|---|---:|---:|---:|---:|
+| mean / pooled | 0 / 1 / 2 | > 400 / > 400 / > 400 | 0.300 / 0.293 / 0.260 | 0.140 / 0.180 / 0.040 |
+| last / pooled | 0 / 1 / 2 | > 400 / 247 / > 400 | 0.413 / 0.933 / 0.410 | 0.333 / 0.967 / 0.163 |
+| mean / all | 0 | > 400 | 0.317 | 0.150 |
+
 With the earlier ReLU answer head (same runs through a scratch copy of this script), qk_scale 1
 stayed at the prior for 1,000 steps and qk_scale 4 with seed 0 sat at exactly ln 4: the head's
 units had died while the model sat at the prior (at step 200, 1 of 32 units ever active).
@@ -44,8 +52,11 @@ from mmjax.models.vqa import VQAModel
 GRID, SIZE, COLOURS = 10, scenes.IMAGE_SIZE, len(scenes.COLORS)
 
 
-def batch(rng: np.random.Generator, n: int):
-  """n scenes x 6 colour questions: images, ids (n, 6, 1), quadrant answers, covered cells."""
+TEMPLATE = 7  # --question sentence: 7 tokens (ids 7..13) with the colour word at position 4
+
+
+def batch(rng: np.random.Generator, n: int, sentence: bool = False):
+  """n scenes x 6 colour questions: images, ids (n, 6, L), quadrant answers, covered cells."""
   images, answers, covers = [], [], []
   for _ in range(n):
     scene = scenes.sample_scene(rng)
@@ -57,18 +68,25 @@ def batch(rng: np.random.Generator, n: int):
       cells[i, rows * GRID // SIZE, cols * GRID // SIZE] = True
     covers.append(cells.reshape(COLOURS, -1))
   ids = np.broadcast_to(np.arange(1, COLOURS + 1)[None, :, None], (n, COLOURS, 1))
+  if sentence:  # the colour inside a fixed template, as in "what shape is the red object ?"
+    words = np.broadcast_to(np.arange(COLOURS + 1, COLOURS + 1 + TEMPLATE), (n, COLOURS, TEMPLATE)).copy()
+    words[..., 4] = ids[..., 0]
+    ids = words
   return jnp.asarray(np.stack(images)), jnp.asarray(ids, jnp.int32), np.stack(answers), np.stack(covers)
 
 
-def run(qk_scale: float, seed: int, steps: int, lr: float) -> dict:
+def run(qk_scale: float, seed: int, steps: int, lr: float, *, sentence: bool = False,
+        pool: str = "mean", question_tokens: str = "pooled") -> dict:
+  L = TEMPLATE if sentence else 1
   model = VQAModel(
       vision={"name": "small_cnn", "features": 32, "channels": (16, 16, 16), "norm": "group",
               "norm_groups": 4, "coords": True},
-      text={"name": "rnn_text", "vocab_size": COLOURS + 1, "features": 32, "hidden": 16},
+      text={"name": "rnn_text", "vocab_size": COLOURS + 1 + (TEMPLATE if sentence else 0), "features": 32, "hidden": 16,
+            "pool": pool},
       fusion="cross_attention",
       fusion_kwargs={"update": ("text",), "depth": 1, "norm": "pre", "qk_scale": qk_scale},
-      question_tokens="pooled", features=32, num_answers=4, image_shape=(SIZE, SIZE, 3),
-      question_len=1, head_hidden=32, rngs=nnx.Rngs(seed))
+      question_tokens=question_tokens, features=32, num_answers=4, image_shape=(SIZE, SIZE, 3),
+      question_len=L, head_hidden=32, rngs=nnx.Rngs(seed))
   opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 
   @nnx.jit
@@ -84,15 +102,15 @@ def run(qk_scale: float, seed: int, steps: int, lr: float) -> dict:
   def attend(model, images, ids):
     B, Q = ids.shape[:2]
     attn, logits = viz.question_image_attention(model, jnp.repeat(images, Q, axis=0),
-                                                ids.reshape(B * Q, 1), jnp.ones((B * Q, 1), bool))
+                                                ids.reshape(B * Q, L), jnp.ones((B * Q, L), bool))
     return attn.reshape(B, Q, -1), logits.reshape(B, Q, -1)
 
-  test = batch(np.random.default_rng(10_000 + seed), 50)
+  test = batch(np.random.default_rng(10_000 + seed), 50, sentence)
   rng = np.random.default_rng(seed)
   losses, off = [], None
   t0 = time.perf_counter()
   for i in range(steps):
-    images, ids, answers, _ = batch(rng, 16)
+    images, ids, answers, _ = batch(rng, 16, sentence)
     losses.append(float(step(model, opt, images, ids, jnp.asarray(answers))))
     if off is None and len(losses) >= 100 and np.mean(losses[-100:]) < 1.2:
       off = i + 1
@@ -108,12 +126,18 @@ def main():
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--qk_scales", default="1,4")
   p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--question", choices=("colour", "sentence"), default="colour",
+                 help="the colour as one token, or inside a fixed 7-token template")
+  p.add_argument("--pool", choices=("mean", "last"), default="mean", help="LSTM pooling")
+  p.add_argument("--question_tokens", choices=("pooled", "all"), default="pooled")
   args = p.parse_args()
+  print(f"question={args.question} pool={args.pool} question_tokens={args.question_tokens}")
   print("| qk_scale | seed | off the prior at | accuracy | attention on the object | s |")
   print("|---:|---:|---:|---:|---:|---:|")
   for scale in (float(s) for s in args.qk_scales.split(",")):
     for seed in (int(s) for s in args.seeds.split(",")):
-      r = run(scale, seed, args.steps, args.lr)
+      r = run(scale, seed, args.steps, args.lr, sentence=args.question == "sentence", pool=args.pool,
+              question_tokens=args.question_tokens)
       off = r["off_prior_at"] or f"> {args.steps}"
       print(f"| {scale:g} | {seed} | {off} | {r['accuracy']:.3f} | {r['attention_on_object']:.3f} | "
             f"{r['seconds']:.0f} |", flush=True)

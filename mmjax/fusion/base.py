@@ -58,15 +58,14 @@ class FusionInputs(NamedTuple):
   """Validated inputs: tokens zeroed wherever `masks` is False; names in construction order.
 
   With `prepare_inputs(..., keep_shared=True)`, a shared modality's tokens keep their B / r rows
-  (`repeats[m] = r`; zeroed only where a token is masked for all r examples) while its `masks`
-  and `present` are per example.
+  (r = batch // tokens[m].shape[0]; zeroed only where a token is masked for all r examples)
+  while its `masks` and `present` are per example.
   """
 
-  tokens: dict[str, jax.Array]  # name -> (B / repeats[name], N_m, D_m)
+  tokens: dict[str, jax.Array]  # name -> (B / r, N_m, D_m); r = 1 unless shared
   masks: dict[str, jax.Array]  # name -> (B, N_m) bool: token mask AND presence
   present: dict[str, jax.Array]  # name -> (B,) bool: presence AND at least one real token
   batch: int
-  repeats: dict[str, int]  # name -> r: each token row serves r consecutive examples (1: none)
 
 
 def build_fusion(name: str, *, modalities: Mapping[str, int], features: int, rngs: nnx.Rngs,
@@ -151,7 +150,7 @@ def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None
       raise ValueError(f"presence[{name!r}]: expected shape (B,) = ({batch},), got {jnp.shape(p)}")
   dtype = next(iter(raw.values()))[0].dtype
 
-  out_tokens, out_masks, out_present, repeats = {}, {}, {}, {}
+  out_tokens, out_masks, out_present = {}, {}, {}
   for name, d in modalities:
     if name in raw:
       tokens, mask = raw[name]
@@ -172,8 +171,7 @@ def prepare_inputs(inputs: Mapping[str, Any], presence: Mapping[str, Any] | None
     out_tokens[name] = sharding.constrain(tokens, ("batch", "length", "embed"))
     out_masks[name] = mask
     out_present[name] = mask.any(axis=1)
-    repeats[name] = r
-  return FusionInputs(out_tokens, out_masks, out_present, batch, repeats)
+  return FusionInputs(out_tokens, out_masks, out_present, batch)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -254,7 +252,7 @@ class FusionBlock(nnx.Module):
   """
 
   min_modalities = 2
-  shares_inputs = False  # True: `fuse` takes shared inputs unrepeated (see FusionInputs.repeats)
+  shares_inputs = False  # True: `fuse` takes shared inputs unrepeated (see FusionInputs)
 
   def __init__(self, modalities: Mapping[str, int], features: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32):

@@ -73,6 +73,21 @@ def test_frozen_group_does_not_change_and_lr_ratios_hold(tmp_path):
   np.testing.assert_allclose(ratio, 100.0, rtol=1e-3)
 
 
+def test_frozen_gradients_are_not_taken_nor_clipped_with():
+  """The step stops gradients at frozen leaves: grad_norm (what clipping uses) covers only the
+  trainable ones, so |g|^2 with enc frozen + |g|^2 with head frozen = |g|^2 with nothing frozen."""
+  from toy_task import ToyIterator
+  norms = {}
+  for frozen in ("", "enc", "head"):
+    groups = [{"name": frozen, "pattern": f"{frozen}/.*", "freeze": True}] if frozen else []
+    setup = trainer.Setup(toy_config(3, groups=groups))
+    with setup.context():
+      _, metrics = setup.make_train_step()(setup.init_state(), setup.global_batch(next(ToyIterator(8))))
+    norms[frozen] = float(metrics["grad_norm"])
+  assert 0 < norms["enc"] < norms[""] and 0 < norms["head"] < norms[""]
+  np.testing.assert_allclose(norms["enc"] ** 2 + norms["head"] ** 2, norms[""] ** 2, rtol=1e-5)
+
+
 def test_optimizer_config_errors():
   params = {"a": jnp.ones(2)}
   with pytest.raises(ValueError, match="matches no parameter"):

@@ -65,6 +65,16 @@ def group_labels(params: Any, groups: Sequence[Mapping[str, Any]]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def frozen_mask(cfg: Mapping[str, Any], params: Any) -> Any:
+  """True on every leaf of `params` whose group is frozen (same tree structure as `params`).
+
+  The train step stops gradients at these leaves, so XLA drops the backward pass through a fully
+  frozen encoder and frozen gradients (zeros) do not count in the global norm that clipping uses.
+  """
+  frozen = {g["name"] for g in (cfg.get("groups", ()) or ()) if g.get("freeze", False)}
+  return jax.tree.map(lambda name: name in frozen, group_labels(params, cfg.get("groups", ()) or ()))
+
+
 def _decay_mask(params: Any) -> Any:
   """Weight decay on matrices and conv kernels only (not biases, norms, embeddings tables' 1-D)."""
   return jax.tree.map(lambda p: p.ndim > 1, params)

@@ -76,6 +76,7 @@ class Setup:
     if self.nonfinite not in NONFINITE_POLICIES:
       raise ValueError(f"train.nonfinite: expected one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
     self.tx = optim.make_optimizer(config.optim, abs_params, self.total_steps)
+    self.frozen = optim.frozen_mask(config.optim, abs_params)  # leaves the step does not differentiate
     self.num_params = optim.count_params(abs_params)
     replicated = NamedSharding(self.mesh, P())
     param_sh = sharding.param_shardings(abs_params, self.mesh, self.rules)
@@ -136,9 +137,11 @@ class Setup:
   # -- compiled steps --------------------------------------------------------------------------
   def make_train_step(self):
     task, tx = self.task, self.tx
+    frozen = self.frozen
 
     def train_step(state, batch):
       def loss_fn(params):
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         model = self.model({**state, "params": params}, state["step"])
         loss, metrics = task.loss_fn(model, batch, True)
         _, _, _, mstate = nnx.split(model, nnx.Param, nnx.RngState, ...)

@@ -160,6 +160,19 @@ def test_rnn_padding_invariance_and_last_state(cell, bidirectional, num_layers):
     np.testing.assert_allclose(alone.tokens, out.tokens[1:2, :lengths[1]], atol=1e-6)
 
 
+def test_rnn_max_pool_over_real_tokens_only():
+  model = RnnTextEncoder(50, 8, 6, pool="max", rngs=nnx.Rngs(0))
+  ids = jnp.array([[3, 4, 5, 0], [7, 0, 0, 0], [0, 0, 0, 0]], jnp.int32)
+  out = _forward(model, ids, None)
+  tok = np.asarray(out.tokens)
+  np.testing.assert_allclose(out.pooled[0], tok[0, :3].max(0), atol=1e-6)
+  np.testing.assert_allclose(out.pooled[1], tok[1, 0], atol=1e-6)  # not max(., 0) of the padding
+  assert (tok[1, 0] < 0).any()
+  assert float(jnp.abs(out.pooled[2]).max()) == 0.0  # an empty row pools to zeros
+  grads = nnx.grad(lambda m: jnp.sum(m(ids).pooled ** 2))(model)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
 def test_rnn_mean_pool_bf16_and_errors():
   model = RnnTextEncoder(50, 8, 6, pool="mean", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   ids = jnp.array([[3, 4, 5, 0], [0, 0, 0, 0]], jnp.int32)

@@ -297,7 +297,7 @@ class RnnTextEncoder(nnx.Module):
     embed: token embedding (vocab_size, features).
     layers: `nnx.RNN` or `nnx.Bidirectional` per layer.
     out_features: D = hidden * (2 if bidirectional else 1).
-    pool: "last" (final state of each direction at the last real token) or "mean".
+    pool: "last" (final state of each direction at the last real token), "mean" or "max".
 
   Args:
     vocab_size: vocabulary size.
@@ -306,7 +306,9 @@ class RnnTextEncoder(nnx.Module):
     cell: "lstm" or "gru".
     bidirectional: run a backward RNN too and concatenate.
     num_layers: stacked recurrent layers.
-    pool: "last" or "mean".
+    pool: "last", "mean" (masked mean over tokens) or "max" (masked max over tokens per feature,
+      InferSent's BiLSTM-max: a word that drives some features to extremes, such as the one colour
+      word in a templated question, is not diluted by the sentence's length as it is in the mean).
     pad_id: padding id; the default mask is `ids != pad_id`.
     dropout: dropout on embeddings and between layers.
   """
@@ -317,8 +319,8 @@ class RnnTextEncoder(nnx.Module):
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if cell not in ("lstm", "gru"):
       raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
-    if pool not in ("last", "mean"):
-      raise ValueError(f"pool: expected 'last' or 'mean', got {pool!r}")
+    if pool not in ("last", "mean", "max"):
+      raise ValueError(f"pool: expected 'last', 'mean' or 'max', got {pool!r}")
     if num_layers < 1:
       raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
     self.vocab_size, self.cell, self.hidden, self.pool, self.pad_id = vocab_size, cell, hidden, pool, pad_id
@@ -371,6 +373,9 @@ class RnnTextEncoder(nnx.Module):
     tokens = (x * mask[..., None]).astype(self.dtype)  # (B, L, D), zero at padding
     if self.pool == "mean":
       pooled = masked_mean(tokens, mask)
+    elif self.pool == "max":
+      pooled = jnp.max(jnp.where(mask[..., None], tokens, -jnp.inf), axis=1)
+      pooled = jnp.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D), 0 for empty rows
     else:
       parts = [self._last_h(c) for c in final] if self.bidirectional else [self._last_h(final)]
       pooled = jnp.concatenate(parts, axis=-1) * (lengths > 0)[:, None]  # (B, D)

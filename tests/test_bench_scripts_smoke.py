@@ -1,4 +1,4 @@
-"""Smoke tests of bench/sort_of_clevr.py, bench/fusion_sweep.py and bench/gpu_mfu.py at tiny settings.
+"""Smoke tests of bench/sort_of_clevr.py, bench/fusion_sweep.py, bench/gpu_mfu.py and bench/colour_binding.py at tiny settings.
 
 They check what the scripts produce, never how fast anything is: the trainer's wall-clock budget
 (`train.max_minutes`) ends a run early, the accuracy with every modality marked present equals
@@ -77,3 +77,11 @@ def test_gpu_mfu_tiny(tmp_path, capsys):
   assert 1.0 < r["hlo_flops"] / r["analytic_flops"] < 1.6, r
   assert f"| vit | {r['params']:,} |" in capsys.readouterr().out
   assert json.loads((tmp_path / "mfu.json").read_text())["models"]["vit"]["params"] == r["params"]
+
+
+def test_colour_binding_reports_per_head_attention():
+  binding = _load("colour_binding")
+  r = binding.run(4.0, 0, 3, 3e-3, sentence=True, pool="max")
+  assert r["off_prior_at"] is None and 0.0 <= r["accuracy"] <= 1.0
+  assert len(r["per_head"]) == 4 and all(0.0 <= x <= 1.0 for x in r["per_head"])
+  assert 0.0 <= r["attention_on_object"] <= 1.0

@@ -1,5 +1,6 @@
 """Figures: pixel sizes, not blank, attention peaks where they should, counts rendered, VQA attention."""
 
+import functools
 import json
 
 import jax
@@ -197,10 +198,27 @@ def test_vqa_attention_figure_from_model(cross_model, inputs):
     viz.question_image_attention(film, images, ids, mask)
 
 
+def test_attention_of_one_head(cross_model, inputs):
+  images, ids, mask = inputs
+  mean, _ = jax.device_get(viz.question_image_attention(cross_model, images, ids, mask))
+  _, aux = cross_model(images, ids, mask)
+  n_heads = aux["fusion"]["cross_attention"]["text"]["image"].shape[2]
+  per = jax.device_get([viz.question_image_attention(cross_model, images, ids, mask, head=h)[0]
+                        for h in range(n_heads)])
+  # Each head's map sums to 1 over the image tokens, so their mean is the head-mean map.
+  np.testing.assert_allclose(np.mean(per, axis=0), mean, atol=1e-6)
+  assert n_heads > 1 and not np.allclose(per[0], per[1])
+  np.testing.assert_array_equal(per[-1], viz.question_image_attention(cross_model, images, ids, mask, head=-1)[0])
+  with pytest.raises(ValueError, match="head"):
+    viz.question_image_attention(cross_model, images, ids, mask, head=n_heads)
+
+
 def test_trained_attention_peaks_on_the_named_object():
   """A VQA model trained to say where the object of the named colour is (left/right x top/bottom)
-  looks at that object: its question-to-image attention peaks on a grid cell the object covers,
-  for unseen scenes. Untrained, the peak lands on the object about as often as chance (~5%).
+  looks at that object: the question-to-image attention of its head that does the looking (chosen
+  on training scenes) peaks on a grid cell the object covers, for unseen scenes. Untrained, no
+  head's peak lands on the object much more often than chance (~5%). Heads specialise (one of
+  four finds the object, the others look elsewhere), so the property is asserted per head.
 
   Real Sort-of-CLEVR scenes (mmjax.data.scenes); the question is the colour as one token.
   """
@@ -242,28 +260,32 @@ def test_trained_attention_peaks_on_the_named_object():
     opt.update(model, grads)
     return value
 
-  @nnx.jit
-  def attend(model, images, ids):
+  n_heads = model.fusion.layers[0].cross.num_heads  # 4, the cross_attention default
+
+  @functools.partial(nnx.jit, static_argnames="head")
+  def attend(model, images, ids, head):
     B, Q = ids.shape[:2]
     flat = lambda x: jnp.repeat(x, Q, axis=0)
     attn, logits = viz.question_image_attention(model, flat(images), ids.reshape(B * Q, 1),
-                                                jnp.ones((B * Q, 1), bool))
+                                                jnp.ones((B * Q, 1), bool), head=head)
     return attn.reshape(B, Q, -1), logits.reshape(B, Q, -1)
 
-  test_images, test_ids, test_answers, test_covers = batch(np.random.default_rng(1), 40)
-
-  def peak_on_object():
-    attn, logits = jax.device_get(attend(model, test_images, test_ids))
+  def peak_on_object(scenes, head):
+    images, ids, answers, covers = scenes
+    attn, logits = jax.device_get(attend(model, images, ids, head))
     peak = attn.argmax(-1)  # (B, Q) cell index
-    on = np.take_along_axis(test_covers, peak[..., None], axis=-1)[..., 0]  # (B, Q)
-    return on.mean(), (logits.argmax(-1) == test_answers).mean()
+    on = np.take_along_axis(covers, peak[..., None], axis=-1)[..., 0]  # (B, Q)
+    return on.mean(), (logits.argmax(-1) == answers).mean()
 
-  before, _ = peak_on_object()
+  heads = range(n_heads)
+  test, chooser = batch(np.random.default_rng(1), 40), batch(np.random.default_rng(2), 20)
+  before = [peak_on_object(test, h)[0] for h in heads]
   rng = np.random.default_rng(0)
   for _ in range(500):
     images, ids, answers, _ = batch(rng, 16)
     step(model, opt, images, ids, jnp.asarray(answers))
-  after, accuracy = peak_on_object()
-  assert before < 0.2, before
+  best = max(heads, key=lambda h: peak_on_object(chooser, h)[0])  # chosen on other scenes
+  after, accuracy = peak_on_object(test, best)
+  assert max(before) < 0.2, before
   assert accuracy > 0.75, accuracy  # it learned the task (chance 0.25)
-  assert after > 0.6, (before, after)
+  assert after > 0.6, (before, best, after)

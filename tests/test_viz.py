@@ -220,8 +220,8 @@ SEED = int(os.environ.get("MMJAX_TEST_SEED", "0"))  # the trained-attention test
 def test_trained_attention_peaks_on_the_named_object():
   """A VQA model trained to say where the object of the named colour is (left/right x top/bottom)
   looks at that object: the question-to-image attention of its head that does the looking (chosen
-  on training scenes) peaks on a grid cell the object covers, for unseen scenes. Untrained, no
-  head's peak lands on the object much more often than chance (~5%). Heads specialise (one of
+  on training scenes) peaks on a grid cell the object covers, for unseen scenes, and rarely on
+  another colour's object. Untrained, no head's peak follows the named object. Heads specialise (one of
   four finds the object, the others look elsewhere), so the property is asserted per head.
 
   Real Sort-of-CLEVR scenes (mmjax.data.scenes); the question is the colour as one token.
@@ -274,11 +274,12 @@ def test_trained_attention_peaks_on_the_named_object():
                                                 jnp.ones((B * Q, 1), bool), head=head)
     return attn.reshape(B, Q, -1), logits.reshape(B, Q, -1)
 
-  def peak_on_object(scenes, head):
+  def peak_on_object(scenes, head, shift=0):
+    """How often the head's peak is on the named object (shift=k: on the object k colours on)."""
     images, ids, answers, covers = scenes
     attn, logits = jax.device_get(attend(model, images, ids, head))
     peak = attn.argmax(-1)  # (B, Q) cell index
-    on = np.take_along_axis(covers, peak[..., None], axis=-1)[..., 0]  # (B, Q)
+    on = np.take_along_axis(np.roll(covers, shift, axis=1), peak[..., None], axis=-1)[..., 0]  # (B, Q)
     return on.mean(), (logits.argmax(-1) == answers).mean()
 
   heads = range(n_heads)
@@ -292,6 +293,9 @@ def test_trained_attention_peaks_on_the_named_object():
     losses.append(float(step(model, opt, images, ids, jnp.asarray(answers))))
   best = max(heads, key=lambda h: peak_on_object(chooser, h)[0])  # chosen on other scenes
   after, accuracy = peak_on_object(test, best)
-  assert max(before) < 0.2, before
+  # Untrained, a head may favour objects over background, but not the one the question names.
+  assert max(before) < 0.35, before
   assert accuracy > 0.75, accuracy  # it learned the task (chance 0.25)
   assert after > 0.6, (before, best, after)
+  # It follows the question: its peak is rarely on another colour's object.
+  assert max(peak_on_object(test, best, k)[0] for k in range(1, n_colors)) < 0.2

@@ -20,7 +20,6 @@ character outside the alphabet maps to `[UNK]`.
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import pathlib
 import string
@@ -31,9 +30,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerFast
-
-log = logging.getLogger(__name__)
-_TRUNCATION_WARNED: set[int] = set()
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -166,8 +162,6 @@ def encode(
   Returns:
     ids: (N, L) int32 token ids, `[PAD]` after the end.
     mask: (N, L) bool, True on real tokens.
-
-  The first time sentences are cut at a given `max_len`, a warning says how many and which.
   """
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
@@ -182,14 +176,4 @@ def encode(
     return_attention_mask=True,
     return_token_type_ids=False,
   )
-  ids, mask = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], bool)
-  if max_len not in _TRUNCATION_WARNED and mask[:, -1].any():  # only full rows can have been cut
-    full = [texts[i] for i in np.flatnonzero(mask[:, -1])]
-    lengths = [len(x) for x in tokenizer(full, truncation=False)["input_ids"]]
-    cut = [(t, n) for t, n in zip(full, lengths) if n > max_len]
-    if cut:
-      _TRUNCATION_WARNED.add(max_len)
-      log.warning("sentences longer than max_len=%d tokens are being truncated (in this call %d of "
-                  "%d, the longest %d tokens, e.g. %r); raise max_len to keep them whole. Warned "
-                  "once per max_len.", max_len, len(cut), len(texts), max(n for _, n in cut), cut[0][0])
-  return ids, mask
+  return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], bool)

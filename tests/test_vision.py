@@ -153,6 +153,31 @@ def test_coordinates_appended_to_grid_cells():
   assert np.min(np.abs(interior[:, None] - interior[None]).sum(-1) + np.eye(16)) > 1e-6
 
 
+def test_fourier_coordinates_make_offsets_visible_to_dot_products():
+  h, w, n = 6, 10, 4
+  c = grid_coords(h, w, n)
+  assert c.shape == (h, w, 2 + 4 * n)
+  np.testing.assert_array_equal(c[..., :2], grid_coords(h, w))  # the linear (x, y) come first
+  f = c[..., 2:].reshape(h * w, -1)
+  gram = f @ f.T  # sum over k, axis of cos((pi / 2) k (a - b)): a function of the offset only
+  ys, xs = np.divmod(np.arange(h * w), w)
+  dy, dx = ys[:, None] - ys[None], xs[:, None] - xs[None]
+  for oy, ox in [(0, 0), (1, 2), (-3, 5), (5, -9)]:
+    vals = gram[(dy == oy) & (dx == ox)]
+    assert vals.size and np.ptp(vals) < 1e-5, (oy, ox)
+  # Largest at offset zero only: no two cells of the grid alias (lowest period = 2 spans).
+  off_diag = gram + np.diag(np.full(h * w, -np.inf))
+  assert np.all(np.diag(gram) - off_diag.max(1) > 0.05)
+  model = SmallCNN(16, channels=(8, 8, 8), norm="none", coords=True, coord_freqs=n,
+                   rngs=nnx.Rngs(0))
+  assert model.proj.kernel.shape == (8 + 2 + 4 * n, 16)
+  assert model(jnp.ones((2, 48, 80, 3))).tokens.shape == (2, h * w, 16)
+  with pytest.raises(ValueError, match="coord_freqs"):
+    SmallCNN(16, coord_freqs=2, rngs=nnx.Rngs(0))  # needs coords=True
+  with pytest.raises(ValueError, match="coord_freqs"):
+    SmallCNN(16, coords=True, coord_freqs=-1, rngs=nnx.Rngs(0))
+
+
 def test_bad_inputs_name_the_field():
   vit = ViT(None, rngs=nnx.Rngs(0), **TINY_VIT)  # no head
   with pytest.raises(ValueError, match="images"):

@@ -384,12 +384,17 @@ class ResNet(nnx.Module):
     return _classify(self, images, deterministic)
 
 
-def grid_coords(h: int, w: int) -> np.ndarray:
-  """(h, w, 2) cell coordinates (x, y), each spanning [-1, 1] (0 for a single cell)."""
+def grid_coords(h: int, w: int, freqs: int = 0) -> np.ndarray:
+  """(h, w, 2 + 4 * freqs) cell coordinates (x, y), each spanning [-1, 1] (0 for a single
+  cell), then sin((pi / 2) k x), cos(...), sin((pi / 2) k y), cos(...) for k = 1..freqs."""
   ys = np.linspace(-1.0, 1.0, h) if h > 1 else np.zeros(1)
   xs = np.linspace(-1.0, 1.0, w) if w > 1 else np.zeros(1)
   yy, xx = np.meshgrid(ys, xs, indexing="ij")
-  return np.stack([xx, yy], axis=-1).astype(np.float32)
+  out = [xx, yy]
+  for k in range(1, freqs + 1):
+    for v in (xx, yy):
+      out += [np.sin(np.pi / 2 * k * v), np.cos(np.pi / 2 * k * v)]
+  return np.stack(out, axis=-1).astype(np.float32)
 
 
 @ENCODERS.register("small_cnn")
@@ -408,6 +413,11 @@ class SmallCNN(nnx.Module):
     norm: "batch", "group", "layer" or "none".
     norm_groups: groups for "group".
     coords: append each cell's normalised (x, y) in [-1, 1] before the projection.
+    coord_freqs: with `coords`, also append sin and cos of (pi / 2) k x and (pi / 2) k y for
+      k = 1..coord_freqs (4 * coord_freqs channels). Attention logits between such tokens can
+      then be functions of the offset between cells (cos a cos b + sin a sin b = cos(a - b)),
+      e.g. peaked on the nearest object, which the linear (x, y) alone cannot express. The
+      lowest frequency has period 4, twice the grid's span, so no two offsets in the grid alias.
     depth: pre-LN Transformer layers over the grid tokens after the projection (0: none). With
       coordinates this lets every cell see every other once per image, which relational questions
       need, at a cost shared by all questions about the image.
@@ -420,20 +430,23 @@ class SmallCNN(nnx.Module):
 
   def __init__(self, features: int = 64, *, channels: tuple[int, ...] = (24, 24, 24, 24),
                kernel_size: int = 3, norm: str = "batch", norm_groups: int = 8,
-               coords: bool = False, depth: int = 0, num_heads: int = 4, mlp_ratio: int = 2,
+               coords: bool = False, coord_freqs: int = 0, depth: int = 0, num_heads: int = 4, mlp_ratio: int = 2,
                in_channels: int = 3, act: str = "relu", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if not channels:
       raise ValueError("channels: expected at least one conv layer")
     if depth < 0:
       raise ValueError(f"depth: expected a non-negative int, got {depth!r}")
-    self.in_channels, self.coords = in_channels, coords
+    if coord_freqs < 0 or (coord_freqs and not coords):
+      raise ValueError(f"coord_freqs: expected a non-negative int, and coords=True when > 0; "
+                       f"got coord_freqs={coord_freqs!r}, coords={coords!r}")
+    self.in_channels, self.coords, self.coord_freqs = in_channels, coords, coord_freqs
     self.act = activation(act)
     kw = dict(norm=norm, groups=norm_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     cins = (in_channels,) + tuple(channels[:-1])
     self.layers = nnx.List([ConvNorm(ci, co, kernel_size, 2, **kw)
                             for ci, co in zip(cins, channels)])
-    self.proj = dense(channels[-1] + 2 * coords, features, (None, "embed"), rngs=rngs,
+    self.proj = dense(channels[-1] + 2 * coords + 4 * coord_freqs, features, (None, "embed"), rngs=rngs,
                       dtype=dtype, param_dtype=param_dtype)
     self.encoder = (Encoder(depth, features, num_heads, mlp_ratio * features, rngs=rngs,
                             dtype=dtype, param_dtype=param_dtype) if depth else None)
@@ -446,7 +459,8 @@ class SmallCNN(nnx.Module):
       x = self.act(layer(x, deterministic))  # (B, h, w, C)
     b, h, w, _ = x.shape
     if self.coords:
-      xy = jnp.broadcast_to(jnp.asarray(grid_coords(h, w), x.dtype), (b, h, w, 2))
+      xy = grid_coords(h, w, self.coord_freqs)
+      xy = jnp.broadcast_to(jnp.asarray(xy, x.dtype), (b, h, w, xy.shape[-1]))
       x = jnp.concatenate([x, xy], axis=-1)
     tokens = self.proj(x.reshape(b, h * w, x.shape[-1]))  # (B, h*w, D)
     tokens = sharding.constrain(tokens, ("batch", "length", "embed"))

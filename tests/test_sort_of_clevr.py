@@ -4,6 +4,7 @@ The oracles below are written from the spec (Santoro et al. 2017, appendix D, an
 generator) and do not use the module's answer code.
 """
 
+import concurrent.futures
 import io
 import math
 import os
@@ -11,6 +12,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -322,13 +324,34 @@ def test_tokenizer_round_trip_padding_and_truncation():
   assert ids[0, 0] == tok.cls_token_id and ids[0, 8] == tok.sep_token_id
   for i, t in enumerate(text):
     assert tok.decode(ids[i][mask[i]].tolist(), skip_special_tokens=True) == t.lower()
-  short, short_mask = tokenizer_lib.encode(tok, text, 5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing cut at 12: no warning
+    tokenizer_lib.encode(tok, text, 12)
+  with pytest.warns(UserWarning, match=r"2 of 2 texts .* max_len=5 .*longest needs 10"):
+    short, short_mask = tokenizer_lib.encode(tok, text, 5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # warned once per tokenizer and max_len
+    tokenizer_lib.encode(tok, text, 5)
   assert short_mask.all() and (short[:, -1] == tok.sep_token_id).all()
   assert short[0].tolist() == ids[0, :4].tolist() + [tok.sep_token_id]
   with pytest.raises(ValueError, match="max_len"):
     tokenizer_lib.encode(tok, text, 1)
   with pytest.raises(TypeError, match="str or bytes"):
     tokenizer_lib.encode(tok, [3], 8)
+
+
+def test_concurrent_encodes_with_different_lengths_keep_their_own():
+  text = ["What shape is the red object?", "Is the blue object at the top?"]
+  tok = tokenizer_lib.train_wordpiece(text * 3)
+  want = {n: tokenizer_lib.encode(tok, text, n)[0] for n in (5, 12, 16)}
+
+  def work(n):
+    return all(np.array_equal(tokenizer_lib.encode(tok, text, n)[0], want[n]) for _ in range(200))
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      assert all(pool.map(work, [5, 12, 16] * 2))
 
 
 def test_tokenizer_training_is_deterministic(tmp_path):

@@ -23,6 +23,8 @@ import collections
 import os
 import pathlib
 import string
+import threading
+import warnings
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
@@ -149,6 +151,12 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
   raise FileNotFoundError(f"{path} holds neither {TOKENIZER_FILE} nor a pretrained tokenizer")
 
 
+_WARNED_TRUNCATION: set[tuple[int, int]] = set()
+# HF fast tokenizers keep truncation and padding as state on the backend and set it per call, so
+# concurrent calls with different max_len (pipeline threads, predict) could pad to another's.
+_LOCK = threading.Lock()
+
+
 def encode(
   tokenizer: PreTrainedTokenizerFast, texts: Sequence[str | bytes], max_len: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +165,9 @@ def encode(
   Args:
     tokenizer: a fast tokenizer whose post-processor adds `[CLS]`/`[SEP]`.
     texts: N sentences (str or UTF-8 bytes).
-    max_len: L, the padded length; a longer sentence is cut and still ends with `[SEP]`.
+    max_len: L, the padded length; a longer sentence is cut and still ends with `[SEP]`, and
+      the first call that cuts sentences for a given tokenizer and `max_len` warns, naming
+      how many and the longest length needed.
 
   Returns:
     ids: (N, L) int32 token ids, `[PAD]` after the end.
@@ -168,12 +178,24 @@ def encode(
   texts = [_as_str(t) for t in texts]
   if not texts:
     return np.zeros((0, max_len), np.int32), np.zeros((0, max_len), bool)
-  enc = tokenizer(
-    texts,
-    max_length=max_len,
-    padding="max_length",
-    truncation=True,
-    return_attention_mask=True,
-    return_token_type_ids=False,
-  )
+  with _LOCK:  # the call sets the shared backend's truncation and padding, then encodes
+    enc = tokenizer(
+      texts,
+      max_length=max_len,
+      padding="max_length",
+      truncation=True,
+      return_attention_mask=True,
+      return_token_type_ids=False,
+    )
+  # The backend keeps what truncation cut in each Encoding's `overflowing`; reading it does not
+  # re-run the shared tokenizer with other settings (that would race with pipeline threads).
+  # Lengths needed: every overflow piece is padded and re-adds [CLS] and [SEP].
+  cut = [max_len + sum(sum(o.attention_mask) - 2 for o in e.overflowing)
+         for e in enc.encodings if e.overflowing]
+  if cut and (id(tokenizer), max_len) not in _WARNED_TRUNCATION:
+    _WARNED_TRUNCATION.add((id(tokenizer), max_len))
+    warnings.warn(f"tokenizer.encode: {len(cut)} of {len(texts)} texts are longer than "
+                  f"max_len={max_len} tokens and were truncated (the longest needs {max(cut)}); "
+                  f"raise max_len (e.g. data.max_len) to keep them whole. Warned once per "
+                  f"tokenizer and max_len.", stacklevel=2)
   return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], bool)

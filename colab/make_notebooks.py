@@ -159,16 +159,20 @@ def quickstart_vqa():
           print(f"Q: {question}\\nA: {out['answer']} (truth: {truth})")
           print({k: round(p, 3) for k, p in list(out["probabilities"].items())[:4]})
           '''),
-      md("## Where did the model look?\n\nThe question tokens' cross-attention over the 5×5 image "
-         "cells, averaged over heads and tokens."),
+      md("## Where did the model look?\n\nThe question's cross-attention over the image grid, "
+         "first averaged over heads, then one panel per head: heads specialise, and in a trained "
+         "model usually one of them finds the object the question's colour names."),
       code('''
           attention = WORKDIR / "attention.png"
           viz.vqa_attention_figure(predictor, image, question, path=attention)
           show(attention)
+          heads = WORKDIR / "attention_heads.png"
+          viz.vqa_attention_figure(predictor, image, question, head="all", size_px=160, path=heads)
+          show(heads)
           summary = {"backend": BACKEND, "devices": DEVICES, "size": SIZE, "step": predictor.step,
                      "num_params": metrics["num_params"], "test/accuracy": metrics["test/accuracy"],
                      "num_answers": len(predictor.answers), "question": question, "answer": out["answer"],
-                     "figures": [str(curves), str(attention)]}
+                     "figures": [str(curves), str(attention), str(heads)]}
           (WORKDIR / "summary.json").write_text(json.dumps(summary, indent=2))
           '''),
   ]

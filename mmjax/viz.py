@@ -90,12 +90,14 @@ def attention_over_image(image: Any, attn: Any, grid_hw: tuple[int, int] | None 
 
   Args:
     image: (H, W, 3) uint8, or float in [0, 1].
-    attn: (N,) = (h * w,) weights over the grid cells, row-major (as vision encoders order tokens).
+    attn: (N,) = (h * w,) weights over the grid cells, row-major (as vision encoders order tokens),
+      or (K, N): K maps (e.g. one per attention head) drawn side by side, labelled 0..K-1, each
+      scaled to its own maximum.
     grid_hw: (h, w); default inferred from N and the image's aspect ratio.
     alpha: opacity of the heat map.
     cmap: matplotlib colour map of the heat map (scaled from 0 to the maximum weight).
-    size_px: the longer side of the figure in pixels; the figure has the image's aspect ratio
-      and the image fills it (the title, if any, is drawn over its top).
+    size_px: the longer side of one panel in pixels; a panel has the image's aspect ratio
+      and the image fills it (the title, if any, is drawn over the top of the first).
     title: text drawn at the top.
     path: PNG to write.
 
@@ -105,25 +107,32 @@ def attention_over_image(image: Any, attn: Any, grid_hw: tuple[int, int] | None 
   image = _as_image(image)
   attn = np.asarray(attn, np.float32)
   H, W = image.shape[:2]
-  if attn.ndim != 1:
-    raise ValueError(f"attn: expected shape (N,) over the grid cells, got {attn.shape}")
-  h, w = infer_grid(attn.size, (H, W)) if grid_hw is None else (int(grid_hw[0]), int(grid_hw[1]))
-  if h * w != attn.size:
-    raise ValueError(f"attn: expected {h}×{w} = {h * w} weights for grid_hw={(h, w)}, got {attn.size}")
+  if attn.ndim not in (1, 2):
+    raise ValueError(f"attn: expected shape (N,) or (K, N) over the grid cells, got {attn.shape}")
+  maps = attn.reshape(-1, attn.shape[-1])
+  n = maps.shape[1]
+  h, w = infer_grid(n, (H, W)) if grid_hw is None else (int(grid_hw[0]), int(grid_hw[1]))
+  if h * w != n:
+    raise ValueError(f"attn: expected {h}×{w} = {h * w} weights for grid_hw={(h, w)}, got {n}")
   scale = size_px / max(H, W)
-  fig = new_figure((round(H * scale), round(W * scale)))
-  ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+  k = maps.shape[0]
+  fig = new_figure((round(H * scale), round(W * scale) * k))
   extent = (0, W, H, 0)
-  ax.imshow(image, extent=extent, interpolation="nearest")
-  top = float(attn.max()) if attn.max() > 0 else 1.0
-  ax.imshow(attn.reshape(h, w), cmap=cmap, alpha=alpha, vmin=0.0, vmax=top, extent=extent,
-            interpolation="bilinear")
-  ax.set_xlim(0, W)
-  ax.set_ylim(H, 0)
-  ax.set_axis_off()
-  if title:
-    ax.text(0.5, 0.99, title, transform=ax.transAxes, ha="center", va="top", fontsize=8,
-            wrap=True, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+  for i, m in enumerate(maps):
+    ax = fig.add_axes((i / k, 0.0, 1.0 / k, 1.0))
+    ax.imshow(image, extent=extent, interpolation="nearest")
+    top = float(m.max()) if m.max() > 0 else 1.0
+    ax.imshow(m.reshape(h, w), cmap=cmap, alpha=alpha, vmin=0.0, vmax=top, extent=extent,
+              interpolation="bilinear")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_axis_off()
+    if attn.ndim == 2:
+      ax.text(0.02, 0.02, str(i), transform=ax.transAxes, ha="left", va="bottom", fontsize=9,
+              bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+    if title and i == 0:
+      ax.text(0.5 * k if k > 1 else 0.5, 0.99, title, transform=ax.transAxes, ha="center",
+              va="top", fontsize=8, wrap=True, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
   return _finish(fig, path)
 
 
@@ -131,7 +140,7 @@ def attention_over_image(image: Any, attn: Any, grid_hw: tuple[int, int] | None 
 # VQA attention.
 # ---------------------------------------------------------------------------------------------
 def question_image_attention(model, images: jax.Array, ids: jax.Array, mask: jax.Array, *,
-                             layer: int = -1, head: int | None = None) -> tuple[jax.Array, jax.Array]:
+                             layer: int = -1, head: int | str | None = None) -> tuple[jax.Array, jax.Array]:
   """Question-to-image attention of a `VQAModel` with cross_attention or single_stream fusion.
 
   Traceable (runs under `jax.jit`).
@@ -141,13 +150,14 @@ def question_image_attention(model, images: jax.Array, ids: jax.Array, mask: jax
     images: (B, H, W, C) preprocessed images.
     ids, mask: (B, L) question tokens and mask.
     layer: which fusion layer's attention (negative counts from the last).
-    head: one attention head's map (negative counts from the last), or None for the mean over
-      heads. Heads specialise: in a trained colour-question model one head of four put 83% of
+    head: one attention head's map (negative counts from the last), "all" for every head's, or
+      None for the mean over heads. Heads specialise: in a trained colour-question model one head of four put 83% of
       its attention on the named object while the others looked elsewhere, so the mean peaked on
       the object for only ~half of the questions (bench/colour_binding.py).
 
   Returns:
-    attention (B, N_image), normalised to sum 1 over the image tokens, and logits (B, A).
+    attention (B, N_image), or (B, H, N_image) for head="all", normalised to sum 1 over the image
+    tokens, and logits (B, A).
   """
   from mmjax.fusion.cross_attention import CrossAttentionFusion  # pylint: disable=g-import-not-at-top
   from mmjax.fusion.single_stream import SingleStreamFusion  # pylint: disable=g-import-not-at-top
@@ -159,9 +169,11 @@ def question_image_attention(model, images: jax.Array, ids: jax.Array, mask: jax
                        "so it returns no attention; build it with attention_maps=True")
     logits, aux = model(images, ids, mask)
     maps = aux["fusion"]["cross_attention"]["text"]["image"]  # (depth, B, H, N_text, N_image)
-    per_token = _heads(maps[_layer_index(layer, maps.shape[0])], head)  # (B, N_text, N_image)
+    per_token = _heads(maps[_layer_index(layer, maps.shape[0])], head)  # (B, [H,] N_text, N_image)
     text_mask = aux["fusion"]["masks"]["text"].astype(per_token.dtype)  # (B, N_text)
-    attn = (per_token * text_mask[..., None]).sum(1) / jnp.maximum(text_mask.sum(1, keepdims=True), 1.0)
+    text_mask = text_mask.reshape(text_mask.shape[:1] + (1,) * (per_token.ndim - 3) + text_mask.shape[1:])
+    attn = ((per_token * text_mask[..., None]).sum(-2)
+            / jnp.maximum(text_mask.sum(-1, keepdims=True), 1.0))
   elif isinstance(fusion, SingleStreamFusion):
     attn, logits = _single_stream_attention(model, images, ids, mask, layer, head)
   else:
@@ -171,13 +183,16 @@ def question_image_attention(model, images: jax.Array, ids: jax.Array, mask: jax
   return attn, logits
 
 
-def _heads(weights: jax.Array, head: int | None) -> jax.Array:
-  """(B, H, ...) attention weights -> (B, ...): head `head`, or the mean over heads when None."""
+def _heads(weights: jax.Array, head: int | str | None) -> jax.Array:
+  """(B, H, ...) attention weights -> (B, ...): head `head`, or the mean over heads when None;
+  unchanged for "all"."""
   if head is None:
     return weights.mean(axis=1)
+  if isinstance(head, str) and head == "all":
+    return weights
   n = weights.shape[1]
   if not isinstance(head, (int, np.integer)) or not -n <= head < n:
-    raise ValueError(f"head: expected None or an index into {n} attention heads, got {head!r}")
+    raise ValueError(f"head: expected None, 'all' or an index into {n} attention heads, got {head!r}")
   return weights[:, head % n]
 
 
@@ -208,7 +223,7 @@ class _recording:
     object.__setattr__(self.module, "__class__", self.cls)
 
 
-def _single_stream_attention(model, images, ids, mask, layer: int, head: int | None = None):
+def _single_stream_attention(model, images, ids, mask, layer: int, head: int | str | None = None):
   """[CLS] -> image-token attention (B, N_image) of one single_stream layer, and the logits.
 
   The layer's attention module is called again on the very arguments it got in the forward pass,
@@ -235,7 +250,7 @@ def _single_stream_attention(model, images, ids, mask, layer: int, head: int | N
 
 def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
                          grid_hw: tuple[int, int] | None = None, layer: int = -1,
-                         head: int | None = None, resize: bool = False, alpha: float = 0.5, size_px: int = 320,
+                         head: int | str | None = None, resize: bool = False, alpha: float = 0.5, size_px: int = 320,
                          path: str | os.PathLike | None = None) -> Figure:
   """Where the question looks in the image: the fusion block's attention as a heat map.
 
@@ -250,7 +265,8 @@ def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
     tokenizer: the question tokenizer, when `source` is a model and `question` a string.
     grid_hw: the image token grid (h, w); default inferred from the token count.
     layer: fusion layer whose attention is shown.
-    head: one attention head (see `question_image_attention`); None shows the mean over heads.
+    head: one attention head (see `question_image_attention`); "all" draws every head's map side
+      by side; None shows the mean over heads.
     resize: (Predictor) resize an image of another size.
     alpha, size_px, path: see `attention_over_image`. The image is shown as the model sees it
       (pixel values clipped to [0, 1]).

@@ -92,7 +92,8 @@ def test_quickstart_vqa(env):
   for path in summary["figures"]:
     check_png(path)
   assert os.path.basename(summary["figures"][1]) == "attention.png"
-  assert inline_images(nb) == 2
+  check_png(summary["figures"][2], (160, 4 * 160))  # one 160 px panel per head (tiny: 4 heads)
+  assert inline_images(nb) == 3
 
 
 def test_captioning(env):

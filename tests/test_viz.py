@@ -47,6 +47,20 @@ def test_attention_overlay_peaks_at_the_peak_cell(image_hw, grid, peak, size_px,
   assert np.unravel_index(np.argmax(cells), cells.shape) == peak
 
 
+def test_attention_panels_one_per_map():
+  peaks = [(0, 4), (3, 1), (4, 4)]
+  attn = np.full((3, 25), 0.1, np.float32)
+  for i, (r, c) in enumerate(peaks):
+    attn[i, r * 5 + c] = 1.0
+  fig = viz.attention_over_image(np.zeros((75, 75, 3), np.uint8), attn, (5, 5), cmap="gray",
+                                 alpha=1.0, size_px=150)
+  brightness = viz.figure_to_array(fig).astype(np.float32).mean(-1)
+  assert brightness.shape == (150, 450)
+  for i, peak in enumerate(peaks):
+    cells = brightness[:, 150 * i:150 * (i + 1)].reshape(5, 30, 5, 30).mean(axis=(1, 3))
+    assert np.unravel_index(np.argmax(cells), cells.shape) == peak, i
+
+
 def test_attention_overlay_rejects_bad_shapes():
   image = np.zeros((75, 75, 3), np.uint8)
   with pytest.raises(ValueError, match="attn"):
@@ -192,6 +206,9 @@ def test_vqa_attention_figure_from_model(cross_model, inputs):
   fig = viz.vqa_attention_figure(cross_model, image, (ids[0], mask[0]), size_px=200)
   pixels = viz.figure_to_array(fig)
   assert pixels.shape == (200, 200, 3) and pixels.var() > 0
+  heads = cross_model.fusion.layers[0].cross.num_heads
+  fig = viz.vqa_attention_figure(cross_model, image, (ids[0], mask[0]), size_px=100, head="all")
+  assert viz.figure_to_array(fig).shape == (100, 100 * heads, 3)  # one panel per head
   with pytest.raises(ValueError, match="tokenizer"):
     viz.vqa_attention_figure(cross_model, image, "What shape is the red object?")
   film = nnx.eval_shape(lambda: tiny_vqa("film", condition="text"))
@@ -210,8 +227,12 @@ def test_attention_of_one_head(cross_model, inputs):
   np.testing.assert_allclose(np.mean(per, axis=0), mean, atol=1e-6)
   assert n_heads > 1 and not np.allclose(per[0], per[1])
   np.testing.assert_array_equal(per[-1], viz.question_image_attention(cross_model, images, ids, mask, head=-1)[0])
+  every, _ = jax.device_get(viz.question_image_attention(cross_model, images, ids, mask, head="all"))
+  np.testing.assert_allclose(every, np.stack(per, axis=1), atol=1e-6)  # (B, H, N)
   with pytest.raises(ValueError, match="head"):
     viz.question_image_attention(cross_model, images, ids, mask, head=n_heads)
+  with pytest.raises(ValueError, match="head"):
+    viz.question_image_attention(cross_model, images, ids, mask, head="each")
 
 
 SEED = int(os.environ.get("MMJAX_TEST_SEED", "0"))  # the trained-attention test's seed

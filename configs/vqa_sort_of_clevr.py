@@ -52,7 +52,8 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.vision = {"name": "small_cnn", "features": width, "channels": (32, 32, 32),
-                    "norm": "group", "norm_groups": 8, "coords": True, "depth": 2}
+                    "norm": "group", "norm_groups": 8, "coords": True, "coord_freqs": 0,
+                    "depth": 2}
   text = {
       "rnn": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width // 2,
               "pool": "mean"},
@@ -66,6 +67,7 @@ def get_config(arg=None):
   c.model.head_hidden = 2 * width
   c.model.modality_dropout = 0.0
   c.model.question_tokens = "pooled"  # the question reaches the fusion as one vector ("all": tokens)
+  c.model.unique_questions = 0  # > 0: encode each distinct question of a step once (see VQAModel)
   c.model.dtype = "float32"  # compute dtype: "bfloat16" computes in bf16 on f32 master weights
 
   # tiny=False for every size: the tiny VQA config keeps lr 1e-3 and evaluates every tenth.

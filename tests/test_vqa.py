@@ -88,3 +88,45 @@ def test_bad_inputs_are_named(data_dir, batch):
     model(batch["image"][:2], batch["question_ids"])
   with pytest.raises(ValueError, match="question_tokens"):
     _task(data_dir, "concat", "model.question_tokens=first").build_model(nnx.Rngs(0))
+
+
+def test_unique_questions_encodes_each_distinct_question_once(data_dir, batch):
+  """unique_questions=U: same logits and gradients as encoding every question; copies of a
+  question share one text encoding (visible with dropout in training); more than U distinct
+  questions fall back to encoding all of them."""
+  flat = np.concatenate([np.asarray(batch["question_ids"]), np.asarray(batch["question_mask"])], -1)
+  flat = flat.reshape(-1, flat.shape[-1])
+  distinct = len(np.unique(flat, axis=0))
+  assert 1 < distinct < len(flat)  # 4 images x 20 questions repeat some questions
+  first, copies = {}, []  # (first row, later row) pairs holding the same question
+  for i, r in enumerate(flat):
+    if r.tobytes() in first:
+      copies.append((first[r.tobytes()], i))
+    first.setdefault(r.tobytes(), i)
+  assert copies
+
+  def build(u):
+    cfg = load_config("configs/vqa_sort_of_clevr.py:size=tiny,fusion=cross_attention,text=bert",
+                      [f"data.data_dir={data_dir}", f"model.unique_questions={u}",
+                       "model.question_tokens=all"])
+    return TASKS.get(cfg.task)(cfg).build_model(nnx.Rngs(0))
+
+  def run(model, train):
+    def loss(m):
+      logits, aux = m(batch["image"], batch["question_ids"], batch["question_mask"],
+                      deterministic=not train)
+      return jax.nn.logsumexp(logits, -1).mean(), (logits, aux["text_pooled"])
+    (_, (logits, text)), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    return logits, text, jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+  ref_logits, _, ref_grads = run(build(0), False)
+  for u in (distinct, distinct - 1):  # enough for every distinct question; one too few
+    logits, _, grads = run(build(u), False)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+      np.testing.assert_allclose(g, r, atol=1e-5)
+  same = lambda text: all(np.array_equal(text[a], text[b]) for a, b in copies)
+  assert same(run(build(distinct), True)[1])  # one encoding (one dropout mask) per question
+  assert not same(run(build(distinct - 1), True)[1])  # fallback: every copy encoded
+  with pytest.raises(ValueError, match="unique_questions"):
+    build(-1)

@@ -53,6 +53,7 @@ class SortOfClevrVQA:
                 question_len=self.config.data.max_len, head_hidden=m.head_hidden,
                 modality_dropout=m.modality_dropout,
                 question_tokens=m.get("question_tokens", "all"),
+                unique_questions=m.get("unique_questions", 0),
                 dtype=jnp.dtype(m.get("dtype", "float32")))  # compute dtype; parameters stay f32
 
   def build_model(self, rngs: nnx.Rngs) -> VQAModel:

@@ -53,7 +53,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.vision = {"name": "small_cnn", "features": width, "channels": (32, 32, 32),
                     "norm": "group", "norm_groups": 8, "coords": True, "coord_freqs": 0,
-                    "depth": 2}
+                    "depth": 2, "rel_pos": 0}
   text = {
       "rnn": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width // 2,
               "pool": "mean"},

@@ -45,6 +45,19 @@ def test_attention_matches_torch_sdpa(cross):
   assert float(jnp.abs(w[1, :, :, 4:]).max()) == 0.0  # masked keys get no weight
 
 
+def test_attention_bias_matches_torch_sdpa():
+  rng = np.random.default_rng(1)
+  mha = MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))
+  x = rng.normal(size=(3, 5, 16)).astype(np.float32)
+  bias = rng.normal(size=(1, 4, 5, 5)).astype(np.float32) * 3  # per head, shared by the batch
+  mask = np.broadcast_to(np.array([[1] * 5, [1] * 3 + [0] * 2, [1] * 5], bool)[:, None, None], (3, 1, 5, 5))
+  ref = _torch_mha(mha, x, x, np.where(mask, bias, -np.inf).astype(np.float32))  # float mask: added
+  for weights in (False, True):  # the fused and the explicit path
+    out = mha(jnp.asarray(x), mask=jnp.asarray(mask), bias=jnp.asarray(bias), return_weights=weights)
+    np.testing.assert_allclose(np.asarray(out[0] if weights else out), ref, atol=1e-5)
+  assert not np.allclose(np.asarray(mha(jnp.asarray(x), mask=jnp.asarray(mask))), ref, atol=1e-3)
+
+
 def test_causal_mask_blocks_future():
   blk = EncoderBlock(16, 4, 32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 6, 16))

@@ -178,6 +178,43 @@ def test_fourier_coordinates_make_offsets_visible_to_dot_products():
     SmallCNN(16, coords=True, coord_freqs=-1, rngs=nnx.Rngs(0))
 
 
+def test_relative_position_bias_of_the_grid_transformer():
+  from mmjax.encoders.vision import relative_position_index
+  r, h, w = 4, 3, 4
+  idx = relative_position_index(h, w, r)
+  dy, dx = np.divmod(idx, 2 * r - 1)
+  ys, xs = np.divmod(np.arange(h * w), w)
+  np.testing.assert_array_equal(dy - (r - 1), ys[None] - ys[:, None])  # (dy, dx) = cell j - cell i
+  np.testing.assert_array_equal(dx - (r - 1), xs[None] - xs[:, None])
+  kw = dict(channels=(8, 8), norm="none", coords=True, depth=2)
+  x = jnp.asarray(np.random.default_rng(0).random((2, 4 * h, 4 * w, 3), np.float32))
+  plain = SmallCNN(16, **kw, rngs=nnx.Rngs(0))
+  rel = SmallCNN(16, **kw, rel_pos=r, rngs=nnx.Rngs(0))
+  assert rel.rel_bias.shape == (2, 4, (2 * r - 1) ** 2)
+  np.testing.assert_allclose(rel(x).tokens, plain(x).tokens, atol=1e-6)  # zero bias = no bias
+  # A bias that makes every head of the first layer attend to the cell on the right (the last
+  # column, which has none, to itself) equals attention whose mask allows only that cell.
+  table = np.full((4, (2 * r - 1) ** 2), -1e9, np.float32)
+  table[:, (r - 1) * (2 * r - 1) + r] = 0.0  # (dy, dx) = (0, +1)
+  table[:, (r - 1) * (2 * r - 1) + r - 1] = -30.0  # (0, 0): only where (0, +1) is off the grid
+  rel.rel_bias[...] = rel.rel_bias[...].at[0].set(table)
+  ys, xs = np.divmod(np.arange(h * w), w)
+  allowed = (ys[None] == ys[:, None]) & ((xs[None] == xs[:, None] + 1)
+                                         | ((xs[:, None] == w - 1) & (xs[None] == xs[:, None])))
+  layer = plain.encoder.layers[0]
+  tokens = plain.proj(jnp.concatenate(
+      [jax.nn.relu(plain.layers[1](jax.nn.relu(plain.layers[0](x))))
+       .reshape(2, h * w, 8), jnp.broadcast_to(grid_coords(h, w).reshape(1, h * w, 2), (2, h * w, 2))], -1))
+  want = plain.encoder.final_norm(plain.encoder.layers[1](layer(tokens, jnp.asarray(allowed)[None, None])))
+  np.testing.assert_allclose(rel(x).tokens, want, atol=1e-4)
+  grads = nnx.grad(lambda m: (m(x).tokens ** 2).sum())(rel)
+  assert np.abs(np.asarray(grads.rel_bias[...][1])).sum() > 0  # the table is learned
+  with pytest.raises(ValueError, match="rel_pos"):
+    SmallCNN(16, **kw, rel_pos=2, rngs=nnx.Rngs(0))(x)  # a 3x4 grid needs rel_pos >= 4
+  with pytest.raises(ValueError, match="rel_pos"):
+    SmallCNN(16, channels=(8,), rel_pos=4, rngs=nnx.Rngs(0))  # no grid transformer
+
+
 def test_bad_inputs_name_the_field():
   vit = ViT(None, rngs=nnx.Rngs(0), **TINY_VIT)  # no head
   with pytest.raises(ValueError, match="images"):

@@ -397,6 +397,16 @@ def grid_coords(h: int, w: int, freqs: int = 0) -> np.ndarray:
   return np.stack(out, axis=-1).astype(np.float32)
 
 
+def relative_position_index(h: int, w: int, r: int) -> np.ndarray:
+  """(h*w, h*w) int: the index of (dy, dx) = (cell j - cell i) in a (2r-1) x (2r-1) table,
+  row-major, for an h x w grid with cells in row-major order."""
+  if h > r or w > r:
+    raise ValueError(f"rel_pos: a {h}x{w} grid needs rel_pos >= {max(h, w)}, got {r}")
+  ys, xs = np.divmod(np.arange(h * w), w)
+  dy, dx = ys[None] - ys[:, None], xs[None] - xs[:, None]
+  return (dy + r - 1) * (2 * r - 1) + (dx + r - 1)
+
+
 @ENCODERS.register("small_cnn")
 class SmallCNN(nnx.Module):
   """A few stride-2 convs for small images (e.g. Sort-of-CLEVR 75x75 -> a 5x5 grid).
@@ -422,6 +432,10 @@ class SmallCNN(nnx.Module):
       coordinates this lets every cell see every other once per image, which relational questions
       need, at a cost shared by all questions about the image.
     num_heads, mlp_ratio: of those layers.
+    rel_pos: R > 0 gives each of those layers a learned relative-position bias (Swin, Liu et al.
+      2021): one attention-logit offset per head for every (dy, dx) between two cells, for grids
+      of up to R x R cells, initialised to zero. It lets a head weigh cells by where they are
+      relative to the attending cell (e.g. near or far), independently of their content.
     in_channels: image channels C.
     act: activation after each conv.
     dtype, param_dtype: compute and parameter dtypes.
@@ -431,7 +445,7 @@ class SmallCNN(nnx.Module):
   def __init__(self, features: int = 64, *, channels: tuple[int, ...] = (24, 24, 24, 24),
                kernel_size: int = 3, norm: str = "batch", norm_groups: int = 8,
                coords: bool = False, coord_freqs: int = 0, depth: int = 0, num_heads: int = 4, mlp_ratio: int = 2,
-               in_channels: int = 3, act: str = "relu", dtype: Dtype = jnp.float32,
+               rel_pos: int = 0, in_channels: int = 3, act: str = "relu", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if not channels:
       raise ValueError("channels: expected at least one conv layer")
@@ -450,6 +464,12 @@ class SmallCNN(nnx.Module):
                       dtype=dtype, param_dtype=param_dtype)
     self.encoder = (Encoder(depth, features, num_heads, mlp_ratio * features, rngs=rngs,
                             dtype=dtype, param_dtype=param_dtype) if depth else None)
+    if rel_pos < 0 or (rel_pos and not depth):
+      raise ValueError(f"rel_pos: expected a non-negative int, and depth > 0 when > 0; got "
+                       f"rel_pos={rel_pos!r}, depth={depth!r}")
+    self.rel_pos = rel_pos
+    self.rel_bias = (nnx.Param(jnp.zeros((depth, num_heads, (2 * rel_pos - 1) ** 2), param_dtype))
+                     if rel_pos else None)
 
   def __call__(self, images: jax.Array, *, deterministic: bool = True) -> EncoderOutput:
     """images (B, H, W, C) float -> tokens (B, h*w, features), grid row-major, pooled mean."""
@@ -465,6 +485,9 @@ class SmallCNN(nnx.Module):
     tokens = self.proj(x.reshape(b, h * w, x.shape[-1]))  # (B, h*w, D)
     tokens = sharding.constrain(tokens, ("batch", "length", "embed"))
     if self.encoder is not None:
-      tokens = self.encoder(tokens, deterministic=deterministic)
+      bias = None
+      if self.rel_bias is not None:
+        bias = list(self.rel_bias[...][:, :, relative_position_index(h, w, self.rel_pos)][:, None])
+      tokens = self.encoder(tokens, deterministic=deterministic, bias=bias)
     return EncoderOutput(tokens=tokens, mask=jnp.ones((b, h * w), bool),
                          pooled=mean_pool(tokens))

@@ -70,7 +70,7 @@ class MultiHeadAttention(nnx.Module):
     return x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))  # (B, L, H, Dh)
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
-               *, decode: bool = False, deterministic: bool = True,
+               *, bias: jax.Array | None = None, decode: bool = False, deterministic: bool = True,
                return_weights: bool = False, context_repeats: int = 1):
     """Attends from `x` (B, Lq, D) to `context` (B, Lk, Dk), or to `x` itself when None.
 
@@ -105,9 +105,10 @@ class MultiHeadAttention(nnx.Module):
       mask = dmask if mask is None else mask & dmask
     r = int(context_repeats)
     if r != 1:
-      if context is None or decode or r < 1 or q.shape[0] != r * k.shape[0]:
+      if context is None or decode or r < 1 or q.shape[0] != r * k.shape[0] or bias is not None:
         raise ValueError(f"context_repeats={r}: expected cross-attention whose context has "
-                         f"B / {r} rows for the query's B = {q.shape[0]}, got {k.shape[0]} rows")
+                         f"B / {r} rows for the query's B = {q.shape[0]}, got {k.shape[0]} rows "
+                         f"(and no bias)")
       B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
       q = q.reshape(B // r, r * Lq, *q.shape[2:])  # the r query rows of one context row, as one
       if mask is not None:  # (B, H|1, Lq|1, Lk) -> (B / r, H|1, r * Lq, Lk)
@@ -116,9 +117,10 @@ class MultiHeadAttention(nnx.Module):
         mask = jnp.broadcast_to(mask, (B, mask.shape[1], Lq, Lk))
         mask = mask.reshape(B // r, r, -1, Lq, Lk).swapaxes(1, 2).reshape(B // r, -1, r * Lq, Lk)
     if return_weights or (not deterministic and self.dropout.rate > 0):  # else the fused path
-      out, w = self._explicit(q, k, v, mask, deterministic)
+      out, w = self._explicit(q, k, v, mask, bias, deterministic)
     else:
-      out, w = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation="xla"), None
+      out, w = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                            implementation="xla"), None
     if r != 1:
       out = out.reshape(B, Lq, *out.shape[2:])
       if w is not None:  # (B / r, H, r * Lq, Lk) -> (B, H, Lq, Lk)
@@ -126,9 +128,11 @@ class MultiHeadAttention(nnx.Module):
     out = self.out(out.reshape(out.shape[:2] + (-1,)))
     return (out, w) if return_weights else out
 
-  def _explicit(self, q, k, v, mask, deterministic):
+  def _explicit(self, q, k, v, mask, bias, deterministic):
     scale = jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     w = jax.nn.softmax(logits, axis=-1).astype(q.dtype)

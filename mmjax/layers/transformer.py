@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -52,16 +54,17 @@ class EncoderBlock(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> jax.Array:
-    """x: (B, L, D); mask: (B, L) token mask or (B, 1|H, L, L) attention mask."""
+               bias: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    """x: (B, L, D); mask: (B, L) token mask or (B, 1|H, L, L) attention mask; bias: added to
+    the attention logits, broadcastable to (B, H, L, L)."""
     if mask is not None and mask.ndim == 2:
       mask = make_attention_mask(mask, mask)
     drop = lambda h: self.dropout(h, deterministic=deterministic)
     if self.norm == "pre":
-      x = x + drop(self.attn(self.attn_norm(x), mask=mask, deterministic=deterministic))
+      x = x + drop(self.attn(self.attn_norm(x), mask=mask, bias=bias, deterministic=deterministic))
       x = x + drop(self.mlp(self.mlp_norm(x), deterministic=deterministic))
     else:
-      x = self.attn_norm(x + drop(self.attn(x, mask=mask, deterministic=deterministic)))
+      x = self.attn_norm(x + drop(self.attn(x, mask=mask, bias=bias, deterministic=deterministic)))
       x = self.mlp_norm(x + drop(self.mlp(x, deterministic=deterministic)))
     return sharding.constrain(x, ("batch", "length", "embed"))
 
@@ -125,12 +128,17 @@ class Encoder(nnx.Module):
     self.final_norm = layer_norm(features, eps=ln_eps, rngs=rngs, **kw) if final_norm else None
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, deterministic: bool = True,
-               return_hidden: bool = False):
-    """x: (B, L, D); mask: (B, L). Returns (B, L, D) and, with `return_hidden`, all layer inputs+output."""
+               return_hidden: bool = False, bias: jax.Array | Sequence[jax.Array] | None = None):
+    """x: (B, L, D); mask: (B, L); bias: attention-logit bias broadcastable to (B, H, L, L), or a
+    sequence of one per layer. Returns (B, L, D) and, with `return_hidden`, all layer inputs+output."""
     amask = make_attention_mask(mask, mask) if mask is not None and mask.ndim == 2 else mask
+    if bias is None or not isinstance(bias, (list, tuple)):
+      bias = [bias] * len(self.layers)
+    if len(bias) != len(self.layers):
+      raise ValueError(f"bias: expected one per layer ({len(self.layers)}), got {len(bias)}")
     hidden = [x]
-    for layer in self.layers:
-      x = layer(x, amask, deterministic=deterministic)
+    for layer, b in zip(self.layers, bias):
+      x = layer(x, amask, bias=b, deterministic=deterministic)
       hidden.append(x)
     if self.final_norm is not None:
       x = self.final_norm(x)

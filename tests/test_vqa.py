@@ -111,22 +111,25 @@ def test_unique_questions_encodes_each_distinct_question_once(data_dir, batch):
                        "model.question_tokens=all"])
     return TASKS.get(cfg.task)(cfg).build_model(nnx.Rngs(0))
 
-  def run(model, train):
-    def loss(m):
-      logits, aux = m(batch["image"], batch["question_ids"], batch["question_mask"],
-                      deterministic=not train)
-      return jax.nn.logsumexp(logits, -1).mean(), (logits, aux["text_pooled"])
-    (_, (logits, text)), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-    return logits, text, jax.tree.leaves(nnx.state(grads, nnx.Param))
+  def loss(m, train=False):
+    logits, aux = m(batch["image"], batch["question_ids"], batch["question_mask"],
+                    deterministic=not train)
+    return jax.nn.logsumexp(logits, -1).mean(), (logits, aux["text_pooled"])
 
-  ref_logits, _, ref_grads = run(build(0), False)
-  for u in (distinct, distinct - 1):  # enough for every distinct question; one too few
-    logits, _, grads = run(build(u), False)
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
-      np.testing.assert_allclose(g, r, atol=1e-5)
+  def grads(model):
+    (_, (logits, _)), g = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    return logits, jax.tree.leaves(nnx.state(g, nnx.Param))
+
+  ref_logits, ref_grads = grads(build(0))
+  logits, got = grads(build(distinct))  # enough for every distinct question
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  for g, r in zip(got, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-5)
+  few = build(distinct - 1)  # one too few: every question is encoded
+  np.testing.assert_allclose(nnx.jit(loss)(few)[1][0], ref_logits, atol=1e-5)
   same = lambda text: all(np.array_equal(text[a], text[b]) for a, b in copies)
-  assert same(run(build(distinct), True)[1])  # one encoding (one dropout mask) per question
-  assert not same(run(build(distinct - 1), True)[1])  # fallback: every copy encoded
+  train = nnx.jit(lambda m: loss(m, True)[1][1])
+  assert same(train(build(distinct)))  # one encoding (one dropout mask) per question
+  assert not same(train(few))  # fallback: every copy encoded, each with its own mask
   with pytest.raises(ValueError, match="unique_questions"):
     build(-1)

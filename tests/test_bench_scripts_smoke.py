@@ -1,4 +1,5 @@
-"""Smoke tests of bench/sort_of_clevr.py, bench/fusion_sweep.py, bench/gpu_mfu.py and bench/colour_binding.py at tiny settings.
+"""Smoke tests of bench/sort_of_clevr.py, bench/fusion_sweep.py, bench/gpu_mfu.py, bench/colour_binding.py
+and bench/step_time.py at tiny settings.
 
 They check what the scripts produce, never how fast anything is: the trainer's wall-clock budget
 (`train.max_minutes`) ends a run early, the accuracy with every modality marked present equals
@@ -85,3 +86,13 @@ def test_colour_binding_reports_per_head_attention():
   assert r["off_prior_at"] is None and 0.0 <= r["accuracy"] <= 1.0
   assert len(r["per_head"]) == 4 and all(0.0 <= x <= 1.0 for x in r["per_head"])
   assert 0.0 <= r["attention_on_object"] <= 1.0
+
+
+def test_step_time_builds_each_variant(tmp_path, capsys):
+  rows = _load("step_time").main([
+      "--config", "configs/vqa_sort_of_clevr.py:size=tiny", "--rounds", "1", "--steps", "1",
+      "--variant", f"data.data_dir={tmp_path}",
+      "--variant", f"data.data_dir={tmp_path} model.vision.depth=0"])
+  assert [r["ratio"] for r in rows][0] == 1.0 and all(r["step_s"] > 0 for r in rows)
+  assert rows[1]["num_params"] < rows[0]["num_params"]  # the override reached the model
+  assert "| variant | step s |" in capsys.readouterr().out

@@ -53,7 +53,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   # coord_freqs=4: sin/cos coordinate features, with which attention logits can depend on the
   # offset between cells; the shape questions were solved by step 1,800-2,400 instead of
-  # 3,000-3,600 (three runs). rel_pos (a relative-position bias in the grid Transformer) is off:
+  # 3,000-3,600 (four runs). rel_pos (a relative-position bias in the grid Transformer) is off:
   # it did not make distance questions learnable in 3,600 steps (issue 5 notes).
   c.model.vision = {"name": "small_cnn", "features": width, "channels": (32, 32, 32),
                     "norm": "group", "norm_groups": 8, "coords": True, "coord_freqs": 4,

@@ -444,9 +444,9 @@ class SmallCNN(nnx.Module):
 
   def __init__(self, features: int = 64, *, channels: tuple[int, ...] = (24, 24, 24, 24),
                kernel_size: int = 3, norm: str = "batch", norm_groups: int = 8,
-               coords: bool = False, coord_freqs: int = 0, depth: int = 0, num_heads: int = 4, mlp_ratio: int = 2,
-               rel_pos: int = 0, in_channels: int = 3, act: str = "relu", dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               coords: bool = False, coord_freqs: int = 0, depth: int = 0, num_heads: int = 4,
+               mlp_ratio: int = 2, rel_pos: int = 0, in_channels: int = 3, act: str = "relu",
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if not channels:
       raise ValueError("channels: expected at least one conv layer")
     if depth < 0:
@@ -460,8 +460,8 @@ class SmallCNN(nnx.Module):
     cins = (in_channels,) + tuple(channels[:-1])
     self.layers = nnx.List([ConvNorm(ci, co, kernel_size, 2, **kw)
                             for ci, co in zip(cins, channels)])
-    self.proj = dense(channels[-1] + 2 * coords + 4 * coord_freqs, features, (None, "embed"), rngs=rngs,
-                      dtype=dtype, param_dtype=param_dtype)
+    self.proj = dense(channels[-1] + 2 * coords + 4 * coord_freqs, features, (None, "embed"),
+                      rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.encoder = (Encoder(depth, features, num_heads, mlp_ratio * features, rngs=rngs,
                             dtype=dtype, param_dtype=param_dtype) if depth else None)
     if rel_pos < 0 or (rel_pos and not depth):

@@ -105,10 +105,11 @@ class MultiHeadAttention(nnx.Module):
       mask = dmask if mask is None else mask & dmask
     r = int(context_repeats)
     if r != 1:
-      if context is None or decode or r < 1 or q.shape[0] != r * k.shape[0] or bias is not None:
+      if context is None or decode or r < 1 or q.shape[0] != r * k.shape[0]:
         raise ValueError(f"context_repeats={r}: expected cross-attention whose context has "
-                         f"B / {r} rows for the query's B = {q.shape[0]}, got {k.shape[0]} rows "
-                         f"(and no bias)")
+                         f"B / {r} rows for the query's B = {q.shape[0]}, got {k.shape[0]} rows")
+      if bias is not None:
+        raise ValueError(f"bias: not supported with context_repeats={r}")
       B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
       q = q.reshape(B // r, r * Lq, *q.shape[2:])  # the r query rows of one context row, as one
       if mask is not None:  # (B, H|1, Lq|1, Lk) -> (B / r, H|1, r * Lq, Lk)

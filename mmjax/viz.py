@@ -131,7 +131,7 @@ def attention_over_image(image: Any, attn: Any, grid_hw: tuple[int, int] | None 
       ax.text(0.02, 0.02, str(i), transform=ax.transAxes, ha="left", va="bottom", fontsize=9,
               bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
     if title and i == 0:
-      ax.text(0.5 * k if k > 1 else 0.5, 0.99, title, transform=ax.transAxes, ha="center",
+      ax.text(0.5 * k, 0.99, title, transform=ax.transAxes, ha="center",
               va="top", fontsize=8, wrap=True, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
   return _finish(fig, path)
 

@@ -19,12 +19,12 @@ from mmjax.encoders.base import EncoderOutput
 from mmjax.fusion import FUSIONS, build_fusion, full_presence, masked_mean, modality_dropout
 
 DIMS = {"image": 6, "text": 4, "audio": 2}
-LENS = {"image": 5, "text": 4, "audio": 3}
+LENS = {"image": 4, "text": 4, "audio": 3}  # 4 image tokens: a 2x2 grid for `spatial`
 B, F = 4, 8
 # Variants "family:tag" with their extra arguments: cross-attention that rewrites the text stream
 # only (the question reads the image, whose tokens stay as projected), FiLM with max pooling.
 VARIANTS = {"cross_attention:text": dict(update=("text",)), "cross_attention:pre": dict(norm="pre"),
-            "film:max": dict(pool="max")}
+            "cross_attention:spatial": dict(spatial="image", depth=2), "film:max": dict(pool="max")}
 FAMILIES = FUSIONS.names() + list(VARIANTS)
 EXTRA = {
     "bottleneck": dict(depth=1, num_heads=2, num_bottleneck=2),
@@ -234,14 +234,15 @@ def test_gradients_reach_every_present_modality(family, M):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padding_and_omission_match_masking(family):
   """Two extra padded (NaN) tokens change nothing, and leaving a modality out of the inputs
-  equals marking it absent."""
+  equals marking it absent. (A spatial grid takes no extra tokens: only the omission part.)"""
   M = 3
   h = harness(family, M)
   graphdef, state = nnx.split(h.block)
   tokens, masks = make_tokens(M), make_masks(M)
   ref = h(tokens, masks, dict(all_present(M), audio=np.zeros(B, bool)))
-  inputs = {m: (np.concatenate([tokens[m], np.full_like(tokens[m][:, :2], np.nan)], 1),
-                np.concatenate([masks[m], np.zeros((B, 2), bool)], 1)) for m in ("image", "text")}
+  pad = 0 if family.endswith(":spatial") else 2
+  inputs = {m: (np.concatenate([tokens[m], np.full_like(tokens[m][:, :pad], np.nan)], 1),
+                np.concatenate([masks[m], np.zeros((B, pad), bool)], 1)) for m in ("image", "text")}
   out = jax.device_get(jit(lambda state, inputs: nnx.merge(graphdef, state)(inputs))(state, inputs))
   np.testing.assert_allclose(out.pooled, ref[0], rtol=1e-5, atol=1e-5)
   for m in set(ref[1] or {}) - {"audio"}:
@@ -503,6 +504,42 @@ def test_bad_construction_is_rejected():
     build_fusion("relation", modalities=mods(2), features=F, rngs=nnx.Rngs(0), query="speech")
   with pytest.raises(ValueError, match="norm must be 'pre' or 'post'"):
     build_fusion("cross_attention", modalities=mods(2), features=F, rngs=nnx.Rngs(0), norm="mid")
+  with pytest.raises(ValueError, match="spatial='speech' is not one of"):
+    build_fusion("cross_attention", modalities=mods(2), features=F, rngs=nnx.Rngs(0), spatial="speech")
+  with pytest.raises(ValueError, match="spatial='image': expected another modality in update"):
+    build_fusion("cross_attention", modalities=mods(2), features=F, rngs=nnx.Rngs(0), spatial="image",
+                 update=("image",))
+  block = build("cross_attention", 2, spatial="image", depth=2)
+  tokens = make_tokens(2)
+  with pytest.raises(ValueError, match="spatial='image': expected its tokens to form a square grid, got 3"):
+    block({"image": (tokens["image"][:, :3], None), "text": (tokens["text"], None)})
+
+
+@pytest.mark.parametrize("sign,cells", [(-1, [4]), (1, [0, 2, 6, 8])])
+def test_spatial_second_hop_prefers_near_or_far_from_the_first_hops_centroid(sign, cells):
+  """Layer 1 looks everywhere (zero queries: uniform attention over a 3x3 grid, centroid at the
+  centre cell); layer 2 has no content logits and a distance scale of -/+40 per head, so it
+  attends to the centre (near) or to the four corners (far). Text comes first and audio sits
+  between it and the image, so the grid's slot in the context is offset."""
+  modalities = {"text": 4, "audio": 2, "image": 6}
+  block = build_fusion("cross_attention", modalities=modalities, features=F, rngs=nnx.Rngs(0),
+                       depth=2, num_heads=2, update=("text",), norm="pre", spatial="image")
+  for layer in block.layers:
+    for p in (layer.cross.query.kernel, layer.cross.query.bias):
+      p[...] = jnp.zeros_like(p[...])
+  scale = block.layers[1].distance_scale["text"]
+  scale.bias[...] = jnp.full_like(scale.bias[...], 40.0 * sign)
+  rng = np.random.default_rng(0)
+  inputs = {m: (rng.normal(size=(2, n, d)).astype(np.float32), None)
+            for m, d, n in (("text", 4, 3), ("audio", 2, 5), ("image", 6, 9))}
+  maps = block(inputs).aux["cross_attention"]["text"]
+  first, second = np.asarray(maps["image"][0]), np.asarray(maps["image"][1])  # (B, H, 3, 9)
+  np.testing.assert_allclose(first.sum(-1), 9 / (9 + 5), rtol=1e-5)  # uniform over 9 + 5 tokens
+  expected = np.zeros(9)
+  expected[cells] = 1 / len(cells)
+  # The bias is zero off the grid, so audio keeps its content logits: compare within the grid.
+  np.testing.assert_allclose(second / second.sum(-1, keepdims=True), np.broadcast_to(expected, second.shape),
+                             atol=1e-4)
 
 
 def test_bad_inputs_give_clear_errors():

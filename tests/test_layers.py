@@ -58,6 +58,26 @@ def test_attention_bias_matches_torch_sdpa():
   assert not np.allclose(np.asarray(mha(jnp.asarray(x), mask=jnp.asarray(mask))), ref, atol=1e-3)
 
 
+def test_context_repeats_equals_repeated_context_with_mask_and_bias():
+  """A context row shared by r queries (one image, several questions) gives what repeating it
+  gives, with a per-example key mask and a per-example, per-head bias, on both paths."""
+  rng = np.random.default_rng(2)
+  mha = MultiHeadAttention(4, 16, kv_features=12, rngs=nnx.Rngs(0))
+  r, rows = 3, 2
+  x = jnp.asarray(rng.normal(size=(r * rows, 2, 16)), jnp.float32)
+  ctx = jnp.asarray(rng.normal(size=(rows, 7, 12)), jnp.float32)
+  mask = jnp.asarray(rng.random((r * rows, 1, 1, 7)) > 0.3).at[..., 0].set(True)
+  bias = jnp.asarray(rng.normal(size=(r * rows, 4, 2, 7)) * 3, jnp.float32)
+  full = jnp.repeat(ctx, r, axis=0)
+  for weights in (False, True):
+    ref = mha(x, full, mask=mask, bias=bias, return_weights=weights)
+    got = mha(x, ctx, mask=mask, bias=bias, return_weights=weights, context_repeats=r)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  no_bias = mha(x, ctx, mask=mask, context_repeats=r)
+  assert not np.allclose(np.asarray(no_bias), np.asarray(mha(x, full, mask=mask, bias=bias)), atol=1e-3)
+
+
 def test_causal_mask_blocks_future():
   blk = EncoderBlock(16, 4, 32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 6, 16))

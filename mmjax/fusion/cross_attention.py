@@ -9,6 +9,14 @@ LXMERT the cross-attention weights are shared by all directions and the sub-laye
 attends to (fixed) image tokens, a decoder-style one-way fusion whose cost does not grow with
 the number of image tokens per question beyond the attention itself.
 
+`spatial` names a modality whose tokens form a square, row-major grid (an image's feature map).
+From the second layer on, each head then adds s_h(query) * |p_j - c_h|^2 to its logits over
+the grid: p_j is grid token j's (row, column), c_h a learned mix of the centroids of the
+previous layer's heads' attention over the grid (where the previous hop looked), s_h a signed
+per-query scale (zero at initialisation). A question such as "which object is closest to the
+red one" is then one hop to find the red object and one to prefer what lies near (s < 0) or far
+(s > 0) from it, the comparison of positions a relation network makes for every object pair.
+
 Every stream is prefixed with one learned "missing" token that is attendable only when its
 modality is absent, so an absent modality is represented by a learned embedding that the other
 streams can attend to, and no attention row is ever fully masked.
@@ -16,17 +24,19 @@ streams can attend to, and no attention row is ever fully masked.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mmjax import sharding
 from mmjax.fusion.base import (FUSIONS, FusionBlock, FusionInputs, FusionOutput, learned,
                                masked_mean, masked_token_output)
 from mmjax.layers import EncoderBlock, MultiHeadAttention, dense, layer_norm
-from mmjax.layers.common import Dtype
+from mmjax.layers.common import Dtype, part, zeros
 
 
 class CrossModalLayer(nnx.Module):
@@ -34,11 +44,18 @@ class CrossModalLayer(nnx.Module):
 
   def __init__(self, names: Sequence[str], features: int, num_heads: int, mlp_dim: int, *,
                update: Sequence[str] | None = None, act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
-               norm: str = "post", ln_eps: float = 1e-12, qk_scale: float = 1.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               norm: str = "post", ln_eps: float = 1e-12, qk_scale: float = 1.0, spatial: str | None = None,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.names = tuple(names)
     self.update = tuple(update) if update is not None else self.names
+    # The distance bias (module docstring): per-query scales s_h and the centroid mix.
+    self.spatial = spatial
+    if spatial is not None:
+      self.distance_scale = nnx.Dict({
+          m: dense(features, num_heads, ("embed", "heads"), kernel_init=zeros, **kw)
+          for m in self.update if m != spatial})
+      self.centroid_mix = nnx.Param(part(zeros, ("heads", None))(rngs.params(), (num_heads, num_heads), param_dtype))
     self.cross = MultiHeadAttention(num_heads, features, dropout=attn_dropout, qk_scale=qk_scale, **kw)
     self.cross_norm = layer_norm(features, eps=ln_eps, **kw)
     if norm not in ("pre", "post"):
@@ -50,10 +67,12 @@ class CrossModalLayer(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, xs: dict[str, jax.Array], masks: dict[str, jax.Array], *,
-               deterministic: bool = True, return_weights: bool = False):
+               deterministic: bool = True, return_weights: bool = False,
+               previous: dict[str, jax.Array] | None = None, coords: jax.Array | None = None):
     """xs: name -> (B, L_m, F), or (B / r, L_m, F) for a stream shared by r examples that is
-    not updated; masks: name -> (B, L_m). Returns new xs and, per updated stream,
-    name -> (B, H, L_m, sum L_o)."""
+    not updated; masks: name -> (B, L_m). With `spatial`: `previous`, the previous layer's
+    weights (as returned), and `coords`, the (N, 2) grid positions. Returns new xs and, per
+    updated stream, name -> (B, H, L_m, sum L_o)."""
     crossed, weights = {}, {}
     for m in self.update:
       B = xs[m].shape[0]
@@ -65,8 +84,12 @@ class CrossModalLayer(nnx.Module):
       ctx_mask = jnp.concatenate([masks[o] for o in others], axis=1)[:, None, None, :]
       pre = self.norm == "pre"
       query = self.cross_norm(xs[m]) if pre else xs[m]
-      out = self.cross(query, ctx, ctx_mask, deterministic=deterministic, return_weights=return_weights,
-                       context_repeats=r)
+      bias = None
+      if self.spatial is not None and m != self.spatial:
+        start = sum(xs[o].shape[1] for o in others[:others.index(self.spatial)])  # with missing slots
+        bias = self._distance_bias(m, query, previous[m], coords, start + 1, ctx.shape[1])
+      out = self.cross(query, ctx, ctx_mask, bias=bias, deterministic=deterministic,
+                       return_weights=return_weights, context_repeats=r)
       if return_weights:
         out, weights[m] = out
       out = xs[m] + self.dropout(out, deterministic=deterministic)
@@ -74,6 +97,21 @@ class CrossModalLayer(nnx.Module):
     new = dict(xs)
     new.update({m: self.streams[m](crossed[m], masks[m], deterministic=deterministic) for m in self.update})
     return new, weights
+
+
+  def _distance_bias(self, m: str, query: jax.Array, previous: jax.Array, coords: jax.Array,
+                     start: int, length: int) -> jax.Array:
+    """(B, H, L_m, length) logits bias: zero outside the grid's tokens [start, start + N)."""
+    n = coords.shape[0]
+    where = previous[..., start:start + n].astype(jnp.float32)  # (B, H', L_m, N)
+    mass = jnp.sum(where, axis=-1, keepdims=True)  # < 1 when other tokens share the context
+    centroids = jnp.einsum("bhqn,nc->bhqc", where / jnp.maximum(mass, 1e-6), coords)
+    mix = jax.nn.softmax(self.centroid_mix[...].astype(jnp.float32), axis=-1)  # (H, H')
+    centre = jnp.einsum("gh,bhqc->bgqc", mix, centroids)  # (B, H, L_m, 2)
+    dist2 = jnp.sum(jnp.square(coords - centre[..., None, :]), axis=-1)  # (B, H, L_m, N)
+    scale = self.distance_scale[m](query).astype(jnp.float32)  # (B, L_m, H)
+    bias = jnp.swapaxes(scale, 1, 2)[..., None] * dist2
+    return jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (start, length - start - n)))
 
 
 def _rows(x: jax.Array, batch: int) -> jax.Array:
@@ -97,6 +135,8 @@ class CrossAttentionFusion(FusionBlock):
     qk_scale: multiplies the cross-attention logits (1: the usual 1 / sqrt(head_dim)). Larger
       starts the attention sharper: on Sort-of-CLEVR-style colour questions 4 lets the question
       find its object within ~400 steps where 1 can sit at the answer prior for 1,000+.
+    spatial: a modality whose N tokens are a square row-major grid: layers after the first add
+      the distance bias of the module docstring to the attention over it (None: off).
     attention_maps: when True, aux["cross_attention"][m][o] holds stream m's weights over
       modality o's tokens, (depth, B, H, N_m, N_o) (the missing-token slots left out).
   """
@@ -105,7 +145,8 @@ class CrossAttentionFusion(FusionBlock):
                num_heads: int = 4, mlp_dim: int | None = None, update: Sequence[str] | None = None,
                act: str = "gelu",
                dropout: float = 0.0, attn_dropout: float = 0.0, pool: str = "mean",
-               norm: str = "post", qk_scale: float = 1.0, attention_maps: bool = True, dtype: Dtype = jnp.float32,
+               norm: str = "post", qk_scale: float = 1.0, spatial: str | None = None,
+               attention_maps: bool = True, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(modalities, features, dtype=dtype, param_dtype=param_dtype)
     if pool not in ("mean", "concat"):
@@ -114,6 +155,10 @@ class CrossAttentionFusion(FusionBlock):
     self.update = self.names if update is None else tuple(self._check_member("update", m) for m in update)
     if not self.update:
       raise ValueError("update: expected at least one modality to update")
+    self.spatial = None if spatial is None else self._check_member("spatial", spatial)
+    if self.spatial is not None and set(self.update) <= {self.spatial}:
+      raise ValueError(f"spatial={spatial!r}: expected another modality in update={self.update} "
+                       "to attend over its grid")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.proj = nnx.Dict({m: dense(d, features, ("embed", "mlp"), **kw) for m, d in self.modality_dims})
     self.in_norm = nnx.Dict({m: layer_norm(features, eps=1e-12, **kw) for m in self.names})
@@ -122,7 +167,8 @@ class CrossAttentionFusion(FusionBlock):
     self.layers = nnx.List([
         CrossModalLayer(self.names, features, num_heads, mlp_dim or 4 * features,
                         update=self.update, act=act, norm=norm, qk_scale=qk_scale,
-                        dropout=dropout, attn_dropout=attn_dropout, **kw) for _ in range(depth)])
+                        spatial=self.spatial if i else None,
+                        dropout=dropout, attn_dropout=attn_dropout, **kw) for i in range(depth)])
     self.final_norm = (nnx.Dict({m: layer_norm(features, eps=1e-6, **kw) for m in self.update})
                        if norm == "pre" else None)
     self.out = (dense(len(self.update) * features, features, ("mlp", "embed"), **kw)
@@ -141,9 +187,11 @@ class CrossAttentionFusion(FusionBlock):
       miss = jnp.broadcast_to(self.missing[m][...].astype(h.dtype), (h.shape[0], 1, self.features))
       xs[m] = sharding.constrain(jnp.concatenate([miss, h], axis=1), ("batch", "length", "embed"))
       masks[m] = jnp.concatenate([~x.present[m][:, None], x.masks[m]], axis=1)  # (B, 1 + N_m)
-    maps = []
+    coords = None if self.spatial is None else _grid_positions(self.spatial, x.tokens[self.spatial].shape[1])
+    maps, w = [], None
     for layer in self.layers:
-      xs, w = layer(xs, masks, deterministic=deterministic, return_weights=self.attention_maps)
+      xs, w = layer(xs, masks, deterministic=deterministic, previous=w, coords=coords,
+                    return_weights=self.attention_maps or self.spatial is not None)
       maps.append(w)
     if self.final_norm is not None:
       xs.update({m: self.final_norm[m](xs[m]) for m in self.update})
@@ -169,3 +217,11 @@ class CrossAttentionFusion(FusionBlock):
         out[m][o] = stacked[:, :, :, 1:, start + 1:start + 1 + n]
         start += 1 + n
     return out
+
+
+def _grid_positions(name: str, n: int) -> jax.Array:
+  """(n, 2) (row, column) of the tokens of a square row-major grid of n cells."""
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f"spatial={name!r}: expected its tokens to form a square grid, got {n} tokens")
+  return jnp.asarray(np.stack(np.divmod(np.arange(n), side), axis=-1), jnp.float32)

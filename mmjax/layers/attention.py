@@ -108,15 +108,17 @@ class MultiHeadAttention(nnx.Module):
       if context is None or decode or r < 1 or q.shape[0] != r * k.shape[0]:
         raise ValueError(f"context_repeats={r}: expected cross-attention whose context has "
                          f"B / {r} rows for the query's B = {q.shape[0]}, got {k.shape[0]} rows")
-      if bias is not None:
-        raise ValueError(f"bias: not supported with context_repeats={r}")
       B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
       q = q.reshape(B // r, r * Lq, *q.shape[2:])  # the r query rows of one context row, as one
-      if mask is not None:  # (B, H|1, Lq|1, Lk) -> (B / r, H|1, r * Lq, Lk)
-        mask = jnp.asarray(mask)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        mask = jnp.broadcast_to(mask, (B, mask.shape[1], Lq, Lk))
-        mask = mask.reshape(B // r, r, -1, Lq, Lk).swapaxes(1, 2).reshape(B // r, -1, r * Lq, Lk)
+
+      def group(a):  # (B, H|1, Lq|1, Lk) -> (B / r, H|1, r * Lq, Lk), as the query rows
+        a = jnp.asarray(a)
+        a = a.reshape((1,) * (4 - a.ndim) + a.shape)
+        a = jnp.broadcast_to(a, (B, a.shape[1], Lq, Lk))
+        return a.reshape(B // r, r, -1, Lq, Lk).swapaxes(1, 2).reshape(B // r, -1, r * Lq, Lk)
+
+      mask = None if mask is None else group(mask)
+      bias = None if bias is None else group(bias)
     if return_weights or (not deterministic and self.dropout.rate > 0):  # else the fused path
       out, w = self._explicit(q, k, v, mask, bias, deterministic)
     else:

@@ -515,6 +515,27 @@ def test_bad_construction_is_rejected():
     block({"image": (tokens["image"][:, :3], None), "text": (tokens["text"], None)})
 
 
+def test_spatial_bias_pairs_each_head_with_its_own_previous_centroid():
+  """The bias formula against numpy: head h's centroid is where head h looked in the previous
+  layer (normalised over the grid), zero bias outside the grid's slots."""
+  block = build("cross_attention", 2, spatial="image", depth=2, num_heads=2, update=("text",))
+  layer = block.layers[1]
+  rng = np.random.default_rng(3)
+  query = rng.normal(size=(B, 3, F)).astype(np.float32)
+  previous = rng.random((B, 2, 3, 7)).astype(np.float32)  # 2 slots before the 2x2 grid, 1 after
+  previous[:, 0, :, 2:6] = [1.0, 0, 0, 0]  # head 0 looked at cell (0, 0) only
+  previous[:, 1, :, 2:6] = [0, 0, 0, 3.0]  # head 1 at cell (1, 1)
+  coords = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+  bias = np.asarray(layer._distance_bias("text", jnp.asarray(query), jnp.asarray(previous),
+                                         jnp.asarray(coords), 2, 7))
+  lin = layer.distance_scale["text"]
+  scale = query @ np.asarray(lin.kernel[...]) + np.asarray(lin.bias[...])  # (B, 3, H)
+  dist2 = np.array([[0, 1, 1, 2], [2, 1, 1, 0]], np.float32)  # (H, N) from (0, 0) and (1, 1)
+  expected = np.zeros((B, 2, 3, 7), np.float32)
+  expected[..., 2:6] = scale.transpose(0, 2, 1)[..., None] * dist2[None, :, None]
+  np.testing.assert_allclose(bias, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sign,cells", [(-1, [4]), (1, [0, 2, 6, 8])])
 def test_spatial_second_hop_prefers_near_or_far_from_the_first_hops_centroid(sign, cells):
   """Layer 1 looks everywhere (zero queries: uniform attention over a 3x3 grid, centroid at the

@@ -11,8 +11,8 @@ the number of image tokens per question beyond the attention itself.
 
 `spatial` names a modality whose tokens form a square, row-major grid (an image's feature map).
 From the second layer on, each head then adds s_h(query) * |p_j - c_h|^2 to its logits over
-the grid: p_j is grid token j's (row, column), c_h a learned mix of the centroids of the
-previous layer's heads' attention over the grid (where the previous hop looked), s_h a signed
+the grid: p_j is grid token j's (row, column), c_h the centroid of the same head's attention
+over the grid in the previous layer (where that head's previous hop looked), s_h a signed
 per-query scale (zero at initialisation). A question such as "which object is closest to the
 red one" is then one hop to find the red object and one to prefer what lies near (s < 0) or far
 (s > 0) from it, the comparison of positions a relation network makes for every object pair.
@@ -36,7 +36,7 @@ from mmjax import sharding
 from mmjax.fusion.base import (FUSIONS, FusionBlock, FusionInputs, FusionOutput, learned,
                                masked_mean, masked_token_output)
 from mmjax.layers import EncoderBlock, MultiHeadAttention, dense, layer_norm
-from mmjax.layers.common import Dtype, part, zeros
+from mmjax.layers.common import Dtype, zeros
 
 
 class CrossModalLayer(nnx.Module):
@@ -49,13 +49,12 @@ class CrossModalLayer(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.names = tuple(names)
     self.update = tuple(update) if update is not None else self.names
-    # The distance bias (module docstring): per-query scales s_h and the centroid mix.
+    # The distance bias (module docstring): per-query scales s_h.
     self.spatial = spatial
     if spatial is not None:
       self.distance_scale = nnx.Dict({
           m: dense(features, num_heads, ("embed", "heads"), kernel_init=zeros, **kw)
           for m in self.update if m != spatial})
-      self.centroid_mix = nnx.Param(part(zeros, ("heads", None))(rngs.params(), (num_heads, num_heads), param_dtype))
     self.cross = MultiHeadAttention(num_heads, features, dropout=attn_dropout, qk_scale=qk_scale, **kw)
     self.cross_norm = layer_norm(features, eps=ln_eps, **kw)
     if norm not in ("pre", "post"):
@@ -98,16 +97,14 @@ class CrossModalLayer(nnx.Module):
     new.update({m: self.streams[m](crossed[m], masks[m], deterministic=deterministic) for m in self.update})
     return new, weights
 
-
   def _distance_bias(self, m: str, query: jax.Array, previous: jax.Array, coords: jax.Array,
                      start: int, length: int) -> jax.Array:
-    """(B, H, L_m, length) logits bias: zero outside the grid's tokens [start, start + N)."""
+    """(B, H, L_m, length) logits bias: zero outside the grid's tokens [start, start + N).
+    `previous` (B, H, L_m, length): the previous layer's weights, head h's for head h."""
     n = coords.shape[0]
-    where = previous[..., start:start + n].astype(jnp.float32)  # (B, H', L_m, N)
+    where = previous[..., start:start + n].astype(jnp.float32)  # (B, H, L_m, N)
     mass = jnp.sum(where, axis=-1, keepdims=True)  # < 1 when other tokens share the context
-    centroids = jnp.einsum("bhqn,nc->bhqc", where / jnp.maximum(mass, 1e-6), coords)
-    mix = jax.nn.softmax(self.centroid_mix[...].astype(jnp.float32), axis=-1)  # (H, H')
-    centre = jnp.einsum("gh,bhqc->bgqc", mix, centroids)  # (B, H, L_m, 2)
+    centre = jnp.einsum("bhqn,nc->bhqc", where / jnp.maximum(mass, 1e-6), coords)  # (B, H, L_m, 2)
     dist2 = jnp.sum(jnp.square(coords - centre[..., None, :]), axis=-1)  # (B, H, L_m, N)
     scale = self.distance_scale[m](query).astype(jnp.float32)  # (B, L_m, H)
     bias = jnp.swapaxes(scale, 1, 2)[..., None] * dist2

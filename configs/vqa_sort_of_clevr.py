@@ -21,10 +21,12 @@ FUSION_KWARGS = {
     # 8 heads: one head learns to find the object a question's colour names and the run leaves the
     # binding plateau when one does, so more heads get there sooner (4 heads: shape questions
     # rose at ~4,500 steps; 8: at ~2,500; bench/colour_binding.py --num_heads).
-    # spatial="image" (with depth >= 2) adds the distance bias of mmjax/fusion/cross_attention.py.
-    "cross_attention": {"update": ("text",), "depth": 1, "num_heads": 8, "mlp_dim": 128, "norm": "pre",
+    # A second layer whose heads prefer grid cells near (or far from) where they looked in the
+    # first (spatial="image": the distance bias of mmjax/fusion/cross_attention.py) took
+    # "furthest" off the majority-shape shortcut (0.69 -> 0.78 at step 3,000; issue 5 notes).
+    "cross_attention": {"update": ("text",), "depth": 2, "num_heads": 8, "mlp_dim": 128, "norm": "pre",
                         "qk_scale": 4.0,
-                        "spatial": ml_collections.FieldReference(None, field_type=str)},
+                        "spatial": ml_collections.FieldReference("image", field_type=str)},
 }
 
 

@@ -128,7 +128,7 @@ def quickstart_vqa():
 
           config = fit_to_devices(load_config(f"{REPO}/configs/vqa_sort_of_clevr.py:size={SIZE},fusion=cross_attention"))
           if SIZE == "tiny":  # a smoke run: evaluate and checkpoint once, at the end
-            config.model.fusion_kwargs = {"depth": 1}
+            config.model.fusion_kwargs = {"depth": 2, "spatial": "image"}  # 2 hops as the default; 4 heads
             config.data.eval_splits = ("test",)
             config.train.eval_every = config.train.checkpoint_every = config.train.steps
           print(config.model)
@@ -159,20 +159,25 @@ def quickstart_vqa():
           print(f"Q: {question}\\nA: {out['answer']} (truth: {truth})")
           print({k: round(p, 3) for k, p in list(out["probabilities"].items())[:4]})
           '''),
-      md("## Where did the model look?\n\nThe question's cross-attention over the image grid, "
-         "first averaged over heads, then one panel per head: heads specialise, and in a trained "
-         "model usually one of them finds the object the question's colour names."),
+      md("## Where did the model look?\n\nThe question's cross-attention over the image grid in "
+         "the last layer, averaged over heads; then one panel per head for each layer. Heads "
+         "specialise: in a trained model one head of the first layer usually finds the object the "
+         "question's colour names, and in the second layer (whose heads are biased towards cells "
+         "near or far from where they looked in the first) the object a relational question asks about."),
       code('''
           attention = WORKDIR / "attention.png"
           viz.vqa_attention_figure(predictor, image, question, path=attention)
           show(attention)
-          heads = WORKDIR / "attention_heads.png"
-          viz.vqa_attention_figure(predictor, image, question, head="all", size_px=160, path=heads)
-          show(heads)
+          heads = []
+          for layer in range(len(predictor.model.fusion.layers)):
+            heads.append(WORKDIR / f"attention_heads_layer{layer}.png")
+            viz.vqa_attention_figure(predictor, image, question, head="all", layer=layer, size_px=160,
+                                     path=heads[-1])
+            show(heads[-1])
           summary = {"backend": BACKEND, "devices": DEVICES, "size": SIZE, "step": predictor.step,
                      "num_params": metrics["num_params"], "test/accuracy": metrics["test/accuracy"],
                      "num_answers": len(predictor.answers), "question": question, "answer": out["answer"],
-                     "figures": [str(curves), str(attention), str(heads)]}
+                     "figures": [str(curves), str(attention), *map(str, heads)]}
           (WORKDIR / "summary.json").write_text(json.dumps(summary, indent=2))
           '''),
   ]

@@ -92,8 +92,10 @@ def test_quickstart_vqa(env):
   for path in summary["figures"]:
     check_png(path)
   assert os.path.basename(summary["figures"][1]) == "attention.png"
-  check_png(summary["figures"][2], (160, 4 * 160))  # one 160 px panel per head (tiny: 4 heads)
-  assert inline_images(nb) == 3
+  assert len(summary["figures"]) == 4  # curves, attention, per-head panels of the 2 layers
+  for path in summary["figures"][2:]:
+    check_png(path, (160, 4 * 160))  # one 160 px panel per head (tiny: 4 heads)
+  assert inline_images(nb) == 4
 
 
 def test_captioning(env):

@@ -22,8 +22,9 @@ FUSION_KWARGS = {
     # binding plateau when one does, so more heads get there sooner (4 heads: shape questions
     # rose at ~4,500 steps; 8: at ~2,500; bench/colour_binding.py --num_heads).
     # A second layer whose heads prefer grid cells near (or far from) where they looked in the
-    # first (spatial="image": the distance bias of mmjax/fusion/cross_attention.py) took
-    # "furthest" off the majority-shape shortcut (0.69 -> 0.78 at step 3,000; issue 5 notes).
+    # first (spatial="image": the distance bias of mmjax/fusion/cross_attention.py) took closest
+    # and furthest off the majority-shape shortcut (0.69): relational 0.68-0.79 -> 0.93 in the
+    # README's 30-minute run. --config.model.fusion_kwargs.depth=1 is the previous default.
     "cross_attention": {"update": ("text",), "depth": 2, "num_heads": 8, "mlp_dim": 128, "norm": "pre",
                         "qk_scale": 4.0,
                         "spatial": ml_collections.FieldReference("image", field_type=str)},
@@ -39,8 +40,9 @@ def get_config(arg=None):
   # The default recipe: three stride-2 convs (a 10x10 grid) with coordinates and group norm, two
   # Transformer layers over the grid once per image (this is what relational questions need), a
   # narrow bidirectional LSTM whose mean is the question vector, and that vector reading the grid
-  # through one pre-LN cross-attention layer. The image's keys and values are projected once per
-  # image, not per question (32 images carry 640 questions per step).
+  # through two pre-LN cross-attention layers (the second biased by distance, see FUSION_KWARGS).
+  # The image's keys and values are projected once per image, not per question (32 images carry
+  # 640 questions per step).
   steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (6000, 32, 64)}[arg.size]
 
   c.data = ml_collections.ConfigDict()
@@ -83,6 +85,6 @@ def get_config(arg=None):
 
   # tiny=False for every size: the tiny VQA config keeps lr 1e-3 and evaluates every tenth.
   standard_optim_and_train(c, steps, tiny=False)
-  # The default's 6,000 steps take ~25-30 minutes on 2 CPU cores; stop (evaluate, save) at 30.
+  # The default's 6,000 steps take ~40 minutes on 2 CPU cores (4,560 in 30); stop (evaluate, save) at 30.
   c.train.max_minutes = 30.0 if arg.size == "default" else None
   return c

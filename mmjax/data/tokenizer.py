@@ -25,6 +25,7 @@ import pathlib
 import string
 import threading
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
@@ -151,7 +152,9 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
   raise FileNotFoundError(f"{path} holds neither {TOKENIZER_FILE} nor a pretrained tokenizer")
 
 
-_WARNED_TRUNCATION: set[tuple[int, int]] = set()
+# tokenizer -> the max_len values it has warned about (weak: a freed tokenizer's entry goes too,
+# so a new tokenizer at a recycled address still warns).
+_WARNED_TRUNCATION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # HF fast tokenizers keep truncation and padding as state on the backend and set it per call, so
 # concurrent calls with different max_len (pipeline threads, predict) could pad to another's.
 _LOCK = threading.Lock()
@@ -192,8 +195,8 @@ def encode(
   # Lengths needed: every overflow piece is padded and re-adds [CLS] and [SEP].
   cut = [max_len + sum(sum(o.attention_mask) - 2 for o in e.overflowing)
          for e in enc.encodings if e.overflowing]
-  if cut and (id(tokenizer), max_len) not in _WARNED_TRUNCATION:
-    _WARNED_TRUNCATION.add((id(tokenizer), max_len))
+  if cut and max_len not in _WARNED_TRUNCATION.setdefault(tokenizer, set()):
+    _WARNED_TRUNCATION[tokenizer].add(max_len)
     warnings.warn(f"tokenizer.encode: {len(cut)} of {len(texts)} texts are longer than "
                   f"max_len={max_len} tokens and were truncated (the longest needs {max(cut)}); "
                   f"raise max_len (e.g. data.max_len) to keep them whole. Warned once per "

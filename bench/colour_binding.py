@@ -48,6 +48,23 @@ With the earlier ReLU answer head (same runs through a scratch copy of this scri
 stayed at the prior for 1,000 steps and qk_scale 4 with seed 0 sat at exactly ln 4: the head's
 units had died while the model sat at the prior (at step 200, 1 of 32 units ever active).
 
+Which colours stay unbound (per-colour accuracy, `--question sentence --num_heads 8 --qk_scales 4
+--steps 800`; 2026-11-29, two runs sharing the 2 cores; `--vision '{"pixel_freqs": 2}'`):
+
+| SmallCNN | seed | off the prior at | accuracy | red / green / blue / orange / gray / yellow |
+|---|---:|---:|---:|---|
+| default | 0 / 1 / 2 | 582 / 588 / 304 | 0.703 / 0.917 / 0.983 | 0.82 / 0.98 / 0.98 / **0.20 / 0.24** / 1.00; 0.96 / 0.86 / 0.92 / 0.88 / 0.96 / 0.92; 0.98 / 1.00 / 1.00 / 0.98 / 0.98 / 0.96 |
+| pixel_freqs 2 | 0 / 1 / 2 | 324 / 459 / 486 | 0.997 / 0.990 / 0.957 | 1.00 / 1.00 / 1.00 / 0.98 / 1.00 / 1.00; 1.00 / 1.00 / 0.98 / 1.00 / 0.98 / 0.98; 0.98 / 0.98 / 0.98 / 0.84 / 0.98 / 0.98 |
+
+Orange and gray are the colours no linear function of the pixel's RGB singles out: relative to
+the white background gray = (red + green + blue + white) / 4 and orange = 0.39 red + 0.61 yellow,
+so a query-key dot product over (near-linear, at initialisation) features scores one of the
+others at least as high. sin / cos of the pixel values make every colour an extreme point
+(tests/test_vision.py checks both statements with an LP). In the full VQA model a run that left
+one colour unbound sat at 0.92 on the questions about position (5/6 + 1/12): seed 1 of the
+two-hop default before pixel_freqs, with gray at 0.54 and the other colours at 1.00 at step 4,800.
+`norm: "none"` instead of group norm did not help (seeds 0 / 1: 0.380 / 0.850).
+
 "attention on the object" is how often the question's attention (mean over the 4 heads) peaks on
 a grid cell the named object covers; "per head" is the same for each head. Heads specialise: with
 the single-token question after 500 steps (2026-11-29, idle), one head of four found the object
@@ -62,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
 
 import jax
@@ -101,11 +119,12 @@ def batch(rng: np.random.Generator, n: int, sentence: bool = False):
 
 
 def run(qk_scale: float, seed: int, steps: int, lr: float, *, sentence: bool = False,
-        pool: str = "mean", question_tokens: str = "pooled", num_heads: int = 4) -> dict:
+        pool: str = "mean", question_tokens: str = "pooled", num_heads: int = 4,
+        vision: dict | None = None) -> dict:
   L = TEMPLATE if sentence else 1
   model = VQAModel(
       vision={"name": "small_cnn", "features": 32, "channels": (16, 16, 16), "norm": "group",
-              "norm_groups": 4, "coords": True},
+              "norm_groups": 4, "coords": True, **(vision or {})},
       text={"name": "rnn_text", "vocab_size": COLOURS + 1 + (TEMPLATE if sentence else 0), "features": 32, "hidden": 16,
             "pool": pool},
       fusion="cross_attention",
@@ -146,11 +165,13 @@ def run(qk_scale: float, seed: int, steps: int, lr: float, *, sentence: bool = F
   def on_object(head):
     attn, logits = jax.device_get(attend(model, test[0], test[1], head))
     on = np.take_along_axis(test[3], attn.argmax(-1)[..., None], axis=-1)[..., 0]
-    return float(on.mean()), float((logits.argmax(-1) == test[2]).mean())
+    return float(on.mean()), (logits.argmax(-1) == test[2]).mean(axis=0)  # per colour
 
-  mean_heads, accuracy = on_object(None)
+  mean_heads, per_colour = on_object(None)
+  accuracy = float(per_colour.mean())
   per_head = [on_object(h)[0] for h in range(model.fusion.layers[0].cross.num_heads)]
-  return {"off_prior_at": off, "accuracy": accuracy, "attention_on_object": mean_heads,
+  return {"off_prior_at": off, "accuracy": accuracy, "per_colour": per_colour.tolist(),
+          "attention_on_object": mean_heads,
           "per_head": per_head, "seconds": seconds}
 
 
@@ -165,19 +186,23 @@ def main():
   p.add_argument("--pool", choices=("mean", "last", "max"), default="mean", help="LSTM pooling")
   p.add_argument("--question_tokens", choices=("pooled", "all"), default="pooled")
   p.add_argument("--num_heads", type=int, default=4, help="cross-attention heads (width 32)")
+  p.add_argument("--vision", default="{}", help='SmallCNN overrides as JSON, e.g. \'{"norm": "none"}\'')
   args = p.parse_args()
+  vision = json.loads(args.vision)
   print(f"question={args.question} pool={args.pool} question_tokens={args.question_tokens} "
-        f"num_heads={args.num_heads}")
-  print("| qk_scale | seed | off the prior at | accuracy | attention on the object | per head | s |")
-  print("|---:|---:|---:|---:|---:|---|---:|")
+        f"num_heads={args.num_heads} vision={vision}")
+  colours = " / ".join(scenes.COLORS)
+  print(f"| qk_scale | seed | off the prior at | accuracy | attention on the object | per head | {colours} | s |")
+  print("|---:|---:|---:|---:|---:|---|---|---:|")
   for scale in (float(s) for s in args.qk_scales.split(",")):
     for seed in (int(s) for s in args.seeds.split(",")):
       r = run(scale, seed, args.steps, args.lr, sentence=args.question == "sentence", pool=args.pool,
-              question_tokens=args.question_tokens, num_heads=args.num_heads)
+              question_tokens=args.question_tokens, num_heads=args.num_heads, vision=vision)
       off = r["off_prior_at"] or f"> {args.steps}"
       heads = " / ".join(f"{x:.2f}" for x in r["per_head"])
       print(f"| {scale:g} | {seed} | {off} | {r['accuracy']:.3f} | {r['attention_on_object']:.3f} | "
-            f"{heads} | {r['seconds']:.0f} |", flush=True)
+            f"{heads} | {' / '.join(f'{a:.2f}' for a in r['per_colour'])} | {r['seconds']:.0f} |",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ def test_gpu_mfu_tiny(tmp_path, capsys):
 
 def test_colour_binding_reports_per_head_attention():
   binding = _load("colour_binding")
-  r = binding.run(4.0, 0, 3, 3e-3, sentence=True, pool="max")
+  r = binding.run(4.0, 0, 3, 3e-3, sentence=True, pool="max", vision={"pixel_freqs": 1})
   assert r["off_prior_at"] is None and 0.0 <= r["accuracy"] <= 1.0
+  assert len(r["per_colour"]) == 6 and r["accuracy"] == pytest.approx(sum(r["per_colour"]) / 6)
   assert len(r["per_head"]) == 4 and all(0.0 <= x <= 1.0 for x in r["per_head"])
   assert 0.0 <= r["attention_on_object"] <= 1.0
 

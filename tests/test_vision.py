@@ -178,6 +178,47 @@ def test_fourier_coordinates_make_offsets_visible_to_dot_products():
     SmallCNN(16, coords=True, coord_freqs=-1, rngs=nnx.Rngs(0))
 
 
+def test_pixel_fourier_features_feed_the_first_conv():
+  k = 2
+  a = SmallCNN(16, channels=(8, 8), norm="group", norm_groups=4, pixel_freqs=k, rngs=nnx.Rngs(0))
+  assert a.layers[0].conv.kernel.shape[2] == 3 * (1 + 2 * k)
+  # The same weights on the expanded image by hand: [v, sin(pi k v), cos(pi k v)], (C, K) order.
+  b = SmallCNN(16, channels=(8, 8), norm="group", norm_groups=4, in_channels=3 * (1 + 2 * k),
+               rngs=nnx.Rngs(1))
+  nnx.update(b, nnx.state(a))
+  v = jax.random.uniform(jax.random.key(0), (2, 20, 20, 3))
+  arg = (v[..., None] * jnp.pi * jnp.arange(1, k + 1)).reshape(2, 20, 20, 3 * k)
+  expanded = jnp.concatenate([v, jnp.sin(arg), jnp.cos(arg)], axis=-1)
+  np.testing.assert_allclose(a(v).tokens, b(expanded).tokens, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="pixel_freqs"):
+    SmallCNN(16, pixel_freqs=-1, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("freqs", [0, 2])
+def test_pixel_fourier_features_make_every_sort_of_clevr_colour_selectable(freqs):
+  """A linear function of a pixel's features that is largest on one colour (what a query-key
+  dot product needs to find that colour's object) exists for every colour with pixel_freqs=2;
+  without, not for gray (a mix of red, green, blue and the white background) or orange (of red
+  and yellow). scipy's LP finds the function or proves there is none."""
+  from scipy.optimize import linprog
+  from mmjax.data import scenes
+  colours = np.concatenate([scenes.COLOR_RGB, [[255, 255, 255]]]) / 255.0  # + the background
+  arg = (colours[..., None] * np.pi * np.arange(1, freqs + 1)).reshape(len(colours), -1)
+  feats = np.concatenate([colours, np.sin(arg), np.cos(arg)], axis=-1)
+  selectable = {}
+  for i, name in enumerate(scenes.COLORS):
+    # w . (f_i - f_j) >= 1 for every other colour j, |w| <= 100: feasible or not.
+    diff = feats[i] - np.delete(feats, i, axis=0)
+    r = linprog(np.zeros(feats.shape[1]), A_ub=-diff, b_ub=-np.ones(len(diff)),
+                bounds=[(-100, 100)] * feats.shape[1], method="highs")
+    selectable[name] = r.status == 0
+  if freqs:
+    assert all(selectable.values()), selectable
+  else:
+    assert selectable == {"red": True, "green": True, "blue": True, "orange": False,
+                          "gray": False, "yellow": True}
+
+
 def test_relative_position_bias_of_the_grid_transformer():
   from mmjax.encoders.vision import relative_position_index
   r, h, w = 4, 3, 4

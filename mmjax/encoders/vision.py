@@ -437,6 +437,13 @@ class SmallCNN(nnx.Module):
       of up to R x R cells, initialised to zero. It lets a head weigh cells by where they are
       relative to the attending cell (e.g. near or far), independently of their content.
     in_channels: image channels C.
+    pixel_freqs: K > 0 appends sin(pi k v) and cos(pi k v) of every pixel value v, k = 1..K, to
+      the image before the first conv (C (1 + 2K) input channels), so that units of the first
+      layer can respond to a band of values. Without them a pixel's first-layer features are a
+      linear function of its colour followed by a ReLU whose threshold a following norm sets at
+      the (background's) mean, and a colour that is a convex combination of others relative to
+      the background (Sort-of-CLEVR's orange between red and yellow, gray among red, green and
+      blue against white) gets no unit that fires for it and not for them.
     act: activation after each conv.
     dtype, param_dtype: compute and parameter dtypes.
     rngs: parameter keys.
@@ -445,7 +452,8 @@ class SmallCNN(nnx.Module):
   def __init__(self, features: int = 64, *, channels: tuple[int, ...] = (24, 24, 24, 24),
                kernel_size: int = 3, norm: str = "batch", norm_groups: int = 8,
                coords: bool = False, coord_freqs: int = 0, depth: int = 0, num_heads: int = 4,
-               mlp_ratio: int = 2, rel_pos: int = 0, in_channels: int = 3, act: str = "relu",
+               mlp_ratio: int = 2, rel_pos: int = 0, in_channels: int = 3, pixel_freqs: int = 0,
+               act: str = "relu",
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if not channels:
       raise ValueError("channels: expected at least one conv layer")
@@ -454,10 +462,13 @@ class SmallCNN(nnx.Module):
     if coord_freqs < 0 or (coord_freqs and not coords):
       raise ValueError(f"coord_freqs: expected a non-negative int, and coords=True when > 0; "
                        f"got coord_freqs={coord_freqs!r}, coords={coords!r}")
+    if pixel_freqs < 0:
+      raise ValueError(f"pixel_freqs: expected a non-negative int, got {pixel_freqs!r}")
     self.in_channels, self.coords, self.coord_freqs = in_channels, coords, coord_freqs
+    self.pixel_freqs = pixel_freqs
     self.act = activation(act)
     kw = dict(norm=norm, groups=norm_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    cins = (in_channels,) + tuple(channels[:-1])
+    cins = (in_channels * (1 + 2 * pixel_freqs),) + tuple(channels[:-1])
     self.layers = nnx.List([ConvNorm(ci, co, kernel_size, 2, **kw)
                             for ci, co in zip(cins, channels)])
     self.proj = dense(channels[-1] + 2 * coords + 4 * coord_freqs, features, (None, "embed"),
@@ -475,6 +486,10 @@ class SmallCNN(nnx.Module):
     """images (B, H, W, C) float -> tokens (B, h*w, features), grid row-major, pooled mean."""
     check_images(images, self.in_channels)
     x = sharding.constrain(images, ("batch", None, None, None))
+    if self.pixel_freqs:
+      k = jnp.pi * jnp.arange(1, self.pixel_freqs + 1, dtype=x.dtype)  # (K,)
+      v = (x[..., None] * k).reshape(*x.shape[:-1], -1)  # (B, H, W, C K)
+      x = jnp.concatenate([x, jnp.sin(v), jnp.cos(v)], axis=-1)
     for layer in self.layers:
       x = self.act(layer(x, deterministic))  # (B, h, w, C)
     b, h, w, _ = x.shape

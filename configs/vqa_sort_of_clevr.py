@@ -60,10 +60,13 @@ def get_config(arg=None):
   # coord_freqs=4: sin/cos coordinate features, with which attention logits can depend on the
   # offset between cells; the shape questions were solved by step 1,800-2,400 instead of
   # 3,000-3,600 (four runs). rel_pos (a relative-position bias in the grid Transformer) is off:
-  # it did not make distance questions learnable in 3,600 steps (issue 5 notes).
+  # it did not make distance questions learnable in 3,600 steps (issue 5 notes). pixel_freqs=2
+  # (--config.model.vision.pixel_freqs=2) binds every colour early (gray and orange are convex
+  # mixes of the others; bench/colour_binding.py) but is not the default until it clears the
+  # bar on several seeds (issue 5).
   c.model.vision = {"name": "small_cnn", "features": width, "channels": (32, 32, 32),
                     "norm": "group", "norm_groups": 8, "coords": True, "coord_freqs": 4,
-                    "depth": 2, "rel_pos": 0}
+                    "depth": 2, "rel_pos": 0, "pixel_freqs": 0}
   text = {
       "rnn": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width // 2,
               "pool": "mean"},

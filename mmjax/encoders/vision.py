@@ -437,9 +437,9 @@ class SmallCNN(nnx.Module):
       of up to R x R cells, initialised to zero. It lets a head weigh cells by where they are
       relative to the attending cell (e.g. near or far), independently of their content.
     in_channels: image channels C.
-    pixel_freqs: K > 0 appends sin(pi k v) and cos(pi k v) of every pixel value v, k = 1..K, to
-      the image before the first conv (C (1 + 2K) input channels), so that units of the first
-      layer can respond to a band of values. Without them a pixel's first-layer features are a
+    pixel_freqs: K > 0 appends sin(pi k v) and cos(pi k v) of every pixel value v (in [0, 1]),
+      k = 1..K, to the image before the first conv (C (1 + 2K) input channels), so that units of
+      the first layer can respond to a band of values. Without them a pixel's first-layer features are a
       linear function of its colour followed by a ReLU whose threshold a following norm sets at
       the (background's) mean, and a colour that is a convex combination of others relative to
       the background (Sort-of-CLEVR's orange between red and yellow, gray among red, green and

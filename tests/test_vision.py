@@ -9,7 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax import sharding
 from mmjax.encoders.base import ENCODERS, EncoderOutput
-from mmjax.encoders.vision import ResNet, SmallCNN, ViT, decode_variant, grid_coords
+from mmjax.encoders.vision import (ResNet, SmallCNN, ViT, decode_variant, grid_coords,
+                                   pixel_fourier_features)
 
 TINY_VIT = dict(width=32, depth=1, heads=4, mlp_dim=64, patch=8, image_size=32)
 
@@ -203,8 +204,7 @@ def test_pixel_fourier_features_make_every_sort_of_clevr_colour_selectable(freqs
   from scipy.optimize import linprog
   from mmjax.data import scenes
   colours = np.concatenate([scenes.COLOR_RGB, [[255, 255, 255]]]) / 255.0  # + the background
-  arg = (colours[..., None] * np.pi * np.arange(1, freqs + 1)).reshape(len(colours), -1)
-  feats = np.concatenate([colours, np.sin(arg), np.cos(arg)], axis=-1)
+  feats = np.asarray(pixel_fourier_features(jnp.asarray(colours, jnp.float32), freqs), np.float64)
   selectable = {}
   for i, name in enumerate(scenes.COLORS):
     # w . (f_i - f_j) >= 1 for every other colour j, |w| <= 100: feasible or not.

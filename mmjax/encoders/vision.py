@@ -397,6 +397,14 @@ def grid_coords(h: int, w: int, freqs: int = 0) -> np.ndarray:
   return np.stack(out, axis=-1).astype(np.float32)
 
 
+def pixel_fourier_features(x: jax.Array, freqs: int) -> jax.Array:
+  """(..., C) pixel values -> (..., C (1 + 2 freqs)): the values, then sin(pi k v) and then
+  cos(pi k v) for k = 1..freqs, each block in (C, k) order (SmallCNN's `pixel_freqs`)."""
+  k = jnp.pi * jnp.arange(1, freqs + 1, dtype=x.dtype)  # (K,)
+  v = (x[..., None] * k).reshape(*x.shape[:-1], -1)  # (..., C K)
+  return jnp.concatenate([x, jnp.sin(v), jnp.cos(v)], axis=-1)
+
+
 def relative_position_index(h: int, w: int, r: int) -> np.ndarray:
   """(h*w, h*w) int: the index of (dy, dx) = (cell j - cell i) in a (2r-1) x (2r-1) table,
   row-major, for an h x w grid with cells in row-major order."""
@@ -487,9 +495,7 @@ class SmallCNN(nnx.Module):
     check_images(images, self.in_channels)
     x = sharding.constrain(images, ("batch", None, None, None))
     if self.pixel_freqs:
-      k = jnp.pi * jnp.arange(1, self.pixel_freqs + 1, dtype=x.dtype)  # (K,)
-      v = (x[..., None] * k).reshape(*x.shape[:-1], -1)  # (B, H, W, C K)
-      x = jnp.concatenate([x, jnp.sin(v), jnp.cos(v)], axis=-1)
+      x = pixel_fourier_features(x, self.pixel_freqs)  # (B, H, W, C (1 + 2K))
     for layer in self.layers:
       x = self.act(layer(x, deterministic))  # (B, h, w, C)
     b, h, w, _ = x.shape

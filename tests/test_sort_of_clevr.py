@@ -270,6 +270,33 @@ def test_default_data_dir(monkeypatch, tmp_path):
     datasets.load("clevr", "train")
 
 
+def test_builder_made_before_another_process_generated_reads_its_data(tmp_path, tiny_config):
+  """A builder constructed while the folder was empty, prepared after someone else generated it
+  (a second run, another host), reads what was written instead of failing to rename over it."""
+  early = soc.builder(tmp_path, tiny_config)
+  assert not early.is_prepared()
+  soc.prepare(tmp_path, tiny_config)  # "the other process"
+  source = datasets.prepare(early, text_key="questions").as_data_source("train")
+  assert len(source) == TINY["train"]
+  rec = next(source[i] for i in range(len(source)) if source[i]["index"] == 3)
+  assert np.array_equal(rec["answers"], soc.generate_example("train", 3)["answers"])
+
+
+def test_concurrent_prepare_in_two_processes(tmp_path):
+  """Two processes generating the same folder at once: both succeed, with the same data."""
+  code = ("import sys; from mmjax.data.datasets import sort_of_clevr as soc; "
+          f"c = soc.SortOfClevrConfig(name='tiny', num_images={tuple(TINY.items())!r}); "
+          "s = soc.load('test', sys.argv[1], config=c); "
+          "print(len(s), s[1]['answers'].tolist())")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  last = [out.strip().splitlines()[-1] for out, _ in outs]  # the generating one also logs
+  assert last[0] == last[1] and last[0].startswith(f"{TINY['test']} "), last
+
+
 def test_tfds_build_is_byte_identical(tmp_path, tiny_dir, tiny_config):
   soc.prepare(tmp_path, tiny_config)
   a = tiny_dir / "sort_of_clevr" / "tiny" / "1.0.0"

@@ -7,6 +7,8 @@ imported on demand, so importing this package does not import TFDS.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import os
 import pathlib
@@ -48,15 +50,38 @@ def prepare(builder: Any, text_key: str | None = None) -> Any:
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    )
+  def reread():  # generated (renamed into place, complete) since `builder` was made
+    if builder.is_prepared() and not builder.info.splits:
+      builder.info.read_from_directory(builder.data_path)
+
+  reread()
   path = builder.data_path / tokenizer_lib.TOKENIZER_FILE
-  if text_key is not None and not path.exists():
-    text = getattr(builder, "train_text", None) or _read_texts(builder, "train", text_key)
-    tokenizer_lib.save_tokenizer(tokenizer_lib.train_wordpiece_backend(text), path)
+  if builder.is_prepared() and (text_key is None or path.exists()):
+    return builder
+  # Another process (a second run, the other hosts of a multi-host job) may be generating the
+  # same folder: one generates, the others wait for it and then read what it wrote.
+  with _lock(builder.data_path.parent / f".{builder.data_path.name}.lock"):
+    reread()
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+      )
+    if text_key is not None and not path.exists():
+      text = getattr(builder, "train_text", None) or _read_texts(builder, "train", text_key)
+      tokenizer_lib.save_tokenizer(tokenizer_lib.train_wordpiece_backend(text), path)
   return builder
+
+
+@contextlib.contextmanager
+def _lock(path: pathlib.Path):
+  """An exclusive advisory lock on file `path` (created), held for the `with` block."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _read_texts(builder: Any, split: str, key: str):

@@ -135,7 +135,8 @@ def save_tokenizer(
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
   """Loads a `tokenizer.json` file, or a pretrained tokenizer folder (e.g. a BERT/MiniLM one)."""
-  from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast
 
   path = pathlib.Path(path)
   if path.is_file():
@@ -143,6 +144,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
   if not path.is_dir():
     raise FileNotFoundError(f"no tokenizer file or folder at {path}")
   if (path / "tokenizer_config.json").exists() or (path / "vocab.txt").exists():
+    from transformers import AutoTokenizer  # imports torch when installed (~5 s): only here
+
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
       raise TypeError(f"{path} holds a slow tokenizer ({type(tokenizer).__name__}); need a fast one")

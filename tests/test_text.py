@@ -173,6 +173,23 @@ def test_rnn_max_pool_over_real_tokens_only():
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
+def test_rnn_embed_skip_adds_a_context_free_part_per_token():
+  """embed_skip: tokens = RNN outputs (of the same weights without the skip) + W e(token) + b,
+  zero at padding; the added part of a word is the same in every sentence."""
+  skip = RnnTextEncoder(50, 8, 6, pool="mean", embed_skip=True, rngs=nnx.Rngs(0))
+  plain = RnnTextEncoder(50, 8, 6, pool="mean", rngs=nnx.Rngs(0))
+  nnx.update(plain, nnx.state(skip, nnx.Not(nnx.PathContains("skip"))))
+  ids = jnp.array([[3, 4, 5, 0], [9, 4, 0, 0]], jnp.int32)
+  a, b = _forward(skip, ids, None), _forward(plain, ids, None)
+  emb = np.asarray(skip.embed.embedding[...])[np.asarray(ids)]  # (B, L, F)
+  added = emb @ np.asarray(skip.skip.kernel[...]) + np.asarray(skip.skip.bias[...])
+  mask = np.asarray(ids != 0)[..., None]
+  np.testing.assert_allclose(a.tokens, (np.asarray(b.tokens) + added) * mask, atol=1e-5)
+  np.testing.assert_allclose(a.pooled, np.asarray(a.tokens)[:, :3].sum(1) / [[3], [2]], atol=1e-5)
+  part = np.asarray(a.tokens) - np.asarray(b.tokens)
+  np.testing.assert_allclose(part[0, 1], part[1, 1], atol=1e-5)  # word 4 in two contexts
+
+
 def test_rnn_mean_pool_bf16_and_errors():
   model = RnnTextEncoder(50, 8, 6, pool="mean", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   ids = jnp.array([[3, 4, 5, 0], [0, 0, 0, 0]], jnp.int32)

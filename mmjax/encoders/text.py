@@ -311,11 +311,15 @@ class RnnTextEncoder(nnx.Module):
       word in a templated question, is not diluted by the sentence's length as it is in the mean).
     pad_id: padding id; the default mask is `ids != pad_id`.
     dropout: dropout on embeddings and between layers.
+    embed_skip: add a linear map of each token's embedding to the RNN's output for that token
+      (a residual around the RNN), so every token also carries a context-free part: the same
+      word gives the same vector in every sentence (with pool="mean", the pooled vector is then
+      partly a bag of words).
   """
 
   def __init__(self, vocab_size: int, features: int = 128, hidden: int = 128, *,
                cell: str = "lstm", bidirectional: bool = True, num_layers: int = 1,
-               pool: str = "last", pad_id: int = 0, dropout: float = 0.0,
+               pool: str = "last", pad_id: int = 0, dropout: float = 0.0, embed_skip: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if cell not in ("lstm", "gru"):
       raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
@@ -345,6 +349,8 @@ class RnnTextEncoder(nnx.Module):
       d_in = features if i == 0 else self.out_features
       layers.append(nnx.Bidirectional(rnn(d_in), rnn(d_in), rngs=False) if bidirectional else rnn(d_in))
     self.layers = nnx.List(layers)
+    self.skip = (dense(features, self.out_features, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs) if embed_skip else None)
 
   def _zero_carry(self, batch: int):
     h = jnp.zeros((batch, self.hidden), jnp.float32)
@@ -363,13 +369,15 @@ class RnnTextEncoder(nnx.Module):
       prefix = np.arange(ids.shape[1])[None, :] < np.asarray(lengths)[:, None]
       if not np.array_equal(np.asarray(mask), prefix):
         raise ValueError("mask: RnnTextEncoder needs right-padded rows (all real tokens first)")
-    x = self.dropout(self.embed(ids), deterministic=deterministic)  # (B, L, F)
+    x = embedded = self.dropout(self.embed(ids), deterministic=deterministic)  # (B, L, F)
     carry = self._zero_carry(ids.shape[0])
     for i, layer in enumerate(self.layers):
       if i:
         x = self.dropout(x, deterministic=deterministic)
       init = (carry, carry) if self.bidirectional else carry
       final, x = layer(x, initial_carry=init, seq_lengths=lengths, return_carry=True)
+    if self.skip is not None:
+      x = x + self.skip(embedded)
     tokens = (x * mask[..., None]).astype(self.dtype)  # (B, L, D), zero at padding
     if self.pool == "mean":
       pooled = masked_mean(tokens, mask)

@@ -24,7 +24,10 @@ B, F = 4, 8
 # Variants "family:tag" with their extra arguments: cross-attention that rewrites the text stream
 # only (the question reads the image, whose tokens stay as projected), FiLM with max pooling.
 VARIANTS = {"cross_attention:text": dict(update=("text",)), "cross_attention:pre": dict(norm="pre"),
-            "cross_attention:spatial": dict(spatial="image", depth=2), "film:max": dict(pool="max")}
+            # the distance and revisit biases on from the start (as in the VQA config)
+            "cross_attention:spatial": dict(spatial="image", depth=2, revisit=True, distance_init=0.1,
+                                            revisit_init=-4.0),
+            "film:max": dict(pool="max")}
 FAMILIES = FUSIONS.names() + list(VARIANTS)
 EXTRA = {
     "bottleneck": dict(depth=1, num_heads=2, num_bottleneck=2),
@@ -534,6 +537,53 @@ def test_spatial_bias_pairs_each_head_with_its_own_previous_centroid():
   expected = np.zeros((B, 2, 3, 7), np.float32)
   expected[..., 2:6] = scale.transpose(0, 2, 1)[..., None] * dist2[None, :, None]
   np.testing.assert_allclose(bias, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_revisit_bias_weighs_each_heads_previous_attention_relative_to_its_peak():
+  """revisit=True adds u_h(query) * w_hj / max_j w_hj (w: head h's previous weights over the
+  grid) to the distance bias; zero outside the grid's slots. Then, with a near distance scale and
+  a large negative u, a second hop from the centre of a 3x3 grid lands on the four cells next to
+  it and not on the centre it came from (the "closest other object" pattern)."""
+  block = build("cross_attention", 2, spatial="image", depth=2, num_heads=2, update=("text",),
+                revisit=True)
+  layer = block.layers[1]
+  rng = np.random.default_rng(4)
+  for lin in (layer.distance_scale["text"], layer.revisit_scale["text"]):
+    lin.kernel[...] = jnp.asarray(rng.normal(size=lin.kernel[...].shape), jnp.float32)
+    lin.bias[...] = jnp.asarray(rng.normal(size=lin.bias[...].shape), jnp.float32)
+  query = rng.normal(size=(B, 3, F)).astype(np.float32)
+  previous = rng.random((B, 2, 3, 7)).astype(np.float32)  # 2 slots before the 2x2 grid, 1 after
+  previous[:, 0, :, 2:6] = [0.5, 0.25, 0, 0]
+  previous[:, 1, :, 2:6] = [0, 0, 0.1, 0.3]
+  coords = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+  bias = np.asarray(layer._distance_bias("text", jnp.asarray(query), jnp.asarray(previous),
+                                         jnp.asarray(coords), 2, 7))
+  d, u = layer.distance_scale["text"], layer.revisit_scale["text"]
+  s = (query @ np.asarray(d.kernel[...]) + np.asarray(d.bias[...])).transpose(0, 2, 1)[..., None]
+  r = (query @ np.asarray(u.kernel[...]) + np.asarray(u.bias[...])).transpose(0, 2, 1)[..., None]
+  cx = np.array([[0, 1 / 3], [1, 0.75]], np.float32)  # (H, 2) (row, col) centroids of the heads
+  dist2 = np.sum((coords[None] - cx[:, None]) ** 2, -1)  # (H, N)
+  peak = np.array([[1, 0.5, 0, 0], [0, 0, 1 / 3, 1]], np.float32)
+  expected = np.zeros((B, 2, 3, 7), np.float32)
+  expected[..., 2:6] = s * dist2[None, :, None] + r * peak[None, :, None]
+  np.testing.assert_allclose(bias, expected, rtol=1e-4, atol=1e-5)
+
+  # Near but not the same: hop 1 on the centre cell of a 3x3 grid.
+  coords9 = np.stack(np.divmod(np.arange(9), 3), -1).astype(np.float32)
+  prev9 = np.zeros((B, 2, 3, 9), np.float32)
+  prev9[..., 4] = 1.0
+  for lin, value in ((d, -40.0), (u, -1000.0)):
+    lin.kernel[...] = jnp.zeros_like(lin.kernel[...])
+    lin.bias[...] = jnp.full_like(lin.bias[...], value)
+  logits = np.asarray(layer._distance_bias("text", jnp.asarray(query), jnp.asarray(prev9),
+                                           jnp.asarray(coords9), 0, 9))
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.zeros(9)
+  expected[[1, 3, 5, 7]] = 0.25
+  np.testing.assert_allclose(weights, np.broadcast_to(expected, weights.shape), atol=1e-6)
+  with pytest.raises(ValueError, match="revisit=True: expected spatial="):
+    build("cross_attention", 2, revisit=True)
 
 
 @pytest.mark.parametrize("sign,cells", [(-1, [4]), (1, [0, 2, 6, 8])])

@@ -13,9 +13,11 @@ the number of image tokens per question beyond the attention itself.
 From the second layer on, each head then adds s_h(query) * |p_j - c_h|^2 to its logits over
 the grid: p_j is grid token j's (row, column), c_h the centroid of the same head's attention
 over the grid in the previous layer (where that head's previous hop looked), s_h a signed
-per-query scale (zero at initialisation). A question such as "which object is closest to the
-red one" is then one hop to find the red object and one to prefer what lies near (s < 0) or far
-(s > 0) from it, the comparison of positions a relation network makes for every object pair.
+per-query scale (at initialisation a constant per head, `distance_init`). A question such as
+"which object is closest to the red one" is then one hop to find the red object and one to
+prefer what lies near (s < 0) or far (s > 0) from it, the comparison of positions a relation
+network makes for every object pair. With `revisit`, a second per-query scale weighs the cells
+the previous hop looked at, so that a hop can leave out the object it started from.
 
 Every stream is prefixed with one learned "missing" token that is attendable only when its
 modality is absent, so an absent modality is represented by a learned embedding that the other
@@ -45,6 +47,7 @@ class CrossModalLayer(nnx.Module):
   def __init__(self, names: Sequence[str], features: int, num_heads: int, mlp_dim: int, *,
                update: Sequence[str] | None = None, act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
                norm: str = "post", ln_eps: float = 1e-12, qk_scale: float = 1.0, spatial: str | None = None,
+               revisit: bool = False, distance_init: float = 0.0, revisit_init: float = 0.0,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.names = tuple(names)
@@ -55,6 +58,15 @@ class CrossModalLayer(nnx.Module):
       self.distance_scale = nnx.Dict({
           m: dense(features, num_heads, ("embed", "heads"), kernel_init=zeros, **kw)
           for m in self.update if m != spatial})
+    self.revisit_scale = (nnx.Dict({
+        m: dense(features, num_heads, ("embed", "heads"), kernel_init=zeros, **kw)
+        for m in self.update if m != spatial}) if spatial is not None and revisit else None)
+    if spatial is not None:  # initial per-head scales: even heads near (-), odd heads far (+)
+      signs = jnp.where(jnp.arange(num_heads) % 2 == 0, -1.0, 1.0)
+      for lin in self.distance_scale.values():
+        lin.bias[...] = (distance_init * signs).astype(param_dtype)
+      for lin in (self.revisit_scale or {}).values():
+        lin.bias[...] = jnp.full((num_heads,), revisit_init, param_dtype)
     self.cross = MultiHeadAttention(num_heads, features, dropout=attn_dropout, qk_scale=qk_scale, **kw)
     self.cross_norm = layer_norm(features, eps=ln_eps, **kw)
     if norm not in ("pre", "post"):
@@ -108,6 +120,9 @@ class CrossModalLayer(nnx.Module):
     dist2 = jnp.sum(jnp.square(coords - centre[..., None, :]), axis=-1)  # (B, H, L_m, N)
     scale = self.distance_scale[m](query).astype(jnp.float32)  # (B, L_m, H)
     bias = jnp.swapaxes(scale, 1, 2)[..., None] * dist2
+    if self.revisit_scale is not None:  # u_h(query) * where head h looked, relative to its peak
+      peak = where / jnp.maximum(jnp.max(where, axis=-1, keepdims=True), 1e-6)  # (B, H, L_m, N)
+      bias = bias + jnp.swapaxes(self.revisit_scale[m](query).astype(jnp.float32), 1, 2)[..., None] * peak
     return jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (start, length - start - n)))
 
 
@@ -134,6 +149,14 @@ class CrossAttentionFusion(FusionBlock):
       find its object within ~400 steps where 1 can sit at the answer prior for 1,000+.
     spatial: a modality whose N tokens are a square row-major grid: layers after the first add
       the distance bias of the module docstring to the attention over it (None: off).
+    revisit: with `spatial`, each head also adds u_h(query) * w_hj / max_j w_hj, w_h its own
+      attention over the grid in the previous layer, u_h a signed per-query scale (at
+      initialisation the constant `revisit_init`): u < 0 looks away from what the previous hop found ("the object closest to
+      the red one" is near it but not it), u > 0 looks at it again.
+    distance_init, revisit_init: the initial s_h and u_h (their biases; the query-dependent parts
+      start at zero): s_h = -distance_init for even heads (near), +distance_init for odd heads
+      (far), u_h = revisit_init. Non-zero values let a head whose previous hop found an object
+      look near or far from it from the first step, instead of waiting for s to grow.
     attention_maps: when True, aux["cross_attention"][m][o] holds stream m's weights over
       modality o's tokens, (depth, B, H, N_m, N_o) (the missing-token slots left out).
   """
@@ -143,6 +166,7 @@ class CrossAttentionFusion(FusionBlock):
                act: str = "gelu",
                dropout: float = 0.0, attn_dropout: float = 0.0, pool: str = "mean",
                norm: str = "post", qk_scale: float = 1.0, spatial: str | None = None,
+               revisit: bool = False, distance_init: float = 0.0, revisit_init: float = 0.0,
                attention_maps: bool = True, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(modalities, features, dtype=dtype, param_dtype=param_dtype)
@@ -153,6 +177,9 @@ class CrossAttentionFusion(FusionBlock):
     if not self.update:
       raise ValueError("update: expected at least one modality to update")
     self.spatial = None if spatial is None else self._check_member("spatial", spatial)
+    if revisit and self.spatial is None:
+      raise ValueError("revisit=True: expected spatial= to name the grid it applies to "
+                       "(with spatial=None, set revisit=False too)")
     if self.spatial is not None and set(self.update) <= {self.spatial}:
       raise ValueError(f"spatial={spatial!r}: expected another modality in update={self.update} "
                        "to attend over its grid")
@@ -164,7 +191,8 @@ class CrossAttentionFusion(FusionBlock):
     self.layers = nnx.List([
         CrossModalLayer(self.names, features, num_heads, mlp_dim or 4 * features,
                         update=self.update, act=act, norm=norm, qk_scale=qk_scale,
-                        spatial=self.spatial if i else None,
+                        spatial=self.spatial if i else None, revisit=revisit,
+                        distance_init=distance_init, revisit_init=revisit_init,
                         dropout=dropout, attn_dropout=attn_dropout, **kw) for i in range(depth)])
     self.final_norm = (nnx.Dict({m: layer_norm(features, eps=1e-6, **kw) for m in self.update})
                        if norm == "pre" else None)

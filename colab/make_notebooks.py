@@ -128,7 +128,9 @@ def quickstart_vqa():
 
           config = fit_to_devices(load_config(f"{REPO}/configs/vqa_sort_of_clevr.py:size={SIZE},fusion=cross_attention"))
           if SIZE == "tiny":  # a smoke run: evaluate and checkpoint once, at the end
-            config.model.fusion_kwargs = {"depth": 2, "spatial": "image"}  # 2 hops as the default; 4 heads
+            # 2 hops with the default's distance bias, 4 heads (the default has 8)
+            config.model.fusion_kwargs = {"depth": 2, "spatial": "image", "revisit": True,
+                                          "distance_init": 0.1, "revisit_init": -4.0}
             config.data.eval_splits = ("test",)
             config.train.eval_every = config.train.checkpoint_every = config.train.steps
           print(config.model)

@@ -25,9 +25,15 @@ FUSION_KWARGS = {
     # first (spatial="image": the distance bias of mmjax/fusion/cross_attention.py) took closest
     # and furthest off the majority-shape shortcut (0.69): relational 0.68-0.79 -> 0.93 in the
     # README's 30-minute run. --config.model.fusion_kwargs.depth=1 is the previous default.
+    # distance_init / revisit: the second layer's heads start near (even heads) or far (odd) from
+    # where the same head looked in the first, and away from the cells it looked at (revisit_init
+    # < 0), instead of learning those scales from zero: with zero scales the second hop kept
+    # looking at the named object and closest/furthest sat on the 0.69 line past step 3,600 on
+    # seed 2; with them 0.82/0.90 at 2,400 and 0.90/0.95 at 3,000 (issue 5). 0 / False: off.
     "cross_attention": {"update": ("text",), "depth": 2, "num_heads": 8, "mlp_dim": 128, "norm": "pre",
                         "qk_scale": 4.0,
-                        "spatial": ml_collections.FieldReference("image", field_type=str)},
+                        "spatial": ml_collections.FieldReference("image", field_type=str),
+                        "revisit": True, "distance_init": 0.1, "revisit_init": -4.0},
 }
 
 
@@ -60,16 +66,21 @@ def get_config(arg=None):
   # coord_freqs=4: sin/cos coordinate features, with which attention logits can depend on the
   # offset between cells; the shape questions were solved by step 1,800-2,400 instead of
   # 3,000-3,600 (four runs). rel_pos (a relative-position bias in the grid Transformer) is off:
-  # it did not make distance questions learnable in 3,600 steps (issue 5 notes). pixel_freqs=2
-  # (--config.model.vision.pixel_freqs=2) binds every colour early (gray and orange are convex
-  # mixes of the others; bench/colour_binding.py) but is not the default until it clears the
-  # bar on several seeds (issue 5).
+  # it did not make distance questions learnable in 3,600 steps (issue 5 notes). pixel_freqs=2:
+  # sin/cos of the pixel values, without which gray and orange (convex mixes of the other
+  # colours against the white background) could not be singled out by attention and one seed
+  # never bound gray (bench/colour_binding.py, issue 5).
   c.model.vision = {"name": "small_cnn", "features": width, "channels": (32, 32, 32),
                     "norm": "group", "norm_groups": 8, "coords": True, "coord_freqs": 4,
-                    "depth": 2, "rel_pos": 0, "pixel_freqs": 0}
+                    "depth": 2, "rel_pos": 0, "pixel_freqs": 2}
+  # embed_skip: each word's embedding is added (linearly mapped) to the BiLSTM's output, so the
+  # colour word contributes the same vector to the question in every template. Without it the
+  # attention head that found the named object for position questions put only ~0.2 of its
+  # weight on it for shape questions (contextual colour states differ per template), and two of
+  # four seeds sat on the shape plateau past step 2,400 (issue 5).
   text = {
       "rnn": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width // 2,
-              "pool": "mean"},
+              "pool": "mean", "embed_skip": True},
       "bert": {"name": "bert", "variant": "tiny", "vocab_size": 0, "max_len": 32},
       "minilm": {"name": "minilm"},
   }[arg.text]

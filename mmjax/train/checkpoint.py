@@ -81,14 +81,16 @@ class Checkpointer:
       path = os.path.join(self.directory, name)
       log.warning("removing %s: a partial checkpoint left by an interrupted save (the last "
                   "complete step is restored instead)", path)
-      for attempt in range(10):  # writers of a failed save in this process may still be finishing
+      # Writers of a failed save in this process may still be finishing: they can make rmtree
+      # fail, or recreate files after it, so it is done again until the folder stays gone.
+      for attempt in range(10):
         try:
           shutil.rmtree(path)
+        except OSError:  # gone already, or a writer is still in it
+          pass
+        time.sleep(0.05 * (attempt + 1))
+        if not os.path.exists(path):
           break
-        except FileNotFoundError:
-          break
-        except OSError:
-          time.sleep(0.1 * (attempt + 1))
       else:
         log.warning("could not remove %s; it is ignored (never listed as a step)", path)
 

@@ -54,13 +54,13 @@ class CrossModalLayer(nnx.Module):
     self.update = tuple(update) if update is not None else self.names
     # The distance bias (module docstring): per-query scales s_h.
     self.spatial = spatial
+    def per_query_scales():  # one (features -> heads) map per stream that attends over the grid
+      return nnx.Dict({m: dense(features, num_heads, ("embed", "heads"), kernel_init=zeros, **kw)
+                       for m in self.update if m != spatial})
+
     if spatial is not None:
-      self.distance_scale = nnx.Dict({
-          m: dense(features, num_heads, ("embed", "heads"), kernel_init=zeros, **kw)
-          for m in self.update if m != spatial})
-    self.revisit_scale = (nnx.Dict({
-        m: dense(features, num_heads, ("embed", "heads"), kernel_init=zeros, **kw)
-        for m in self.update if m != spatial}) if spatial is not None and revisit else None)
+      self.distance_scale = per_query_scales()
+    self.revisit_scale = per_query_scales() if spatial is not None and revisit else None
     if spatial is not None:  # initial per-head scales: even heads near (-), odd heads far (+)
       signs = jnp.where(jnp.arange(num_heads) % 2 == 0, -1.0, 1.0)
       for lin in self.distance_scale.values():
@@ -151,8 +151,8 @@ class CrossAttentionFusion(FusionBlock):
       the distance bias of the module docstring to the attention over it (None: off).
     revisit: with `spatial`, each head also adds u_h(query) * w_hj / max_j w_hj, w_h its own
       attention over the grid in the previous layer, u_h a signed per-query scale (at
-      initialisation the constant `revisit_init`): u < 0 looks away from what the previous hop found ("the object closest to
-      the red one" is near it but not it), u > 0 looks at it again.
+      initialisation the constant `revisit_init`): u < 0 looks away from what the previous hop
+      found ("the object closest to the red one" is near it but not it), u > 0 looks at it again.
     distance_init, revisit_init: the initial s_h and u_h (their biases; the query-dependent parts
       start at zero): s_h = -distance_init for even heads (near), +distance_init for odd heads
       (far), u_h = revisit_init. Non-zero values let a head whose previous hop found an object

@@ -190,6 +190,38 @@ def test_rnn_embed_skip_adds_a_context_free_part_per_token():
   np.testing.assert_allclose(part[0, 1], part[1, 1], atol=1e-5)  # word 4 in two contexts
 
 
+def test_rnn_attention_pool_is_multi_head_attention_from_a_learned_probe():
+  """pool="attention": per head, softmax over the real tokens of (W_q p + b_q).(W_k t + b_k) /
+  sqrt(Dh), then the out projection of the weighted values (numpy); the zero probe starts as the
+  mean; padding does not change it; an empty row pools to zeros."""
+  model = RnnTextEncoder(50, 8, 6, pool="attention", pool_heads=3, embed_skip=True, rngs=nnx.Rngs(0))
+  ids = jnp.array([[3, 4, 5, 0, 0], [9, 4, 0, 0, 0], [0, 0, 0, 0, 0]], jnp.int32)
+  at_init = _forward(model, ids, None)
+  tokens = np.asarray(at_init.tokens)
+  value = lambda x: x @ np.asarray(model.attend.value.kernel[...]) + np.asarray(model.attend.value.bias[...])
+  out = lambda x: x @ np.asarray(model.attend.out.kernel[...]) + np.asarray(model.attend.out.bias[...])
+  mean = tokens[:2, :3].sum(1) / np.array([[3], [2]])
+  np.testing.assert_allclose(at_init.pooled[:2], out(value(mean)), atol=1e-5)
+  model.probe[...] = jax.random.normal(jax.random.key(1), (1, 1, 12))
+  got = _forward(model, ids, None)
+  a = model.attend
+  q = (np.asarray(model.probe[...])[0] @ np.asarray(a.query.kernel[...]) + np.asarray(a.query.bias[...]))
+  k = tokens @ np.asarray(a.key.kernel[...]) + np.asarray(a.key.bias[...])  # (B, L, 12)
+  v = value(tokens)
+  logits = np.einsum("hd,blhd->bhl", q.reshape(3, 4), k.reshape(3, 5, 3, 4)) / 2.0  # sqrt(Dh) = 2
+  logits = np.where(np.asarray(ids != 0)[:, None, :], logits, -np.inf)
+  for b, n in ((0, 3), (1, 2)):
+    w = np.exp(logits[b, :, :n] - logits[b, :, :n].max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)  # (H, n)
+    heads = np.einsum("hl,lhd->hd", w, v[b, :n].reshape(n, 3, 4)).reshape(12)
+    np.testing.assert_allclose(got.pooled[b], out(heads), atol=1e-5)
+  assert float(jnp.abs(got.pooled[2]).max()) == 0.0
+  padded = _forward(model, jnp.pad(ids, ((0, 0), (0, 3))), None)
+  np.testing.assert_allclose(padded.pooled, got.pooled, atol=1e-6)
+  with pytest.raises(ValueError, match="pool_heads"):
+    RnnTextEncoder(50, 8, 6, pool="attention", pool_heads=5, rngs=nnx.Rngs(0))
+
+
 def test_rnn_mean_pool_bf16_and_errors():
   model = RnnTextEncoder(50, 8, 6, pool="mean", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   ids = jnp.array([[3, 4, 5, 0], [0, 0, 0, 0]], jnp.int32)

@@ -18,7 +18,8 @@ from flax import nnx
 
 from mmjax import sharding
 from mmjax.encoders.base import ENCODERS, EncoderOutput, masked_mean
-from mmjax.layers.common import Dtype, dense, layer_norm
+from mmjax.layers.attention import MultiHeadAttention, make_attention_mask
+from mmjax.layers.common import Dtype, dense, layer_norm, part
 from mmjax.layers.embeddings import Embed, LearnedPositions, ModalityEmbed
 from mmjax.layers.transformer import Encoder
 
@@ -297,7 +298,10 @@ class RnnTextEncoder(nnx.Module):
     embed: token embedding (vocab_size, features).
     layers: `nnx.RNN` or `nnx.Bidirectional` per layer.
     out_features: D = hidden * (2 if bidirectional else 1).
-    pool: "last" (final state of each direction at the last real token), "mean" or "max".
+    pool: "last" (final state of each direction at the last real token), "mean", "max" or
+      "attention".
+    probe, attend: the attention pool's learned query (1, 1, D) and its multi-head attention
+      (pool="attention" only, else None).
 
   Args:
     vocab_size: vocabulary size.
@@ -308,7 +312,11 @@ class RnnTextEncoder(nnx.Module):
     num_layers: stacked recurrent layers.
     pool: "last", "mean" (masked mean over tokens) or "max" (masked max over tokens per feature,
       InferSent's BiLSTM-max: a word that drives some features to extremes, such as the one colour
-      word in a templated question, is not diluted by the sentence's length as it is in the mean).
+      word in a templated question, is not diluted by the sentence's length as it is in the mean)
+      or "attention" (a learned query attends over the tokens with `pool_heads` heads, SigLIP's
+      MAP pooling without its MLP; it starts as the mean, and each head can learn to take one
+      word whatever the sentence around it).
+    pool_heads: heads of the attention pool; D must divide by it.
     pad_id: padding id; the default mask is `ids != pad_id`.
     dropout: dropout on embeddings and between layers.
     embed_skip: add a linear map of each token's embedding to the RNN's output for that token
@@ -319,12 +327,13 @@ class RnnTextEncoder(nnx.Module):
 
   def __init__(self, vocab_size: int, features: int = 128, hidden: int = 128, *,
                cell: str = "lstm", bidirectional: bool = True, num_layers: int = 1,
-               pool: str = "last", pad_id: int = 0, dropout: float = 0.0, embed_skip: bool = False,
+               pool: str = "last", pool_heads: int = 4, pad_id: int = 0, dropout: float = 0.0,
+               embed_skip: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if cell not in ("lstm", "gru"):
       raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
-    if pool not in ("last", "mean", "max"):
-      raise ValueError(f"pool: expected 'last', 'mean' or 'max', got {pool!r}")
+    if pool not in ("last", "mean", "max", "attention"):
+      raise ValueError(f"pool: expected 'last', 'mean', 'max' or 'attention', got {pool!r}")
     if num_layers < 1:
       raise ValueError(f"num_layers: expected >= 1, got {num_layers}")
     self.vocab_size, self.cell, self.hidden, self.pool, self.pad_id = vocab_size, cell, hidden, pool, pad_id
@@ -351,6 +360,14 @@ class RnnTextEncoder(nnx.Module):
     self.layers = nnx.List(layers)
     self.skip = (dense(features, self.out_features, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs) if embed_skip else None)
+    d = self.out_features
+    if pool == "attention" and d % pool_heads:
+      raise ValueError(f"pool_heads: {pool_heads} does not divide the output width {d}")
+    # A zero probe: every head starts with uniform weights (the masked mean).
+    self.probe = (nnx.Param(part(nnx.initializers.zeros_init(), (None, None, "embed"))(
+        rngs.params(), (1, 1, d), param_dtype)) if pool == "attention" else None)
+    self.attend = (MultiHeadAttention(pool_heads, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   if pool == "attention" else None)
 
   def _zero_carry(self, batch: int):
     h = jnp.zeros((batch, self.hidden), jnp.float32)
@@ -381,6 +398,10 @@ class RnnTextEncoder(nnx.Module):
     tokens = (x * mask[..., None]).astype(self.dtype)  # (B, L, D), zero at padding
     if self.pool == "mean":
       pooled = masked_mean(tokens, mask)
+    elif self.pool == "attention":
+      probe = jnp.broadcast_to(self.probe[...].astype(tokens.dtype), (ids.shape[0], 1, tokens.shape[-1]))
+      pooled = self.attend(probe, tokens, make_attention_mask(None, mask, q_len=1))[:, 0]
+      pooled = jnp.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D), 0 for empty rows
     elif self.pool == "max":
       pooled = jnp.max(jnp.where(mask[..., None], tokens, -jnp.inf), axis=1)
       pooled = jnp.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D), 0 for empty rows

@@ -24,7 +24,7 @@ FUSION_KWARGS = {
     # A second layer whose heads prefer grid cells near (or far from) where they looked in the
     # first (spatial="image": the distance bias of mmjax/fusion/cross_attention.py) took closest
     # and furthest off the majority-shape shortcut (0.69): relational 0.68-0.79 -> 0.93 in the
-    # README's 30-minute run. --config.model.fusion_kwargs.depth=1 is the previous default.
+    # README's 30-minute run of an earlier default. (depth=1 needs spatial=None, revisit=False.)
     # distance_init / revisit: the second layer's heads start near (even heads) or far (odd) from
     # where the same head looked in the first, and away from the cells it looked at (revisit_init
     # < 0), instead of learning those scales from zero: with zero scales the second hop kept
@@ -45,8 +45,9 @@ def get_config(arg=None):
   c.seed = 0
   # The default recipe: three stride-2 convs (a 10x10 grid) with coordinates and group norm, two
   # Transformer layers over the grid once per image (this is what relational questions need), a
-  # narrow bidirectional LSTM whose mean is the question vector, and that vector reading the grid
-  # through two pre-LN cross-attention layers (the second biased by distance, see FUSION_KWARGS).
+  # narrow bidirectional LSTM attention-pooled into the question vector, and that vector reading
+  # the grid through two pre-LN cross-attention layers (the second biased by distance, see
+  # FUSION_KWARGS).
   # The image's keys and values are projected once per image, not per question (32 images carry
   # 640 questions per step).
   steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (6000, 32, 64)}[arg.size]
@@ -109,6 +110,7 @@ def get_config(arg=None):
 
   # tiny=False for every size: the tiny VQA config keeps lr 1e-3 and evaluates every tenth.
   standard_optim_and_train(c, steps, tiny=False)
-  # The default's 6,000 steps take ~40 minutes on 2 CPU cores (4,560 in 30); stop (evaluate, save) at 30.
+  # The default's 6,000 steps take ~40 minutes on 2 CPU cores (4,620 in 30 on 2026-11-29);
+  # stop (evaluate, save) at 30.
   c.train.max_minutes = 30.0 if arg.size == "default" else None
   return c

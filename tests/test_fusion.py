@@ -512,6 +512,9 @@ def test_bad_construction_is_rejected():
   with pytest.raises(ValueError, match="spatial='image': expected another modality in update"):
     build_fusion("cross_attention", modalities=mods(2), features=F, rngs=nnx.Rngs(0), spatial="image",
                  update=("image",))
+  with pytest.raises(ValueError, match="spatial='image': the distance bias .* expected depth >= 2, got 1"):
+    build_fusion("cross_attention", modalities=mods(2), features=F, rngs=nnx.Rngs(0), spatial="image",
+                 depth=1)
   block = build("cross_attention", 2, spatial="image", depth=2)
   tokens = make_tokens(2)
   with pytest.raises(ValueError, match="spatial='image': expected its tokens to form a square grid, got 3"):

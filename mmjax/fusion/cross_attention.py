@@ -180,6 +180,9 @@ class CrossAttentionFusion(FusionBlock):
     if revisit and self.spatial is None:
       raise ValueError("revisit=True: expected spatial= to name the grid it applies to "
                        "(with spatial=None, set revisit=False too)")
+    if self.spatial is not None and depth < 2:
+      raise ValueError(f"spatial={spatial!r}: the distance bias acts from the second layer on; "
+                       f"expected depth >= 2, got {depth} (for one layer set spatial=None)")
     if self.spatial is not None and set(self.update) <= {self.spatial}:
       raise ValueError(f"spatial={spatial!r}: expected another modality in update={self.update} "
                        "to attend over its grid")

@@ -26,6 +26,23 @@ def make_attention_mask(q_mask: jax.Array | None, kv_mask: jax.Array | None, cau
   return mask
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
+                    mask: jax.Array | None, scale: float) -> jax.Array:
+  """`jax.nn.dot_product_attention` (B, L, H, Dh) with cuDNN's fused kernel on a GPU in bf16/f16.
+
+  JAX picks XLA's unfused attention unless asked (`implementation=None` means "xla"); cuDNN's
+  flash attention is tried first on GPUs and XLA's is used where cuDNN rejects the shapes or
+  dtypes (it raises while tracing). On CPU and TPU this is XLA's.
+  """
+  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                          implementation="cudnn")
+    except (ValueError, NotImplementedError, TypeError, RuntimeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+
 class MultiHeadAttention(nnx.Module):
   """Multi-head dot-product attention with HF-compatible separate query/key/value/out projections.
 
@@ -122,8 +139,7 @@ class MultiHeadAttention(nnx.Module):
     if return_weights or (not deterministic and self.dropout.rate > 0):  # else the fused path
       out, w = self._explicit(q, k, v, mask, bias, deterministic)
     else:
-      out, w = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
-                                            implementation="xla"), None
+      out, w = fused_attention(q, k, v, bias=bias, mask=mask, scale=self.scale), None
     if r != 1:
       out = out.reshape(B, Lq, *out.shape[2:])
       if w is not None:  # (B / r, H, r * Lq, Lk) -> (B, H, Lq, Lk)

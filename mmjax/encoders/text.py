@@ -314,8 +314,8 @@ class RnnTextEncoder(nnx.Module):
       InferSent's BiLSTM-max: a word that drives some features to extremes, such as the one colour
       word in a templated question, is not diluted by the sentence's length as it is in the mean)
       or "attention" (a learned query attends over the tokens with `pool_heads` heads, SigLIP's
-      MAP pooling without its MLP; it starts as the mean, and each head can learn to take one
-      word whatever the sentence around it).
+      MAP pooling without its MLP; it starts as a linear map of the mean, and each head can learn
+      to take one word whatever the sentence around it).
     pool_heads: heads of the attention pool; D must divide by it.
     pad_id: padding id; the default mask is `ids != pad_id`.
     dropout: dropout on embeddings and between layers.
@@ -363,7 +363,7 @@ class RnnTextEncoder(nnx.Module):
     d = self.out_features
     if pool == "attention" and d % pool_heads:
       raise ValueError(f"pool_heads: {pool_heads} does not divide the output width {d}")
-    # A zero probe: every head starts with uniform weights (the masked mean).
+    # A zero probe: every head starts with uniform weights (value and out maps of the masked mean).
     self.probe = (nnx.Param(part(nnx.initializers.zeros_init(), (None, None, "embed"))(
         rngs.params(), (1, 1, d), param_dtype)) if pool == "attention" else None)
     self.attend = (MultiHeadAttention(pool_heads, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

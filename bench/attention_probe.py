@@ -46,21 +46,22 @@ def main(argv=None) -> None:
   task = pred.setup.task  # its data folder and size, and the tokenizer the model was trained with
   src, tok = soc.load("test", config=task._builder_config()), task.tokenizer
   images, ids, masks, kinds, named, target = [], [], [], [], [], []
-  scene_masks = []  # per question: the (6, H, W) object masks of its image
+  scene_masks, image_of = [], []  # per image: the (6, H, W) object masks; per question: its image
   for i in range(min(args.images, len(src))):
     r = src[i]
-    obj_masks = scenes.object_masks(scenes.Scene(colors=r["colors"], shapes=r["shapes"], xs=r["xs"], ys=r["ys"]))
+    scene = scenes.Scene(colors=np.asarray(r["colors"]), shapes=np.asarray(r["shapes"]),
+                         xs=np.asarray(r["xs"]), ys=np.asarray(r["ys"]))
+    scene_masks.append(scenes.object_masks(scene))
+    closest, furthest = scene.closest(), scene.furthest()  # the data set's own answers
     q_ids, q_mask = tokenizer_lib.encode(tok, [q.decode() if isinstance(q, bytes) else q
                                               for q in r["questions"]], int(c.data.max_len))
-    xs, ys = np.asarray(r["xs"]), np.asarray(r["ys"])
     for q in range(len(r["questions"])):
       me = list(r["colors"]).index(int(r["question_colors"][q]))
-      d2 = np.where(np.arange(len(xs)) == me, np.nan, ((xs - xs[me]) ** 2 + (ys - ys[me]) ** 2).astype(float))
       kind = int(r["subtypes"][q])
       images.append(np.asarray(r["image"], np.float32) / 255.0)
       ids.append(q_ids[q]), masks.append(q_mask[q].astype(bool)), kinds.append(kind)
-      named.append(me), target.append({3: int(np.nanargmin(d2)), 4: int(np.nanargmax(d2))}.get(kind, me))
-      scene_masks.append(obj_masks)
+      named.append(me), target.append({3: int(closest[me]), 4: int(furthest[me])}.get(kind, me))
+      image_of.append(i)
   images, ids, masks, kinds = map(np.asarray, (images, ids, masks, kinds))
   n, bs = len(kinds), pred.batch_size
   print(f"{args.workdir} step {pred.step}: mean attention share per head "
@@ -75,7 +76,8 @@ def main(argv=None) -> None:
     if layer == 0:
       print("| layer | on | question | " + " | ".join(f"h{h}" for h in range(heads)) + " |")
       print("|---|---|---|" + "---|" * heads)
-      cells = [[covered_cells(m, grid) for m in sm] for sm in scene_masks]  # per question, per object
+      per_image = [np.stack([covered_cells(m, grid) for m in sm]) for sm in scene_masks]  # (6, N)
+      cells = [per_image[i] for i in image_of]  # per question: (objects, N)
       covers = {"named": np.array([cl[k] for cl, k in zip(cells, named)]),
                 "target": np.array([cl[k] for cl, k in zip(cells, target)]),
                 "any object": np.array([np.any(cl, axis=0) for cl in cells])}

@@ -193,7 +193,7 @@ def test_rnn_embed_skip_adds_a_context_free_part_per_token():
 def test_rnn_attention_pool_is_multi_head_attention_from_a_learned_probe():
   """pool="attention": per head, softmax over the real tokens of (W_q p + b_q).(W_k t + b_k) /
   sqrt(Dh), then the out projection of the weighted values (numpy); the zero probe starts as the
-  mean; padding does not change it; an empty row pools to zeros."""
+  value and out maps of the mean; padding does not change it; an empty row pools to zeros."""
   model = RnnTextEncoder(50, 8, 6, pool="attention", pool_heads=3, embed_skip=True, rngs=nnx.Rngs(0))
   ids = jnp.array([[3, 4, 5, 0, 0], [9, 4, 0, 0, 0], [0, 0, 0, 0, 0]], jnp.int32)
   at_init = _forward(model, ids, None)

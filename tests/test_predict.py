@@ -44,7 +44,7 @@ def test_split(predictor):
   """The test split's first eval batch (as the trainer sees it) and its raw records."""
   batch = next(iter(predictor.task.dataset("test", train=False, batch_size=8, shard_index=0,
                                            shard_count=1)))
-  source = sort_of_clevr.load("test", config=predictor.task._builder_config())
+  source = predictor.task.source("test")
   records = [source[i] for i in range(len(batch["image"]))]
   return batch, records
 

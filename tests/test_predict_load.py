@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mmjax.tasks  # noqa: F401  (registers the tasks)
 from mmjax import predict
-from mmjax.data.datasets import sort_of_clevr
 from mmjax.train import trainer
 from mmjax.train.config import load_config
 
@@ -30,7 +29,7 @@ def predictor(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("workdir"))
     trainer.train(config, wd, progress=False)
     p = predict.Predictor.from_workdir(wd, batch_size=CHUNK)
-    source = sort_of_clevr.load("test", config=p.task._builder_config())
+    source = p.task.source("test")
     records = [source[i] for i in range(4)]
     yield p, [(r["image"], q.decode()) for r in records for q in r["questions"]]
 

@@ -410,3 +410,13 @@ def test_pretrained_tokenizer_folder_loads():
   ids, mask = tokenizer_lib.encode(tok, ["Hello world"], 6)
   assert ids.tolist() == [[101, 7592, 2088, 102, 0, 0]]  # BERT uncased vocabulary ids
   assert mask.tolist() == [[True] * 4 + [False] * 2]
+
+
+def test_sized_config_names_the_sizes_and_rejects_a_wrong_count():
+  """A task's data.num_images -> the builder config (its name keys the cached data)."""
+  config = soc.sized_config([64, 16, 8])
+  assert config.name == "n64_16_8"
+  assert config.num_images == (("train", 64), ("test", 16), ("paraphrase", 8))
+  assert soc.sized_config(None) is None and soc.sized_config(()) is None
+  with pytest.raises(ValueError, match=r"data.num_images: expected 3 image counts"):
+    soc.sized_config((64, 16))

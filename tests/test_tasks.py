@@ -10,7 +10,7 @@ import soundfile
 
 import mmjax.tasks  # noqa: F401  (registers the tasks)
 from mmjax import predict
-from mmjax.data.datasets import av_digits, shapes_captions
+from mmjax.data.datasets import av_digits
 from mmjax.metrics.caption import CaptionMetrics, simple_tokenize
 from mmjax.train import trainer
 from mmjax.train.config import load_config
@@ -50,11 +50,10 @@ def test_caption_trains_and_eval_matches_predictor(caption_run):
   assert final["test/cider"] >= 0.0 and np.isfinite(final["test/nll"])
   p = predict.Predictor.from_workdir(workdir)
   assert p.kind == "caption" and p.step == 8
-  data_dir = p.config.data.data_dir  # the test's own data folder, never the user's cache
-  source = shapes_captions.load("test", data_dir, config=p.task._builder_config())
+  source = p.task.source("test")  # from config.data.data_dir: the test's own folder, not the cache
   records = sorted((source[i] for i in range(len(source))), key=lambda r: r["index"])
   out = p.caption_batch([r["image"] for r in records])
-  train = shapes_captions.load("train", data_dir, config=p.task._builder_config())
+  train = p.task.source("train")
   words = {w for i in range(len(train)) for c in train[i]["captions"] for w in c.decode().split()}
   for o in out:
     assert o["caption"] and set(o["caption"].split()) <= words
@@ -131,7 +130,7 @@ def test_av_digits_trains_and_classifies(av_run, tmp_path):
   assert p.task.summarize(rows) == {"accuracy": 0.75, "accuracy_audio": 0.75}
   cm = p.task.last_confusion
   assert cm.shape == (10, 10) and cm.sum() == 4 and cm[3, 2] == 1 and cm[7, 7] == 1 and cm[9].sum() == 0
-  source = av_digits.load("test", p.config.data.data_dir, config=p.task.builder_config())
+  source = p.task.source("test")
   record = source[0]
   audio = record["audio"][:record["audio_len"]]
   path = tmp_path / "digit.wav"

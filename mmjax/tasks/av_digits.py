@@ -108,9 +108,13 @@ class AvDigitsClassification:
     digest = hashlib.sha1(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:8]
     return av_digits.AvDigitsConfig(name=f"subset_{digest}", **kwargs)
 
+  def source(self, split: str):
+    """The raw records of `split` (random access; see `av_digits.load`)."""
+    return av_digits.load(split, self.config.data.data_dir, config=self.builder_config())
+
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
     d = self.config.data
-    source = av_digits.load(split, d.data_dir, config=self.builder_config())
+    source = self.source(split)
     mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else
             dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
     return pipeline.make_pipeline(

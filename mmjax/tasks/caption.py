@@ -68,7 +68,8 @@ class ShapesCaptioning:
     self.eval_splits = tuple(config.data.eval_splits)
     if config.model.name not in CAPTIONERS:
       raise ValueError(f"model.name: expected one of {sorted(CAPTIONERS)}, got {config.model.name!r}")
-    self.tokenizer = shapes_captions.load_tokenizer(config.data.data_dir, config=self._builder_config())
+    self.tokenizer = shapes_captions.load_tokenizer(
+        config.data.data_dir, config=shapes_captions.sized_config(config.data.num_images))
     self.bos_id = int(self.tokenizer.cls_token_id)
     self.eos_id = int(self.tokenizer.sep_token_id)
     self.pad_id = int(self.tokenizer.pad_token_id)
@@ -133,16 +134,14 @@ class ShapesCaptioning:
             "empty": float(np.mean([not h for h in hyps])) if hyps else 0.0}
 
   # -- data ------------------------------------------------------------------------------------
-  def _builder_config(self):
-    n = self.config.data.num_images
-    if not n:
-      return None
-    counts = (("train", int(n[0])), ("test", int(n[1])))
-    return shapes_captions.ShapesCaptionsConfig(name=f"n{counts[0][1]}_{counts[1][1]}", num_images=counts)
+  def source(self, split: str):
+    """The raw records of `split` (random access; see `shapes_captions.load`)."""
+    d = self.config.data
+    return shapes_captions.load(split, d.data_dir, config=shapes_captions.sized_config(d.num_images))
 
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
     d = self.config.data
-    source = shapes_captions.load(split, d.data_dir, config=self._builder_config())
+    source = self.source(split)
     mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else
             dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
     return pipeline.make_pipeline(

@@ -35,7 +35,8 @@ class ShapesCLIP:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.eval_splits = tuple(config.data.eval_splits)
-    self.tokenizer = shapes_captions.load_tokenizer(config.data.data_dir, config=self._builder_config())
+    self.tokenizer = shapes_captions.load_tokenizer(
+        config.data.data_dir, config=shapes_captions.sized_config(config.data.num_images))
 
   # -- model -----------------------------------------------------------------------------------
   def build_model(self, rngs: nnx.Rngs) -> DualEncoder:
@@ -78,16 +79,14 @@ class ShapesCLIP:
     return out
 
   # -- data ------------------------------------------------------------------------------------
-  def _builder_config(self):
-    n = self.config.data.num_images
-    if not n:
-      return None
-    counts = (("train", int(n[0])), ("test", int(n[1])))
-    return shapes_captions.ShapesCaptionsConfig(name=f"n{counts[0][1]}_{counts[1][1]}", num_images=counts)
+  def source(self, split: str):
+    """The raw records of `split` (random access; see `shapes_captions.load`)."""
+    d = self.config.data
+    return shapes_captions.load(split, d.data_dir, config=shapes_captions.sized_config(d.num_images))
 
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
     d = self.config.data
-    source = shapes_captions.load(split, d.data_dir, config=self._builder_config())
+    source = self.source(split)
     mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else
             dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
     return pipeline.make_pipeline(

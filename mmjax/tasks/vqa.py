@@ -35,7 +35,8 @@ class SortOfClevrVQA:
     name = self.config.data.get("tokenizer") or (
         "minilm" if self.config.model.text.get("name") == "minilm" else None)
     if name is None:
-      return sort_of_clevr.load_tokenizer(self.config.data.data_dir, config=self._builder_config())
+      return sort_of_clevr.load_tokenizer(
+          self.config.data.data_dir, config=sort_of_clevr.sized_config(self.config.data.num_images))
     if name == "minilm":
       from mmjax.transfer import minilm  # noqa: PLC0415 (optional dependency)
       return minilm.load_tokenizer()
@@ -88,18 +89,15 @@ class SortOfClevrVQA:
     return out
 
   # -- data ------------------------------------------------------------------------------------
-  def _builder_config(self):
-    n = self.config.data.num_images
-    if not n:
-      return None
-    counts = tuple((split, int(n[i])) for i, split in enumerate(("train", "test", "paraphrase")))
-    name = "n" + "_".join(str(c) for _, c in counts)
-    return sort_of_clevr.SortOfClevrConfig(name=name, num_images=counts)
+  def source(self, split: str):
+    """The raw records of `split` (random access; see `sort_of_clevr.load`)."""
+    d = self.config.data
+    return sort_of_clevr.load(split, d.data_dir, config=sort_of_clevr.sized_config(d.num_images))
 
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
     d = self.config.data
     return pipeline.sort_of_clevr_pipeline(
-        split, batch_size, data_dir=d.data_dir, config=self._builder_config(), max_len=d.max_len,
-        seed=int(self.config.seed), training=train, shard_index=shard_index,
+        split, batch_size, data_dir=d.data_dir, config=sort_of_clevr.sized_config(d.num_images),
+        max_len=d.max_len, seed=int(self.config.seed), training=train, shard_index=shard_index,
         shard_count=shard_count, worker_count=d.worker_count if train else 0,
         tokenizer=self.tokenizer).dataset

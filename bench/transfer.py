@@ -44,8 +44,11 @@ SPLITS = ("test", "paraphrase")
 KINDS = (("non_relational", "non-rel"), ("relational", "rel"), ("", "all"))
 
 
-def load_config(variant: str, size: str, steps: int | None, fusion: str):
-  """The variant's config; with `steps`, a run of that many steps evaluated once at its end."""
+def load_config(variant: str, size: str, steps: int | None, fusion: str, max_minutes: float = 0.0):
+  """The variant's config; with `steps`, a run of that many steps evaluated once at its end.
+
+  `max_minutes` replaces the base config's wall-clock cap (30 minutes at size=default): 0, the
+  default here, runs every variant to its last step, so that all are compared at equal steps."""
   spec = importlib.util.spec_from_file_location("vqa_transfer_config", CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -56,15 +59,17 @@ def load_config(variant: str, size: str, steps: int | None, fusion: str):
     c.optim.warmup_steps = max(steps // 20, 1)
     c.train.log_every = max(steps // 20, 1)
   c.train.eval_every = c.train.checkpoint_every = c.train.steps
+  c.train.max_minutes = float(max_minutes)
   return c
 
 
-def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fusion: str) -> dict:
+def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fusion: str,
+                max_minutes: float = 0.0) -> dict:
   """Trains one variant in `workdir` (resuming if it holds checkpoints) and returns its scores."""
   import mmjax.tasks  # noqa: F401, PLC0415  (registers the tasks)
   from mmjax.train import trainer  # noqa: PLC0415
 
-  config = load_config(variant, size, steps, fusion)
+  config = load_config(variant, size, steps, fusion, max_minutes)
   t0 = time.perf_counter()
   final = trainer.train(config, workdir, progress=False)
   seconds = time.perf_counter() - t0
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
   p.add_argument("--size", default="default", help="tiny | small | default (as the VQA config)")
   p.add_argument("--fusion", default="", help="fusion block (default: the VQA config's)")
+  p.add_argument("--max-minutes", type=float, default=0.0,
+                 help="wall-clock cap per variant (0: none, every variant runs all its steps)")
   p.add_argument("--workdir", default=None,
                  help="one folder per variant below it (a folder with checkpoints resumes); "
                       "default a fresh temporary folder")
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
   for v in variants:
     print(f"== {v}", file=sys.stderr, flush=True)
     rows.append(run_variant(v, os.path.join(root, v), size=args.size, steps=args.steps,
-                            fusion=args.fusion))
+                            fusion=args.fusion, max_minutes=args.max_minutes))
   table = markdown(rows)
   print(table)
   os.makedirs(args.out_dir, exist_ok=True)

@@ -106,3 +106,10 @@ def test_minilm_question_length_truncates_no_question_of_any_split():
     questions = [t.format(color=c) for ts in templates.values() for t in ts for c in scenes.COLORS]
     longest = max(len(tokenizer(q)["input_ids"]) for q in questions)
     assert 10 < longest <= config.data.max_len, (longest, config.data.max_len)
+
+
+def test_variants_run_all_their_steps_unless_a_cap_is_asked_for():
+  """The default config stops at 30 minutes; the bench compares variants at equal steps."""
+  bench = _load()
+  assert bench.load_config("scratch_rnn", "default", 800, "").train.max_minutes == 0
+  assert bench.load_config("scratch_rnn", "default", 800, "", 12.5).train.max_minutes == 12.5

@@ -1,7 +1,7 @@
 """Train-step time of config variants, side by side in one process.
 
-Each variant is the config with some `key=value` overrides (as on train.py's command line, without
-`--config.`). All variants are built and compiled first, then timed in alternating rounds (variant
+Each variant is a config with some `key=value` overrides (as on train.py's command line, without
+`--config.`); with several `--config`s, every config runs with every `--variant`. All variants are built and compiled first, then timed in alternating rounds (variant
 A, B, ..., A, B, ...) on the same few batches, so that machine-speed drift hits them alike.
 Prints the median step time per variant and its ratio to the first.
 
@@ -9,6 +9,8 @@ Prints the median step time per variant and its ratio to the first.
       --variant model.unique_questions=0 --variant model.unique_questions=128
   python bench/step_time.py --config configs/vqa_sort_of_clevr.py:size=small \\
       --variant "" --variant "model.vision.depth=0 data.batch_size=16"
+  python bench/step_time.py --rounds 3 --steps 2 \\
+      --config configs/vqa_transfer.py:transfer=scratch --config configs/vqa_transfer.py:transfer=frozen
 
 Results (2-core CPU, idle, 2026-11-29, default VQA config, 5 rounds x 6 steps; two runs):
 
@@ -73,14 +75,15 @@ def build(config_arg: str, overrides: list[str], num_batches: int):
 
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True, help="config path[:args], as train.py takes it")
+  p.add_argument("--config", action="append", required=True,
+                 help="config path[:args], as train.py takes it (repeat: each is a variant)")
   p.add_argument("--variant", action="append", default=None,
                  help="space-separated key=value overrides of one variant (repeat; '' = as is)")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
   args = p.parse_args(argv)
-  variants = args.variant or [""]
-  runs = [build(args.config, v.split(), num_batches=3) for v in variants]
+  variants = [(c, v) for c in args.config for v in args.variant or [""]]
+  runs = [build(c, v.split(), num_batches=3) for c, v in variants]
   times = [[] for _ in runs]
   for _ in range(args.rounds):
     for run, ts in zip(runs, times):
@@ -92,15 +95,16 @@ def main(argv=None) -> list[dict]:
           jax.block_until_ready(metrics)
         ts.append(time.perf_counter() - t)
   base = float(np.median(times[0]))
-  print(f"{args.config}: {args.rounds} rounds x {args.steps} steps, medians")
+  label = lambda c, v: " ".join(x for x in (c if len(args.config) > 1 else "", v) if x) or "(as is)"
+  print(f"{' / '.join(args.config)}: {args.rounds} rounds x {args.steps} steps, medians")
   print("| variant | step s | ratio to first | compile+first step s |")
   print("|---|---:|---:|---:|")
   rows = []
-  for v, run, ts in zip(variants, runs, times):
+  for (c, v), run, ts in zip(variants, runs, times):
     med = float(np.median(ts))
-    rows.append({"variant": v, "step_s": med, "ratio": med / base, "compile_s": run["compile_s"],
-                 "num_params": run["setup"].num_params})
-    print(f"| {v or '(as is)'} | {med:.3f} | {med / base:.2f} | {run['compile_s']:.1f} |")
+    rows.append({"config": c, "variant": v, "step_s": med, "ratio": med / base,
+                 "compile_s": run["compile_s"], "num_params": run["setup"].num_params})
+    print(f"| {label(c, v)} | {med:.3f} | {med / base:.2f} | {run['compile_s']:.1f} |")
   return rows
 
 

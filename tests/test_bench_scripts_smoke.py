@@ -97,3 +97,11 @@ def test_step_time_builds_each_variant(tmp_path, capsys):
   assert [r["ratio"] for r in rows][0] == 1.0 and all(r["step_s"] > 0 for r in rows)
   assert rows[1]["num_params"] < rows[0]["num_params"]  # the override reached the model
   assert "| variant | step s |" in capsys.readouterr().out
+
+
+def test_step_time_runs_every_config_with_every_variant(tmp_path, capsys):
+  configs = ["configs/vqa_sort_of_clevr.py:size=tiny", "configs/vqa_sort_of_clevr.py:size=tiny,fusion=film"]
+  rows = _load("step_time").main(["--rounds", "1", "--steps", "1", "--config", configs[0],
+                                  "--config", configs[1], "--variant", f"data.data_dir={tmp_path}"])
+  assert [r["config"] for r in rows] == configs and rows[0]["num_params"] != rows[1]["num_params"]
+  assert f"| {configs[1]} data.data_dir={tmp_path} |" in capsys.readouterr().out

@@ -11,10 +11,15 @@ run per question encoder:
   scratch_rnn  a (bi)LSTM from scratch on the data set's own tokenizer
   scratch_bert a bert-tiny from scratch on the data set's own tokenizer
 Each is scored on the `test` split (the training templates, new images) and on the held-out
-`paraphrase` split (wordings no training question uses, new images), per question kind.
-Prints a markdown table and writes it with the raw numbers (JSON) and a bar chart (PNG) to
---out-dir. Training time is the wall time of the whole run (compilation and the final
-evaluation included) on this machine.
+`paraphrase` split (wordings no training question uses, new images), per question kind
+and subtype. Prints markdown tables and writes them with the raw numbers (JSON) and a bar chart
+(PNG) to --out-dir. "time (s)" is the wall time of this call (compilation and the final
+evaluation included): a variant resumed from a checkpoint counts only its resumed part, and
+variants run side by side share the cores, so compare step costs with bench/step_time.py:
+
+  python bench/step_time.py --rounds 3 --steps 2 --config configs/vqa_transfer.py:transfer=scratch \\
+      --config configs/vqa_transfer.py:transfer=frozen --config configs/vqa_transfer.py:transfer=lora \\
+      --config configs/vqa_transfer.py:transfer=finetune
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ VARIANTS = {  # name -> configs/vqa_transfer.py arguments
 }
 SPLITS = ("test", "paraphrase")
 KINDS = (("non_relational", "non-rel"), ("relational", "rel"), ("", "all"))
+SUBTYPES = ("shape", "horizontal", "vertical", "closest", "furthest", "count")  # sort_of_clevr's
 
 
 def load_config(variant: str, size: str, steps: int | None, fusion: str, max_minutes: float = 0.0):
@@ -73,10 +79,13 @@ def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fus
   t0 = time.perf_counter()
   final = trainer.train(config, workdir, progress=False)
   seconds = time.perf_counter() - t0
+  if final.get("preempted"):
+    raise SystemExit(f"{variant}: stopped at step {final['step']} (SIGTERM) before its last step; "
+                     f"the same command resumes it from {workdir}")
   row = {"variant": variant, "steps": int(final["step"]), "seconds": seconds,
          "num_params": int(final["num_params"]), "text": config.model.text.get("name")}
   for split in SPLITS:
-    for kind, _ in KINDS:
+    for kind in [k for k, _ in KINDS] + list(SUBTYPES):
       key = f"{split}/accuracy" + (f"_{kind}" if kind else "")
       row[key] = float(final[key])
   return row
@@ -91,6 +100,16 @@ def markdown(rows: list[dict]) -> str:
     cells = [r["variant"], r["text"]] + [f"{100 * a:.1f}" for a in accs]
     cells += [str(r["steps"]), f"{r['seconds']:.0f}"]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def subtype_markdown(rows: list[dict]) -> str:
+  """Accuracy (%) per question subtype, "test / paraphrase" in each cell."""
+  lines = ["| variant | " + " | ".join(SUBTYPES) + " |", "|" + "---|" * (len(SUBTYPES) + 1)]
+  for r in rows:
+    cells = [f"{100 * r[f'test/accuracy_{s}']:.1f} / {100 * r[f'paraphrase/accuracy_{s}']:.1f}"
+             for s in SUBTYPES]
+    lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"== {v}", file=sys.stderr, flush=True)
     rows.append(run_variant(v, os.path.join(root, v), size=args.size, steps=args.steps,
                             fusion=args.fusion, max_minutes=args.max_minutes))
-  table = markdown(rows)
+  table = markdown(rows) + "\n\nPer subtype, test / paraphrase (%):\n\n" + subtype_markdown(rows)
   print(table)
   os.makedirs(args.out_dir, exist_ok=True)
   machine = f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"

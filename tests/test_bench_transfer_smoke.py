@@ -41,6 +41,9 @@ def test_tiny_scratch_run_end_to_end(tmp_path, capsys):
   assert table.startswith("| variant | text encoder | test non-rel | test rel | test all | "
                           "paraphrase non-rel |")
   assert "\n| scratch_rnn | rnn_text | " in table
+  subtypes = bench.subtype_markdown(results["rows"])
+  assert subtypes.startswith("| variant | shape | horizontal | vertical | closest | furthest | count |")
+  assert subtypes in (out / "transfer.md").read_text() and "\n| scratch_rnn | " in subtypes
   assert json.loads((out / "transfer.json").read_text()) == json.loads(json.dumps(results))
   assert (out / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -116,3 +116,14 @@ def test_variants_run_all_their_steps_unless_a_cap_is_asked_for():
   bench = _load()
   assert bench.load_config("scratch_rnn", "default", 800, "").train.max_minutes == 0
   assert bench.load_config("scratch_rnn", "default", 800, "", 12.5).train.max_minutes == 12.5
+
+
+def test_a_finished_variant_reports_its_logged_scores(tmp_path):
+  """Rerunning the bench on a workdir whose run is complete re-reads the final evaluation."""
+  bench = _load()
+  args = ["--steps", "2", "--size", "tiny", "--variants", "scratch_rnn",
+          "--workdir", str(tmp_path / "work")]
+  first = bench.main(args + ["--out-dir", str(tmp_path / "a")])["rows"][0]
+  again = bench.main(args + ["--out-dir", str(tmp_path / "b")])["rows"][0]
+  assert {k: v for k, v in again.items() if k != "seconds"} == {
+      k: v for k, v in first.items() if k != "seconds"}

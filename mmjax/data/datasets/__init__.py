@@ -40,6 +40,17 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None, **kwa
   return importlib.import_module(_MODULES[name]).load(split, data_dir=data_dir, **kwargs)
 
 
+def sized_config(config_cls: type, splits: tuple[str, ...], num_images: Any) -> Any:
+  """`config_cls` (a builder config with `num_images`) for a task's `data.num_images`, one count
+  per split in `splits` order, named by the counts ("n64_16"); None (default sizes) when empty."""
+  if not num_images:
+    return None
+  if len(num_images) != len(splits):
+    raise ValueError(f"data.num_images: expected {len(splits)} image counts {splits}, got {num_images!r}")
+  counts = tuple((split, int(n)) for split, n in zip(splits, num_images))
+  return config_cls(name="n" + "_".join(str(n) for _, n in counts), num_images=counts)
+
+
 def prepare(builder: Any, text_key: str | None = None) -> Any:
   """Generates `builder`'s data if missing, and its tokenizer if `text_key` names a text field.
 

@@ -199,13 +199,7 @@ class SortOfClevrConfig(tfds.core.BuilderConfig):
 def sized_config(num_images) -> SortOfClevrConfig | None:
   """The config of a data set with `num_images` (train, test, paraphrase) images, as a task's
   `data.num_images` gives them; None (the default sizes) when `num_images` is empty."""
-  if not num_images:
-    return None
-  splits = ("train", "test", "paraphrase")
-  if len(num_images) != len(splits):
-    raise ValueError(f"data.num_images: expected {len(splits)} image counts {splits}, got {num_images!r}")
-  counts = tuple((split, int(n)) for split, n in zip(splits, num_images))
-  return SortOfClevrConfig(name="n" + "_".join(str(n) for _, n in counts), num_images=counts)
+  return datasets.sized_config(SortOfClevrConfig, ("train", "test", "paraphrase"), num_images)
 
 
 class SortOfClevr(tfds.core.GeneratorBasedBuilder):

@@ -231,15 +231,29 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 # Logging.
 # ---------------------------------------------------------------------------------------------
 class MetricWriter:
-  """Metrics to metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow)."""
+  """Metrics to metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `resumed_from`: the step a run restarts from. Rows a previous process logged after it (steps
+  that are now run again) are dropped from metrics.jsonl and purged from TensorBoard, so that a
+  resumed run's curves hold each step once.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resumed_from: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      if resumed_from is not None and os.path.exists(self.path):
+        rows = read_metrics(workdir)
+        kept = [r for r in rows if r["step"] <= resumed_from]
+        if len(kept) < len(rows):
+          tmp = self.path + ".tmp"
+          with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+          os.replace(tmp, self.path)
+      purge = None if resumed_from is None else resumed_from + 1
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -376,7 +390,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       f.write(config.to_json_best_effort(indent=2))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.get("keep", 3)),
                       best_metric=setup.task.best_metric, cleanup=True)
-  writer = MetricWriter(workdir, enabled=is_main)
   bs = int(config.data.batch_size)
   if bs % jax.process_count():
     raise ValueError(f"data.batch_size={bs} must divide by the number of processes {jax.process_count()}")
@@ -392,6 +405,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   else:
     state = setup.init_state()
     start = 0
+  writer = MetricWriter(workdir, enabled=is_main, resumed_from=start if restored is not None else None)
   train_step, eval_step = setup.make_train_step(), setup.make_eval_step()
   log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
   ckpt_every = int(tcfg.checkpoint_every)

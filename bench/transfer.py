@@ -64,7 +64,8 @@ def load_config(variant: str, size: str, steps: int | None, fusion: str, max_min
     c.train.steps = steps
     c.optim.warmup_steps = max(steps // 20, 1)
     c.train.log_every = max(steps // 20, 1)
-  c.train.eval_every = c.train.checkpoint_every = c.train.steps
+  c.train.eval_every = c.train.steps
+  c.train.checkpoint_every = max(c.train.steps // 8, 1)  # a killed MiniLM run loses <= 1/8 of it
   c.train.max_minutes = float(max_minutes)
   return c
 

@@ -120,3 +120,27 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
   timeless = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "train/examples_per_s")}
                          for r in rs if r["step"] != 4]
   assert timeless(rows["b"]) == timeless(rows["a"])
+
+
+def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatch):
+  # Asynchronous dispatch let the loop queue a whole logging window of steps; a SIGTERM (read at
+  # the host's step) then waited for all of them: 40 MiniLM steps of 4 s overran the 60 s grace.
+  in_flight = []
+  make = trainer.Setup.make_train_step
+
+  def counting(self):
+    step, outputs = make(self), []
+
+    def wrapped(state, batch):
+      in_flight.append(sum(not x.is_ready() for x in outputs))  # earlier steps still computing
+      state, metrics = step(state, batch)
+      outputs.append(metrics["loss"])
+      return state, metrics
+    return wrapped
+
+  monkeypatch.setattr(trainer.Setup, "make_train_step", counting)
+  config = toy_config(24)
+  config.model = {"heavy_matmuls": 40}
+  config.train.update(log_every=24, eval_every=24, checkpoint_every=24)
+  trainer.train(config, str(tmp_path), progress=False)
+  assert len(in_flight) == 24 and max(in_flight) <= 1, in_flight

@@ -13,7 +13,9 @@ Faults (see also `mmjax.train.checkpoint`):
   the latest checkpoint stays the last good one. Either way the step and batch index are logged.
 - SIGTERM (preemption): a checkpoint is written at the next step boundary and `train` returns
   normally; if that takes longer than `train.preemption_grace_s` seconds, the process exits
-  with status 1 and the next start resumes from the last complete checkpoint.
+  with status 1 and the next start resumes from the last complete checkpoint. The host runs at
+  most one step ahead of the device: asynchronous dispatch would otherwise queue a whole logging
+  window of steps, which a SIGTERM (and `train.max_minutes`) had to wait for.
 """
 
 from __future__ import annotations
@@ -424,6 +426,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       while step < total:
         with setup.context():
           state, metrics = train_step(state, setup.global_batch(next(train_iter)))
+        if pending:  # at most two steps in flight, so SIGTERM, max_minutes and the bar see the device's step
+          jax.block_until_ready(pending[-1][1])
         step += 1
         if deadline and step % log_every == 0 and multihost_utils.broadcast_one_to_all(time.perf_counter() > deadline):
           total = step  # train.max_minutes reached: this step's log, eval and save follow

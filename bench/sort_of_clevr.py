@@ -19,7 +19,8 @@ model's workdir is emptied before its run.
 
 The models (Santoro et al.'s names in brackets):
 - concat: late fusion, the pooled image and question concatenated into an MLP [CNN+MLP];
-- relation: a relation network over the CNN's cells conditioned on the question [CNN+RN];
+- relation: a relation network over the CNN's cells conditioned on the question [CNN+RN], on a
+  5x5 grid (one more stride-2 conv, as in the paper; `MODEL_OVERRIDES`);
 - film: the question FiLM-modulates the image cells;
 - cross_attention: two streams joined by cross-attention layers (LXMERT-style);
 - single_stream: one Transformer over image and question tokens together.
@@ -53,6 +54,11 @@ LABELS = {"concat": "late fusion (CNN+MLP)", "relation": "relation network (CNN+
 PAPER = {"concat": {"relational": "63%", "non_relational": "> 94%"},
          "relation": {"relational": "> 94%", "non_relational": "> 94%"}}
 CONFIG = ROOT / "configs" / "vqa_sort_of_clevr.py"
+# Per-model overrides, applied before --set. A relation network's cost grows with the square of
+# its objects: on the default 10x10 grid (101 objects with the "missing" one, 10,201 pairs per
+# question) a step took 64x the late-fusion step (bench/step_time.py, 2026-11-30); a fourth
+# stride-2 conv gives the paper's 5x5 grid (676 pairs), 6.5x.
+MODEL_OVERRIDES = {"relation": ["model.vision.channels=(32,32,32,32)"]}
 
 
 def make_config(config_file: pathlib.Path, arg: str, *, minutes: float | None, steps: int | None,
@@ -66,6 +72,13 @@ def make_config(config_file: pathlib.Path, arg: str, *, minutes: float | None, s
   cfg.train.checkpoint_every = int(cfg.train.steps)  # the budget's last step saves too
   cfg.train.max_minutes = minutes
   return cfg
+
+
+def model_config(name: str, args: argparse.Namespace):
+  """The config of model `name`: its `MODEL_OVERRIDES`, then the command line's --set."""
+  return make_config(CONFIG, f"size={args.size},fusion={name}", minutes=args.minutes,
+                     steps=args.steps, eval_every=args.eval_every,
+                     overrides=MODEL_OVERRIDES.get(name, []) + args.set)
 
 
 def train_run(cfg, workdir: pathlib.Path) -> dict[str, Any]:
@@ -90,8 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   out = pathlib.Path(args.out)
   results: dict[str, Any] = {"size": args.size, "minutes_budget": args.minutes, "models": {}}
   for name in args.models:
-    cfg = make_config(CONFIG, f"size={args.size},fusion={name}", minutes=args.minutes,
-                      steps=args.steps, eval_every=args.eval_every, overrides=args.set)
+    cfg = model_config(name, args)
     r = train_run(cfg, out / "runs" / name)
     r["params"] = int(r["final"]["num_params"])
     r["questions_per_step"] = int(cfg.data.batch_size) * 20

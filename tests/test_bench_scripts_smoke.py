@@ -12,6 +12,7 @@ import json
 import pathlib
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
@@ -62,6 +63,21 @@ def test_sort_of_clevr_table_and_curves(tmp_path):
   assert (tmp_path / "curves.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     soc.parse_args(["--models", "concat,nope"])
+
+
+def test_sort_of_clevr_relation_runs_on_the_papers_5x5_grid_and_set_wins():
+  import mmjax.tasks  # noqa: F401  (registers the task)
+  from flax import nnx
+  from mmjax.train.tasks import TASKS
+
+  soc = _load("sort_of_clevr")
+  for name, cells in (("relation", 25), ("concat", 100)):
+    cfg = soc.model_config(name, soc.parse_args(["--models", name, "--size", "tiny"]))
+    model = TASKS.get(cfg.task)(cfg).build_model(nnx.Rngs(0))
+    out = model.vision(jnp.zeros((1, *model.image_shape)), deterministic=True)
+    assert out.tokens.shape[1] == cells, name
+  cfg = soc.model_config("relation", soc.parse_args(["--size", "tiny", "--set", "model.vision.channels=(8,8,8)"]))
+  assert tuple(cfg.model.vision.channels) == (8, 8, 8)
 
 
 def test_gpu_mfu_tiny(tmp_path, capsys):

@@ -83,12 +83,8 @@ def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fus
   if final.get("preempted"):
     raise SystemExit(f"{variant}: stopped at step {final['step']} (SIGTERM) before its last step; "
                      f"the same command resumes it from {workdir}")
-  if "test/accuracy" not in final:  # finished before this call: its final evaluation is logged
-    logged = [r for r in trainer.read_metrics(workdir)
-              if r["step"] == final["step"] and "test/accuracy" in r]
-    if not logged:
-      raise SystemExit(f"{variant}: {workdir} holds step {final['step']} but no evaluation of it")
-    final = {**logged[-1], **final}
+  if "test/accuracy" not in final:
+    raise SystemExit(f"{variant}: {workdir} holds step {final['step']} but no evaluation of it")
   row = {"variant": variant, "steps": int(final["step"]), "seconds": seconds,
          "num_params": int(final["num_params"]), "text": config.model.text.get("name")}
   for split in SPLITS:

@@ -144,3 +144,12 @@ def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatc
   config.train.update(log_every=24, eval_every=24, checkpoint_every=24)
   trainer.train(config, str(tmp_path), progress=False)
   assert len(in_flight) == 24 and max(in_flight) <= 1, in_flight
+
+
+def test_training_a_finished_workdir_again_returns_its_final_metrics(tmp_path):
+  first = trainer.train(toy_config(6), str(tmp_path), progress=False)
+  again = trainer.train(toy_config(6), str(tmp_path), progress=False)
+  assert again["step"] == 6 and not again["preempted"]
+  keys = [k for k in first if k.startswith(("test/", "train/")) and k != "train/examples_per_s"]
+  assert "test/accuracy" in keys and {k: again[k] for k in keys} == {k: first[k] for k in keys}
+  assert [r["step"] for r in trainer.read_metrics(str(tmp_path))].count(6) == 2  # nothing re-logged

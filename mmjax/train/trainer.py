@@ -379,7 +379,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   """Trains `config` in `workdir`, resuming from its latest complete, readable checkpoint.
 
   Returns the final metrics, with "step", "num_params", "nonfinite_steps" (skipped in this run)
-  and "preempted" (True when SIGTERM ended the run early).
+  and "preempted" (True when SIGTERM ended the run early). On a workdir whose run is complete
+  nothing is trained and the final metrics are those logged at its last step.
   """
   from tqdm.auto import tqdm
 
@@ -477,6 +478,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     bar.close()
     ckpt.close()
     writer.close()
+  if step == start and restored is not None:  # nothing left to train: that step's logged metrics
+    for row in read_metrics(workdir):
+      if row["step"] == step:
+        final.update({k: v for k, v in row.items() if k not in ("step", "time")})
   final["step"] = step
   final["num_params"] = setup.num_params
   final["nonfinite_steps"] = skipped

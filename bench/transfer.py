@@ -37,6 +37,10 @@ import time
 import jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from mmjax.data.datasets.sort_of_clevr import SUBTYPES  # noqa: E402
 CONFIG = ROOT / "configs" / "vqa_transfer.py"
 VARIANTS = {  # name -> configs/vqa_transfer.py arguments
     "finetune": "transfer=finetune",
@@ -47,7 +51,6 @@ VARIANTS = {  # name -> configs/vqa_transfer.py arguments
 }
 SPLITS = ("test", "paraphrase")
 KINDS = (("non_relational", "non-rel"), ("relational", "rel"), ("", "all"))
-SUBTYPES = ("shape", "horizontal", "vertical", "closest", "furthest", "count")  # sort_of_clevr's
 
 
 def load_config(variant: str, size: str, steps: int | None, fusion: str, max_minutes: float = 0.0):

@@ -185,7 +185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--eval-every", type=int, default=None, help="default: the config's")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override for every run, such as optim.lr=3e-4 (repeatable)")
-  p.add_argument("--out", default="bench/fusion_sweep_out", help="output folder")
+  p.add_argument("--out", default="bench/fusion_sweep_out",
+                 help="output folder; runs already in its results.json at the same --size and "
+                      "--minutes keep their rows unless redone")
   args = p.parse_args(argv)
   args.tasks = [t for t in args.tasks.split(",") if t]
   args.fusions = [f for f in args.fusions.split(",") if f]
@@ -208,6 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = run(args)
+  previous = out / "results.json"
+  if previous.exists():  # keep the runs not redone, from a sweep at the same setting
+    kept = json.loads(previous.read_text())
+    if (kept.get("size"), kept.get("minutes_budget")) == (results["size"], results["minutes_budget"]):
+      key = lambda r: (r["task"], r["fusion"], r["modality_dropout"])  # noqa: E731
+      redone = {key(r) for r in results["runs"]}
+      results["runs"] = [r for r in kept["runs"] if key(r) not in redone] + results["runs"]
   text = table(results)
   print(text, flush=True)
   (out / "table.md").write_text(text + "\n")

@@ -182,7 +182,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--eval-every", type=int, default=None, help="default: the config's")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override such as optim.lr=3e-4 (repeatable)")
-  p.add_argument("--out", default="bench/sort_of_clevr_out", help="output folder")
+  p.add_argument("--out", default="bench/sort_of_clevr_out",
+                 help="output folder; models already in its results.json at the same --size and "
+                      "--minutes keep their rows unless rerun")
   args = p.parse_args(argv)
   from mmjax.fusion import FUSIONS  # noqa: PLC0415
   args.models = [m for m in args.models.split(",") if m]
@@ -199,6 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = run(args)
+  previous = out / "results.json"
+  if previous.exists():  # keep the rows of models not rerun, from a run at the same setting
+    kept = json.loads(previous.read_text())
+    if (kept.get("size"), kept.get("minutes_budget")) == (results["size"], results["minutes_budget"]):
+      results["models"] = {**{k: v for k, v in kept["models"].items() if k not in results["models"]},
+                           **results["models"]}
   text = table(results)
   print(text, flush=True)
   (out / "table.md").write_text(text + "\n")

@@ -390,9 +390,13 @@ def build_mmjax(case: Case, compiler_options: dict[str, Any]) -> nnx.Module:
   return nnx.merge(static["graphdef"], state)
 
 
-def run_mmjax(case: Case, batch_np: Batch, steps: int, warmup: int,
-              compiler_options: dict[str, Any], deterministic: bool = True) -> dict[str, Any]:
-  """Compiles and times the jitted mmjax train step (`deterministic` is passed to the model)."""
+def mmjax_step(case: Case, batch_np: Batch, compiler_options: dict[str, Any],
+               deterministic: bool = True) -> dict[str, Any]:
+  """Compiles the jitted mmjax train step (`deterministic` is passed to the model).
+
+  Returns {"one": () -> None (runs one step and blocks), "compiled", "params", "compile_s",
+  "flops", "losses" (appended by each step)}.
+  """
   loss_of = case.mmjax_loss
   graphdef, params, rest = nnx.split(build_mmjax(case, compiler_options), nnx.Param, ...)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -412,24 +416,34 @@ def run_mmjax(case: Case, batch_np: Batch, steps: int, warmup: int,
   step = (jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, rest, batch)
           .compile(compiler_options))
   compile_s = time.perf_counter() - t0
-  flops = _flops(step)
   state = {"params": params, "opt": opt_state}
   del params, opt_state  # donated to the first step
-  losses = []
+  losses: list[float] = []
 
   def one():
     state["params"], state["opt"], loss = step(state["params"], state["opt"], rest, batch)
     jax.block_until_ready((state["params"], state["opt"], loss))
     losses.append(float(loss))
 
-  times, _ = _timed(one, steps, warmup)
-  return {"params": num_params, "compile_s": compile_s, "flops": flops,
+  return {"one": one, "compiled": step, "params": num_params, "compile_s": compile_s,
+          "flops": _flops(step), "losses": losses}
+
+
+def run_mmjax(case: Case, batch_np: Batch, steps: int, warmup: int,
+              compiler_options: dict[str, Any], deterministic: bool = True) -> dict[str, Any]:
+  """Compiles and times the jitted mmjax train step."""
+  s = mmjax_step(case, batch_np, compiler_options, deterministic)
+  times, _ = _timed(s["one"], steps, warmup)
+  return {"params": s["params"], "compile_s": s["compile_s"], "flops": s["flops"],
           "ms": 1e3 * statistics.median(times), "step_ms": [1e3 * t for t in times],
-          "first_loss": losses[0], "last_loss": losses[-1]}
+          "first_loss": s["losses"][0], "last_loss": s["losses"][-1]}
 
 
-def run_hf(case: Case, batch_np: Batch, steps: int, warmup: int, adamw: str) -> dict[str, Any]:
-  """Times the HF PyTorch eager train step; `adamw` picks torch's AdamW implementation."""
+def hf_step(case: Case, batch_np: Batch, adamw: str) -> dict[str, Any]:
+  """The HF PyTorch eager train step; `adamw` picks torch's AdamW implementation.
+
+  Returns {"one": () -> None (runs one step), "model", "params", "losses"}.
+  """
   torch.manual_seed(0)
   model, loss_of = case.make_hf()
   model.train()
@@ -437,7 +451,7 @@ def run_hf(case: Case, batch_np: Batch, steps: int, warmup: int, adamw: str) -> 
   impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
   opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **impl)
   batch = torch_batch(batch_np)
-  losses = []
+  losses: list[float] = []
 
   def one():
     opt.zero_grad(set_to_none=True)
@@ -446,10 +460,17 @@ def run_hf(case: Case, batch_np: Batch, steps: int, warmup: int, adamw: str) -> 
     opt.step()
     losses.append(float(loss.detach()))
 
-  times, _ = _timed(one, steps, warmup)
-  return {"params": num_params, "ms": 1e3 * statistics.median(times),
-          "step_ms": [1e3 * t for t in times], "first_loss": losses[0], "last_loss": losses[-1],
-          "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+  return {"one": one, "model": model, "params": num_params, "losses": losses}
+
+
+def run_hf(case: Case, batch_np: Batch, steps: int, warmup: int, adamw: str) -> dict[str, Any]:
+  """Times the HF PyTorch eager train step."""
+  s = hf_step(case, batch_np, adamw)
+  times, _ = _timed(s["one"], steps, warmup)
+  return {"params": s["params"], "ms": 1e3 * statistics.median(times),
+          "step_ms": [1e3 * t for t in times], "first_loss": s["losses"][0],
+          "last_loss": s["losses"][-1],
+          "attn_implementation": getattr(s["model"].config, "_attn_implementation", None)}
 
 
 def bench_model(case: Case, steps: int, warmup: int, limit_gflops: float,

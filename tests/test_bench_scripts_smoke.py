@@ -47,6 +47,27 @@ def test_fusion_sweep_time_budget_and_absent_modalities(tmp_path, capsys):
   assert (out / "table.md").read_text().strip() in table and (out / "sweep.png").stat().st_size > 0
 
 
+def test_fusion_sweep_keeps_the_runs_not_redone(tmp_path, monkeypatch):
+  sweep = _load("fusion_sweep")
+
+  def fake_run(fusion, acc):
+    def run(args):
+      return {"size": args.size, "minutes_budget": args.minutes, "runs": [
+          {"task": "av_digits", "fusion": fusion, "modality_dropout": 0.0, "params": 1,
+           "train_flops_per_example": 1e9, "examples_per_s": 1.0, "steps": 1,
+           "modalities": ["image", "audio"],
+           "accuracy": {"all": acc, "no_image": acc, "no_audio": acc}}]}
+    return run
+
+  args = ["--tasks", "av_digits", "--dropouts", "0", "--minutes", "2", "--out", str(tmp_path)]
+  for fusion, acc in (("concat", 0.25), ("film", 0.5), ("concat", 0.75)):
+    monkeypatch.setattr(sweep, "run", fake_run(fusion, acc))
+    sweep.main(args + ["--fusions", fusion])
+  runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+  assert [(r["fusion"], r["accuracy"]["all"]) for r in runs] == [("film", 0.5), ("concat", 0.75)]
+  assert (tmp_path / "table.md").read_text().count("| av_digits |") == 2
+
+
 def test_sort_of_clevr_table_and_curves(tmp_path):
   soc = _load("sort_of_clevr")
   final = {"num_params": 1234, "test/accuracy_relational": 0.5, "test/accuracy_non_relational": 0.75,
@@ -63,6 +84,33 @@ def test_sort_of_clevr_table_and_curves(tmp_path):
   assert (tmp_path / "curves.png").stat().st_size > 0
   with pytest.raises(SystemExit):
     soc.parse_args(["--models", "concat,nope"])
+
+
+def test_sort_of_clevr_keeps_the_rows_of_models_not_rerun(tmp_path, monkeypatch):
+  soc = _load("sort_of_clevr")
+
+  def row(rel):
+    return {"final": {"num_params": 1, "test/accuracy_relational": rel}, "steps": 1, "minutes": 1.0,
+            "examples_per_s": 1.0, "params": 1, "curve": []}
+
+  def fake_run(name, rel):
+    return lambda args: {"size": args.size, "minutes_budget": args.minutes, "models": {name: row(rel)}}
+
+  monkeypatch.setattr(soc, "run", fake_run("concat", 0.25))
+  soc.main(["--models", "concat", "--minutes", "3", "--out", str(tmp_path)])
+  monkeypatch.setattr(soc, "run", fake_run("film", 0.5))
+  soc.main(["--models", "film", "--minutes", "3", "--out", str(tmp_path)])
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert list(saved["models"]) == ["concat", "film"]
+  assert "| 25.0 |" in (tmp_path / "table.md").read_text()
+  monkeypatch.setattr(soc, "run", fake_run("concat", 0.75))  # rerun: replaced, not duplicated
+  soc.main(["--models", "concat", "--minutes", "3", "--out", str(tmp_path)])
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["models"]["concat"]["final"]["test/accuracy_relational"] == 0.75
+  assert list(saved["models"]) == ["film", "concat"]
+  monkeypatch.setattr(soc, "run", fake_run("film", 0.5))  # another budget: a fresh table
+  soc.main(["--models", "film", "--minutes", "5", "--out", str(tmp_path)])
+  assert list(json.loads((tmp_path / "results.json").read_text())["models"]) == ["film"]
 
 
 def test_sort_of_clevr_relation_runs_on_the_papers_5x5_grid_and_set_wins():

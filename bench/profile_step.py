@@ -1,0 +1,328 @@
+"""Where the time of a train step goes: mmjax per compiled HLO op vs HF PyTorch per aten op.
+
+The steps are `bench/throughput.py`'s (same models, inputs and optimizer). The mmjax step runs
+under `jax.profiler.trace`; XLA:CPU records one trace event per executed thunk, named after its
+HLO instruction, so each event is mapped back to the compiled HLO (`compiled.as_text()`) and
+classed by what the instruction computes. The HF step runs under `torch.profiler` and each aten
+op's self time is classed the same way. Both sides' matmul FLOPs are counted from shapes (XLA:
+the dot's operand and contracting dimensions; torch: the profiler's `with_flops`).
+
+Classes: "dense matmul" (dots without batch dimensions: the linear layers, forward and
+backward), "attention matmul" (batched dots: q.k and weights.v and their gradients; on the HF
+side the fused SDPA kernels, whose FLOPs torch does not count), "convolution", "layout copy"
+(copies and transposes, fused or not), "other" (elementwise ops, reductions, the optimizer).
+
+  python bench/profile_step.py                       # vit, bert, lxmert; 3 profiled steps each
+  python bench/profile_step.py --models vit --top 15 --out bench/profile_out
+
+Run it on an idle machine; the profilers add a few percent per op. XLA:CPU runs independent
+thunks side by side on its threads; a stretch where k of them run at once is split evenly among
+them (`split_overlaps`), so the mmjax classes sum to the time the step's thunks ran, about its
+wall time, and their GFLOP/s are what the step got out of that class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+import torch.profiler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import throughput  # noqa: E402  (bench/throughput.py: the models, inputs and steps)
+
+CLASSES = ("dense matmul", "attention matmul", "convolution", "layout copy", "other")
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?(?:\{[^}]*\})?) ([\w\-]+)\((.*?)\)(.*)$")
+# Ops that only move data: a fusion of these alone (e.g. XLA's "copy_bitcast_fusion") is a copy.
+_LAYOUT_OPCODES = frozenset({"parameter", "copy", "transpose", "bitcast", "reshape", "slice",
+                             "concatenate", "pad", "dynamic-slice", "dynamic-update-slice",
+                             "get-tuple-element", "tuple", "constant"})
+_SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
+
+
+def _dims(shape: str) -> list[int]:
+  m = _SHAPE.match(shape)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _attr_dims(rest: str, key: str) -> list[int]:
+  m = re.search(key + r"=\{([\d,]*)\}", rest)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _dot_flops(shapes: dict[str, str], shape: str, operands: str, rest: str) -> float:
+  """2 x output elements x contracted size of one dot instruction."""
+  lhs = _dims(shapes.get(operands.split(",")[0].strip().lstrip("%"), ""))
+  contracted = math.prod(lhs[d] for d in _attr_dims(rest, "lhs_contracting_dims") if d < len(lhs))
+  return 2.0 * math.prod(_dims(shape)) * contracted
+
+
+def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
+  """Every instruction of a compiled HLO module: {name: {"class", "flops", "op_name", "shape"}}.
+
+  A fusion is classed by what the computation it calls holds (recursively): a batched dot makes
+  it an attention matmul, any other dot a dense matmul, a convolution a convolution, nothing but
+  data movement (copies, transposes, slices, reshapes) a layout copy.
+  """
+  computations: dict[str, list[tuple]] = collections.defaultdict(list)
+  current = None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(1)
+    elif current is not None and (m := _INSTRUCTION.match(line)):
+      computations[current].append(m.groups())
+  shapes = {comp: {i[0]: i[1] for i in ins} for comp, ins in computations.items()}
+  cache: dict[str, dict[str, Any]] = {}
+
+  def contents(comp: str) -> dict[str, Any]:
+    if comp not in cache:
+      cache[comp] = {"dot": 0, "batched": 0, "conv": 0, "flops": 0.0, "layout_only": True}
+      out = dict(cache[comp])
+      for name, shape, opcode, operands, rest in computations[comp]:
+        sub = own(comp, name, shape, opcode, operands, rest)
+        for k in ("dot", "batched", "conv", "flops"):
+          out[k] += sub[k]
+        out["layout_only"] &= sub["layout_only"]
+      cache[comp] = out
+    return cache[comp]
+
+  def own(comp, name, shape, opcode, operands, rest) -> dict[str, Any]:
+    info = {"dot": 0, "batched": 0, "conv": 0, "flops": 0.0,
+            "layout_only": opcode in _LAYOUT_OPCODES}
+    if opcode == "dot":
+      info.update(dot=1, batched=int(bool(_attr_dims(rest, "lhs_batch_dims"))),
+                  flops=_dot_flops(shapes[comp], shape, operands, rest))
+    elif opcode == "convolution":
+      info["conv"] = 1
+    for called in re.findall(r"calls=%?([\w.\-]+)", rest):
+      if called in computations:
+        sub = contents(called)
+        for k in ("dot", "batched", "conv", "flops"):
+          info[k] += sub[k]
+        info["layout_only"] = sub["layout_only"]
+    return info
+
+  ops = {}
+  for comp, instructions in computations.items():
+    for name, shape, opcode, operands, rest in instructions:
+      info = own(comp, name, shape, opcode, operands, rest)
+      if info["batched"]:
+        cls = "attention matmul"
+      elif info["dot"]:
+        cls = "dense matmul"
+      elif info["conv"]:
+        cls = "convolution"
+      elif info["layout_only"] and opcode not in ("parameter", "bitcast", "get-tuple-element",
+                                                  "tuple", "constant"):
+        cls = "layout copy"
+      else:
+        cls = "other"
+      op_name = re.search(r'op_name="([^"]*)"', rest)
+      ops[name] = {"class": cls, "flops": info["flops"], "shape": shape,
+                   "op_name": op_name.group(1) if op_name else ""}
+  return ops
+
+
+def _trace_events(logdir: str) -> list[dict[str, Any]]:
+  """The complete ("X") events of the perfetto trace `jax.profiler.trace` wrote under logdir."""
+  paths = sorted(pathlib.Path(logdir).rglob("perfetto_trace.json.gz"))
+  if not paths:
+    raise RuntimeError(f"jax.profiler.trace wrote no perfetto_trace.json.gz under {logdir}")
+  with gzip.open(paths[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return [e for e in events if e.get("ph") == "X"]
+
+
+def split_overlaps(events: list[dict[str, Any]]) -> list[float]:
+  """Each event's share of the wall time: a stretch where k events run at once counts 1/k each.
+
+  XLA:CPU runs independent thunks side by side, each then getting part of the cores; their raw
+  durations would count those stretches twice. The shares sum to the time any event ran.
+  """
+  edges = sorted([(e["ts"], 1, i) for i, e in enumerate(events)]
+                 + [(e["ts"] + e.get("dur", 0), -1, i) for i, e in enumerate(events)],
+                 key=lambda x: (x[0], x[1]))
+  share = [0.0] * len(events)
+  active: set[int] = set()
+  last = None
+  for t, kind, i in edges:
+    if active and last is not None and t > last:
+      part = (t - last) / len(active)
+      for j in active:
+        share[j] += part
+    if kind == 1:
+      active.add(i)
+    else:
+      active.discard(i)
+    last = t
+  return share
+
+
+def _table(rows: dict[str, dict[str, float]], steps: int) -> dict[str, dict[str, float]]:
+  """Per-class totals -> per-step ms, count and GFLOP/s."""
+  out = {}
+  for cls in CLASSES:
+    r = rows.get(cls, {"us": 0.0, "n": 0, "flops": 0.0})
+    ms = r["us"] / 1e3 / steps
+    out[cls] = {"ms": ms, "count": r["n"] / steps, "gflop": r["flops"] / 1e9 / steps,
+                "gflops": (r["flops"] / 1e9 / steps) / (ms / 1e3) if ms and r["flops"] else math.nan}
+  return out
+
+
+def profile_mmjax(case: throughput.Case, batch_np: throughput.Batch, steps: int,
+                  top: int) -> dict[str, Any]:
+  """Per-class and top-op thunk times of the compiled mmjax train step."""
+  s = throughput.mmjax_step(case, batch_np, {})
+  ops = hlo_ops(s["compiled"].as_text())
+  for _ in range(2):
+    s["one"]()
+  with tempfile.TemporaryDirectory() as logdir:
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        s["one"]()
+      wall = (time.perf_counter() - t0) / steps
+    events = _trace_events(logdir)
+  thunks = [e for e in events if e["name"] in ops]
+  rows: dict[str, dict[str, float]] = {}
+  per_op: dict[str, float] = collections.Counter()
+  for e, us in zip(thunks, split_overlaps(thunks)):
+    op = ops[e["name"]]
+    r = rows.setdefault(op["class"], {"us": 0.0, "n": 0, "flops": 0.0})
+    r["us"] += us
+    r["n"] += 1
+    r["flops"] += op["flops"]
+    per_op[e["name"]] += us
+  top_ops = [{"name": n, "ms": us / 1e3 / steps, "class": ops[n]["class"], "shape": ops[n]["shape"],
+              "gflops": ops[n]["flops"] / 1e9 / (us / 1e6 / steps) if ops[n]["flops"] else math.nan,
+              "op_name": ops[n]["op_name"]} for n, us in per_op.most_common(top)]
+  return {"wall_ms": 1e3 * wall, "classes": _table(rows, steps), "top": top_ops,
+          "xla_flops": s["flops"]}
+
+
+_TORCH_MATMUL = {"aten::mm": "dense matmul", "aten::addmm": "dense matmul",
+                 "aten::bmm": "attention matmul", "aten::baddbmm": "attention matmul"}
+
+
+def _torch_class(name: str) -> str:
+  if name in _TORCH_MATMUL:
+    return _TORCH_MATMUL[name]
+  if "scaled_dot_product" in name:
+    return "attention matmul"
+  if "convolution" in name or name.startswith("aten::conv") or name == "aten::mkldnn_convolution":
+    return "convolution"
+  if name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"):
+    return "layout copy"
+  return "other"
+
+
+def profile_hf(case: throughput.Case, batch_np: throughput.Batch, steps: int,
+               top: int) -> dict[str, Any]:
+  """Per-class and top-op self times of the HF PyTorch eager train step."""
+  s = throughput.hf_step(case, batch_np, "default")
+  for _ in range(2):
+    s["one"]()
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                              with_flops=True) as prof:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      s["one"]()
+    wall = (time.perf_counter() - t0) / steps
+  rows: dict[str, dict[str, float]] = {}
+  per_op = []
+  for a in prof.key_averages():
+    if a.self_cpu_time_total <= 0 or a.key.startswith(("ProfilerStep", "Optimizer.")):
+      continue
+    cls = _torch_class(a.key)
+    r = rows.setdefault(cls, {"us": 0.0, "n": 0, "flops": 0.0})
+    r["us"] += a.self_cpu_time_total
+    r["n"] += a.count
+    r["flops"] += a.flops or 0
+    per_op.append((a.self_cpu_time_total, a.key, cls, a.count, a.flops or 0))
+  per_op.sort(reverse=True)
+  top_ops = [{"name": k, "ms": us / 1e3 / steps, "class": cls, "count": n / steps,
+              "gflops": fl / 1e9 / (us / 1e6) if fl else math.nan}
+             for us, k, cls, n, fl in per_op[:top]]
+  return {"wall_ms": 1e3 * wall, "classes": _table(rows, steps), "top": top_ops}
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+  return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
+
+
+def markdown(name: str, r: dict[str, Any]) -> str:
+  mm, hf = r["mmjax"], r["hf"]
+  lines = [f"### {name}: step {mm['wall_ms']:.0f} ms mmjax, {hf['wall_ms']:.0f} ms HF (profiled)",
+           "",
+           "| class | mmjax ms/step | mmjax GFLOP | mmjax GFLOP/s | HF ms/step | HF GFLOP | HF GFLOP/s |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for cls in CLASSES:
+    a, b = mm["classes"][cls], hf["classes"][cls]
+    lines.append(f"| {cls} | {_fmt(a['ms'])} | {_fmt(a['gflop'])} | {_fmt(a['gflops'])} | "
+                 f"{_fmt(b['ms'])} | {_fmt(b['gflop'])} | {_fmt(b['gflops'])} |")
+  a = sum(mm["classes"][c]["ms"] for c in CLASSES)
+  b = sum(hf["classes"][c]["ms"] for c in CLASSES)
+  lines += [f"| sum | {_fmt(a)} | | | {_fmt(b)} | | |", "",
+            "mmjax top ops (HLO instruction, class, output shape, ms/step, GFLOP/s, source op):", ""]
+  lines += [f"- `{t['name']}` {t['class']} `{t['shape'].split('{')[0]}` {t['ms']:.1f} ms "
+            f"{_fmt(t['gflops'])} GFLOP/s ({t['op_name'].removeprefix('jit(train_step)/')})"
+            for t in mm["top"]]
+  lines += ["", "HF top ops (aten op, class, calls/step, ms/step, GFLOP/s):", ""]
+  lines += [f"- `{t['name']}` {t['class']} x{t['count']:.0f} {t['ms']:.1f} ms {_fmt(t['gflops'])} GFLOP/s"
+            for t in hf["top"]]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--models", default="vit,bert,lxmert",
+                 help=f"comma-separated subset of {','.join(throughput.CASES)}")
+  p.add_argument("--steps", type=int, default=3, help="profiled steps per side (after 2 warm-up)")
+  p.add_argument("--top", type=int, default=10, help="how many of the slowest ops to list")
+  p.add_argument("--tiny", action="store_true", help="the smoke-test sizes")
+  p.add_argument("--out", help="folder for profile.json and profile.md")
+  args = p.parse_args(argv)
+  models = [m for m in args.models.split(",") if m]
+  unknown = [m for m in models if m not in throughput.CASES]
+  if unknown or args.steps < 1:
+    p.error(f"--models: unknown {unknown}, expected names from {list(throughput.CASES)}"
+            if unknown else f"--steps: expected >= 1, got {args.steps}")
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  size = "tiny" if args.tiny else "full"
+  results, text = {}, []
+  for name in models:
+    case = throughput.CASES[name](throughput.SIZES[name][size], None)
+    batch_np = case.make_batch(np.random.default_rng(0))
+    results[name] = {"mmjax": profile_mmjax(case, batch_np, args.steps, args.top),
+                     "hf": profile_hf(case, batch_np, args.steps, args.top)}
+    text.append(markdown(name, results[name]))
+    print(text[-1] + "\n", flush=True)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(args.out, "profile.md"), "w") as f:
+      f.write("\n\n".join(text) + "\n")
+  return results
+
+
+if __name__ == "__main__":
+  main()

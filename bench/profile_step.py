@@ -12,6 +12,9 @@ backward), "attention matmul" (batched dots: q.k and weights.v and their gradien
 side the fused SDPA kernels, whose FLOPs torch does not count), "convolution", "layout copy"
 (copies and transposes, fused or not), "other" (elementwise ops, reductions, the optimizer).
 
+Also, per model, the MLP up-projection's three matmuls (forward, weight and input gradient) are
+timed alone in both frameworks: the GEMM kernels' own speed, to set against what the step gets.
+
   python bench/profile_step.py                       # vit, bert, lxmert; 3 profiled steps each
   python bench/profile_step.py --models vit --top 15 --out bench/profile_out
 
@@ -264,6 +267,40 @@ def profile_hf(case: throughput.Case, batch_np: throughput.Batch, steps: int,
   return {"wall_ms": 1e3 * wall, "classes": _table(rows, steps), "top": top_ops}
 
 
+def mlp_gemms(size: dict[str, int]) -> tuple[int, int, int]:
+  """(tokens, width, mlp) of a model's MLP up-projection in the profiled step (the text tower's
+  for CLIP): the largest dense matmuls of every case."""
+  width, mlp = size.get("width", size.get("t_width")), size.get("mlp", size.get("t_mlp"))
+  seq = size["seq"] if "seq" in size else (size["image"] // size["patch"]) ** 2 + 1
+  return size["batch"] * seq, width, mlp
+
+
+def isolated_gemms(tokens: int, width: int, mlp: int, reps: int = 10) -> dict[str, dict[str, float]]:
+  """GFLOP/s of the MLP up-projection's three matmuls run alone, jitted XLA vs torch: forward
+  x @ W, weight gradient x.T @ dy, input gradient dy @ W.T (medians of `reps`)."""
+  import statistics  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  x, w, dy = (rng.standard_normal(s, dtype=np.float32)
+              for s in ((tokens, width), (width, mlp), (tokens, mlp)))
+  flops = 2.0 * tokens * width * mlp
+  forms = {"forward x @ W": (lambda a, b, c: a @ b, (x, w, dy)),
+           "weight grad x.T @ dy": (lambda a, b, c: a.T @ c, (x, w, dy)),
+           "input grad dy @ W.T": (lambda a, b, c: c @ b.T, (x, w, dy))}
+
+  def rate(fn) -> float:
+    times, _ = throughput._timed(fn, reps, 2)
+    return flops / statistics.median(times) / 1e9
+
+  out = {}
+  for name, (f, args) in forms.items():
+    jf, jargs = jax.jit(f), [jax.numpy.asarray(a) for a in args]
+    targs = [torch.from_numpy(a) for a in args]
+    out[name] = {"xla": rate(lambda: jf(*jargs).block_until_ready()),
+                 "torch": rate(lambda: f(*targs))}
+  return out
+
+
 def _fmt(x: float, digits: int = 1) -> str:
   return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
 
@@ -288,6 +325,11 @@ def markdown(name: str, r: dict[str, Any]) -> str:
   lines += ["", "HF top ops (aten op, class, calls/step, ms/step, GFLOP/s):", ""]
   lines += [f"- `{t['name']}` {t['class']} x{t['count']:.0f} {t['ms']:.1f} ms {_fmt(t['gflops'])} GFLOP/s"
             for t in hf["top"]]
+  if "isolated" in r:
+    t, d, m = r["isolated"]["shape"]
+    lines += ["", f"The MLP up-projection's matmuls alone (tokens {t}, width {d}, MLP {m}), GFLOP/s:", "",
+              "| matmul | XLA (jit) | torch |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['xla']:.0f} | {v['torch']:.0f} |" for k, v in r["isolated"]["gflops"].items()]
   return "\n".join(lines)
 
 
@@ -298,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--steps", type=int, default=3, help="profiled steps per side (after 2 warm-up)")
   p.add_argument("--top", type=int, default=10, help="how many of the slowest ops to list")
   p.add_argument("--tiny", action="store_true", help="the smoke-test sizes")
+  p.add_argument("--no-isolated", dest="isolated", action="store_false",
+                 help="skip timing the MLP matmuls alone")
   p.add_argument("--out", help="folder for profile.json and profile.md")
   args = p.parse_args(argv)
   models = [m for m in args.models.split(",") if m]
@@ -313,6 +357,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_np = case.make_batch(np.random.default_rng(0))
     results[name] = {"mmjax": profile_mmjax(case, batch_np, args.steps, args.top),
                      "hf": profile_hf(case, batch_np, args.steps, args.top)}
+    if args.isolated:
+      shape = mlp_gemms(case.size)
+      results[name]["isolated"] = {"shape": shape, "gflops": isolated_gemms(*shape)}
     text.append(markdown(name, results[name]))
     print(text[-1] + "\n", flush=True)
   if args.out:

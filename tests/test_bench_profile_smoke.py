@@ -69,4 +69,7 @@ def test_tiny_run_counts_the_same_dense_matmul_flops_as_torch(tmp_path, capsys):
     assert mm["dense matmul"]["gflop"] == pytest.approx(hf["dense matmul"]["gflop"], rel=1e-6), name
     assert mm["attention matmul"]["gflop"] > 0 and mm["dense matmul"]["ms"] > 0
     assert f"### {name}: step" in text
+    iso = results[name]["isolated"]
+    assert len(iso["shape"]) == 3 and len(iso["gflops"]) == 3
+    assert all(v["xla"] > 0 and v["torch"] > 0 for v in iso["gflops"].values())
   assert (tmp_path / "profile.md").read_text().count("| dense matmul |") == 2

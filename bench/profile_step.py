@@ -21,7 +21,10 @@ timed alone in both frameworks: the GEMM kernels' own speed, to set against what
 Run it on an idle machine; the profilers add a few percent per op. XLA:CPU runs independent
 thunks side by side on its threads; a stretch where k of them run at once is split evenly among
 them (`split_overlaps`), so the mmjax classes sum to the time the step's thunks ran, about its
-wall time, and their GFLOP/s are what the step got out of that class.
+wall time, and their GFLOP/s are what the step got out of that class. One blind spot: plain
+`dot` thunks (Eigen, e.g. the weight gradients) may finish asynchronously; their events cover
+only the launch and their work lands inside whatever thunks overlap them (usually other dots),
+so class totals hold but per-op rates of those neighbours read low.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ timed alone in both frameworks: the GEMM kernels' own speed, to set against what
 
   python bench/profile_step.py                       # vit, bert, lxmert; 3 profiled steps each
   python bench/profile_step.py --models vit --top 15 --out bench/profile_out
+  python bench/profile_step.py --mlp-grad            # a two-layer MLP's gradient, per thunk
 
 Run it on an idle machine; the profilers add a few percent per op. XLA:CPU runs independent
 thunks side by side on its threads; a stretch where k of them run at once is split evenly among
@@ -304,6 +305,40 @@ def isolated_gemms(tokens: int, width: int, mlp: int, reps: int = 10) -> dict[st
   return out
 
 
+def mlp_grad_thunks(tokens: int, width: int, mlp: int, steps: int = 10) -> list[dict[str, Any]]:
+  """Per-thunk times of the gradient of a two-layer GELU MLP, sum(gelu(x @ W1) @ W2), w.r.t.
+  W1, W2 and x: the smallest program that shows how XLA:CPU schedules backward dots.
+
+  Returns one row per HLO instruction, slowest first: name, class, shape, raw ms (event
+  duration), split ms (`split_overlaps`) and GFLOP/s over the raw time.
+  """
+  rng = np.random.default_rng(0)
+  x, w1, w2 = (jax.numpy.asarray(rng.standard_normal(sh, dtype=np.float32) * 0.05)
+               for sh in ((tokens, width), (width, mlp), (mlp, width)))
+
+  def loss(w1, w2, x):
+    return jax.numpy.sum(jax.nn.gelu(x @ w1, approximate=False) @ w2)
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(w1, w2, x).compile()
+  ops = hlo_ops(compiled.as_text())
+  for _ in range(3):
+    jax.block_until_ready(compiled(w1, w2, x))
+  with tempfile.TemporaryDirectory() as logdir:
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+      for _ in range(steps):
+        jax.block_until_ready(compiled(w1, w2, x))
+    events = [e for e in _trace_events(logdir) if e["name"] in ops]
+  totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+  for e, share in zip(events, split_overlaps(events)):
+    totals[e["name"]][0] += e.get("dur", 0)
+    totals[e["name"]][1] += share
+  rows = [{"name": n, "class": ops[n]["class"], "shape": ops[n]["shape"].split("{")[0],
+           "raw_ms": raw / 1e3 / steps, "split_ms": split / 1e3 / steps,
+           "gflops": ops[n]["flops"] / 1e9 / (raw / 1e6 / steps) if ops[n]["flops"] and raw else math.nan,
+           "op_name": ops[n]["op_name"]} for n, (raw, split) in totals.items()]
+  return sorted(rows, key=lambda r: -r["split_ms"])
+
+
 def _fmt(x: float, digits: int = 1) -> str:
   return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
 
@@ -345,8 +380,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--tiny", action="store_true", help="the smoke-test sizes")
   p.add_argument("--no-isolated", dest="isolated", action="store_false",
                  help="skip timing the MLP matmuls alone")
+  p.add_argument("--mlp-grad", action="store_true",
+                 help="instead: per-thunk times of a two-layer MLP's gradient at ViT-S/16's MLP "
+                      "shapes (1576 tokens, 384 -> 1536), the backward-dot schedule alone")
   p.add_argument("--out", help="folder for profile.json and profile.md")
   args = p.parse_args(argv)
+  if args.mlp_grad:
+    shape = (24, 16, 32) if args.tiny else (1576, 384, 1536)
+    rows = mlp_grad_thunks(*shape)
+    print(f"gradient of sum(gelu(x @ W1) @ W2), x {shape[:2]}, W1 {shape[1:]}; ms per call:\n")
+    print("| HLO instruction | class | shape | raw ms | split ms | GFLOP/s (raw) | source op |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for r in rows:
+      print(f"| `{r['name']}` | {r['class']} | `{r['shape']}` | {r['raw_ms']:.2f} | {r['split_ms']:.2f} | "
+            f"{_fmt(r['gflops'], 0)} | {r['op_name'].split('/', 1)[-1]} |")
+    return {"mlp_grad": rows}
   models = [m for m in args.models.split(",") if m]
   unknown = [m for m in models if m not in throughput.CASES]
   if unknown or args.steps < 1:

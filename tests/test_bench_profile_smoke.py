@@ -73,3 +73,15 @@ def test_tiny_run_counts_the_same_dense_matmul_flops_as_torch(tmp_path, capsys):
     assert len(iso["shape"]) == 3 and len(iso["gflops"]) == 3
     assert all(v["xla"] > 0 and v["torch"] > 0 for v in iso["gflops"].values())
   assert (tmp_path / "profile.md").read_text().count("| dense matmul |") == 2
+
+
+def test_mlp_grad_lists_every_dot_of_the_backward_pass(capsys):
+  ps = _load()
+  rows = ps.main(["--mlp-grad", "--tiny"])["mlp_grad"]
+  dots = [r for r in rows if r["class"] == "dense matmul"]
+  # Forward x @ W1 and the backward dh = dy @ W2.T, dW2 = g.T @ dy, dx, dW1 (the forward g @ W2
+  # is dead: only gradients are returned): however XLA fuses or transposes them, five matmuls
+  # of 2 * 24 * 16 * 32 FLOPs each must be accounted for, once.
+  flops = sum(r["gflops"] * r["raw_ms"] / 1e3 for r in dots)  # GFLOP per call
+  assert flops * 1e9 == pytest.approx(5 * 2 * 24 * 16 * 32, rel=1e-3)
+  assert "| HLO instruction | class |" in capsys.readouterr().out

@@ -234,7 +234,7 @@ def _torch_class(name: str) -> str:
     return _TORCH_MATMUL[name]
   if "scaled_dot_product" in name:
     return "attention matmul"
-  if "convolution" in name or name.startswith("aten::conv") or name == "aten::mkldnn_convolution":
+  if "convolution" in name or name.startswith("aten::conv"):
     return "convolution"
   if name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"):
     return "layout copy"

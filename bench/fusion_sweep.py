@@ -211,14 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = run(args)
-  previous = out / "results.json"
-  if previous.exists():  # keep the runs not redone, from a sweep at the same setting
-    kept = json.loads(previous.read_text())
-    if (kept.get("size"), kept.get("minutes_budget")) == (results["size"], results["minutes_budget"]):
-      key = lambda r: (r["task"], r["fusion"], r["modality_dropout"])  # noqa: E731
-      redone = {key(r) for r in results["runs"]}
-      results["runs"] = [r for r in kept["runs"] if key(r) not in redone] + results["runs"]
-  results["runs"].sort(key=lambda r: (r["task"], r["fusion"], r["modality_dropout"]))
+  kept = soc.kept_results(out, results)
+  key = lambda r: (r["task"], r["fusion"], r["modality_dropout"])  # noqa: E731
+  if kept:  # the runs not redone stay
+    redone = {key(r) for r in results["runs"]}
+    results["runs"] = [r for r in kept["runs"] if key(r) not in redone] + results["runs"]
+  results["runs"].sort(key=key)
   text = table(results)
   print(text, flush=True)
   (out / "table.md").write_text(text + "\n")

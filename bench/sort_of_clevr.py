@@ -196,17 +196,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
+def kept_results(out: pathlib.Path, results: dict[str, Any]) -> dict[str, Any] | None:
+  """The results.json already in `out` if it was written at the same size and budget as
+  `results` (its rows then stay unless redone), else None."""
+  path = out / "results.json"
+  if not path.exists():
+    return None
+  kept = json.loads(path.read_text())
+  same = (kept.get("size"), kept.get("minutes_budget")) == (results["size"], results["minutes_budget"])
+  return kept if same else None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = run(args)
-  previous = out / "results.json"
-  if previous.exists():  # keep the rows of models not rerun, from a run at the same setting
-    kept = json.loads(previous.read_text())
-    if (kept.get("size"), kept.get("minutes_budget")) == (results["size"], results["minutes_budget"]):
-      results["models"] = {**{k: v for k, v in kept["models"].items() if k not in results["models"]},
-                           **results["models"]}
+  kept = kept_results(out, results)
+  if kept:  # the rows of models not rerun stay
+    results["models"] = {**{k: v for k, v in kept["models"].items() if k not in results["models"]},
+                         **results["models"]}
   text = table(results)
   print(text, flush=True)
   (out / "table.md").write_text(text + "\n")

@@ -114,17 +114,24 @@ def test_sort_of_clevr_keeps_the_rows_of_models_not_rerun(tmp_path, monkeypatch)
   assert list(json.loads((tmp_path / "results.json").read_text())["models"]) == ["film"]
 
 
-def test_sort_of_clevr_relation_runs_on_the_papers_5x5_grid_and_set_wins():
+def test_sort_of_clevr_relation_and_cnn_mlp_run_on_the_papers_5x5_grid_and_set_wins():
   import mmjax.tasks  # noqa: F401  (registers the task)
   from flax import nnx
   from mmjax.train.tasks import TASKS
 
   soc = _load("sort_of_clevr")
-  for name, cells in (("relation", 25), ("concat", 100)):
+  for name, cells in (("relation", 25), ("concat", 25), ("film", 100)):
     cfg = soc.model_config(name, soc.parse_args(["--models", name, "--size", "tiny"]))
     model = TASKS.get(cfg.task)(cfg).build_model(nnx.Rngs(0))
     out = model.vision(jnp.zeros((1, *model.image_shape)), deterministic=True)
     assert out.tokens.shape[1] == cells, name
+  # the paper's CNN+MLP: no Transformer over the grid, its 25 cells flattened into the MLP
+  assert model.vision.encoder is not None  # film keeps the config's grid Transformer
+  cfg = soc.model_config("concat", soc.parse_args(["--size", "tiny"]))
+  model = TASKS.get(cfg.task)(cfg).build_model(nnx.Rngs(0))
+  assert model.vision.encoder is None and dict(model.fusion.flatten) == {"image": 25}
+  logits, _ = model(jnp.zeros((2, *model.image_shape)), jnp.ones((2, 3, model.question_len), jnp.int32))
+  assert logits.shape[:2] == (2, 3) and bool(jnp.isfinite(logits).all())
   cfg = soc.model_config("relation", soc.parse_args(["--size", "tiny", "--set", "model.vision.channels=(8,8,8)"]))
   assert tuple(cfg.model.vision.channels) == (8, 8, 8)
 

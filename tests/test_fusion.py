@@ -27,7 +27,9 @@ VARIANTS = {"cross_attention:text": dict(update=("text",)), "cross_attention:pre
             # the distance and revisit biases on from the start (as in the VQA config)
             "cross_attention:spatial": dict(spatial="image", depth=2, revisit=True, distance_init=0.1,
                                             revisit_init=-4.0),
-            "film:max": dict(pool="max")}
+            "film:max": dict(pool="max"),
+            # the CNN+MLP baseline of the Relation Networks paper: the image's grid flattened
+            "concat:flatten": dict(flatten={"image": LENS["image"]})}
 FAMILIES = FUSIONS.names() + list(VARIANTS)
 EXTRA = {
     "bottleneck": dict(depth=1, num_heads=2, num_bottleneck=2),
@@ -237,13 +239,14 @@ def test_gradients_reach_every_present_modality(family, M):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padding_and_omission_match_masking(family):
   """Two extra padded (NaN) tokens change nothing, and leaving a modality out of the inputs
-  equals marking it absent. (A spatial grid takes no extra tokens: only the omission part.)"""
+  equals marking it absent. (A spatial grid and a flattened modality take no extra tokens: only
+  the omission part.)"""
   M = 3
   h = harness(family, M)
   graphdef, state = nnx.split(h.block)
   tokens, masks = make_tokens(M), make_masks(M)
   ref = h(tokens, masks, dict(all_present(M), audio=np.zeros(B, bool)))
-  pad = 0 if family.endswith(":spatial") else 2
+  pad = 0 if family.endswith((":spatial", ":flatten")) else 2  # both need a fixed token count
   inputs = {m: (np.concatenate([tokens[m], np.full_like(tokens[m][:, :pad], np.nan)], 1),
                 np.concatenate([masks[m], np.zeros((B, pad), bool)], 1)) for m in ("image", "text")}
   out = jax.device_get(jit(lambda state, inputs: nnx.merge(graphdef, state)(inputs))(state, inputs))
@@ -309,6 +312,30 @@ def test_pooled_reductions_match_numpy(family):
   if family == "mean":
     total = total / sum(presence[m].astype(np.float32) for m in h.names)[:, None]
   np.testing.assert_allclose(pooled, total, rtol=1e-5, atol=1e-6)
+
+
+def test_concat_flatten_matches_numpy():
+  """flatten={"image": N}: the MLP reads the image's N tokens side by side (zeros where padded),
+  the text's masked mean, and the learned "missing" vector for an absent modality."""
+  block = build("concat", 2, flatten={"image": LENS["image"]}, act="relu")
+  tokens, masks = make_tokens(2), make_masks(2)
+  presence = all_present(2)
+  presence["image"][1] = presence["text"][2] = False
+  out = block({m: (tokens[m], masks[m]) for m in block.names}, presence)
+  P = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+  summary = {"image": np.where(masks["image"][..., None], tokens["image"], 0).reshape(B, -1),
+             "text": np_masked_mean(tokens["text"], masks["text"], presence["text"])}
+  parts = [np.where(presence[m][:, None], summary[m] @ P(block.proj[m].kernel) + P(block.proj[m].bias),
+                    P(block.missing[m])) for m in block.names]
+  h = np.maximum(np.concatenate(parts, -1) @ P(block.mlp.fc1.kernel) + P(block.mlp.fc1.bias), 0)
+  np.testing.assert_allclose(out.pooled, h @ P(block.mlp.fc2.kernel) + P(block.mlp.fc2.bias),
+                             rtol=1e-5, atol=1e-5)
+  # where each token sits matters: swapping two image tokens changes the output (not the mean's)
+  swapped = tokens["image"][:, [1, 0, 2, 3]]
+  for flat, pool in ((block, True), (build("concat", 2, act="relu"), False)):
+    a = flat({"image": (tokens["image"], None), "text": (tokens["text"], None)}).pooled
+    b = flat({"image": (swapped, None), "text": (tokens["text"], None)}).pooled
+    assert (np.abs(np.asarray(a - b)).max() > 1e-4) == pool
 
 
 def test_lmf_equals_full_tensor_fusion():
@@ -515,8 +542,15 @@ def test_bad_construction_is_rejected():
   with pytest.raises(ValueError, match="spatial='image': the distance bias .* expected depth >= 2, got 1"):
     build_fusion("cross_attention", modalities=mods(2), features=F, rngs=nnx.Rngs(0), spatial="image",
                  depth=1)
-  block = build("cross_attention", 2, spatial="image", depth=2)
+  with pytest.raises(ValueError, match="flatten: 'audio' is not one of the modalities"):
+    build_fusion("concat", modalities=mods(2), features=F, rngs=nnx.Rngs(0), flatten={"audio": 3})
+  with pytest.raises(ValueError, match=r"flatten\['image'\]: expected the modality's token count"):
+    build_fusion("concat", modalities=mods(2), features=F, rngs=nnx.Rngs(0), flatten={"image": 0})
   tokens = make_tokens(2)
+  with pytest.raises(ValueError, match=r"flatten\['image'\]: built for 4 tokens, got image tokens of shape \(4, 3, 6\)"):
+    build("concat", 2, flatten={"image": 4})({"image": (tokens["image"][:, :3], None),
+                                              "text": (tokens["text"], None)})
+  block = build("cross_attention", 2, spatial="image", depth=2)
   with pytest.raises(ValueError, match="spatial='image': expected its tokens to form a square grid, got 3"):
     block({"image": (tokens["image"][:, :3], None), "text": (tokens["text"], None)})
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared single-GPU run: bf16 training MFU of ViT-B/16 and CLIP B/16 at batch 256 and the
-# measured bf16 matmul limit (bench/gpu_mfu.py). Needs only jax (with CUDA), flax, optax, numpy
-# and this checkout; under 2 minutes on an H200, compiles included (cut at 300 s).
+# measured bf16 matmul limit (bench/gpu_mfu.py), then a profile of 3 more steps of each (op-class
+# times and the slowest ops; traces and compiled HLO in $OUT/profile). Needs only jax (with
+# CUDA), flax, optax, numpy and this checkout; about 2 minutes on an H200, compiles included
+# (cut at 300 s).
 #
 #   bash bench/gpu.sh                          # tables and JSON to $OUT (default bench/gpu_out)
 #   OUT=/tmp/x bash bench/gpu.sh --batch 128   # extra arguments go to gpu_mfu.py
@@ -16,5 +18,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/gpu_env.txt"
-timeout 300 python3 bench/gpu_mfu.py --batch 256 --steps 10 --warmup 3 --out "$OUT/gpu_mfu.json" "$@" \
+timeout 300 python3 bench/gpu_mfu.py --batch 256 --steps 10 --warmup 3 --out "$OUT/gpu_mfu.json" \
+  --profile "$OUT/profile" "$@" \
   | tee "$OUT/gpu_mfu.md"

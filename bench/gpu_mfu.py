@@ -17,6 +17,13 @@ and optimizer state; dropout 0; synthetic inputs made on the device) is compiled
 
   python bench/gpu_mfu.py --batch 256                     # ViT-B/16 and CLIP B/16 (bench/gpu.sh)
   python bench/gpu_mfu.py --tiny                          # seconds on a CPU; the smoke test
+  python bench/gpu_mfu.py --profile bench/gpu_out/profile # also: where each step's time goes
+
+`--profile DIR` then runs `--profile-steps` more steps of each model under `jax.profiler.trace`
+and writes, per model, the trace (`DIR/<model>/`: open it in Perfetto or TensorBoard) and the
+compiled HLO (`DIR/<model>.hlo.txt`), and prints each op class's time per step (dense matmul,
+attention matmul, convolution, layout copy, other: `bench/xla_trace.py`, which maps the GPU
+kernels to their HLO instructions) and the slowest ops.
 
 The models:
 
@@ -37,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -51,6 +59,9 @@ from flax import nnx
 from mmjax.encoders.text import BertEncoder
 from mmjax.encoders.vision import ViT, decode_variant
 from mmjax.models.dual_encoder import DualEncoder
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_trace  # noqa: E402  (bench/xla_trace.py: HLO op classes, trace events)
 
 MODELS = ("vit", "clip")
 H200_BF16_TFLOPS = 989.0  # NVIDIA H200 SXM, dense bf16 tensor-core peak (spec sheet)
@@ -182,8 +193,10 @@ def matmul_limit(n: int, dtype, reps: int, inner: int = 10) -> dict[str, float]:
 
 
 def run_model(name: str, size: Size, b: int, dtype, steps: int, warmup: int,
-              compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Compiles (with `compiler_options`) and times the train step of one model."""
+              compiler_options: dict[str, Any] | None = None, profile: str | None = None,
+              profile_steps: int = 3) -> dict[str, Any]:
+  """Compiles (with `compiler_options`) and times the train step of one model; with `profile`
+  (a folder), then profiles `profile_steps` more steps (`xla_trace.op_times`)."""
   static: dict[str, Any] = {}
 
   def init():
@@ -219,7 +232,20 @@ def run_model(name: str, size: Size, b: int, dtype, steps: int, warmup: int,
     if i >= warmup:
       times.append(time.perf_counter() - t0)
     losses.append(float(loss))
-  return {"params": num_params, "compile_s": compile_s, "step_ms": [t * 1e3 for t in times],
+  out = {}
+  if profile:
+    hlo = compiled.as_text()
+    os.makedirs(profile, exist_ok=True)
+    with open(os.path.join(profile, f"{name}.hlo.txt"), "w") as f:
+      f.write(hlo)
+    logdir = os.path.join(profile, name)
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+      for _ in range(profile_steps):
+        params, opt_state, loss = compiled(params, opt_state, rest, batch)
+        loss.block_until_ready()
+    out["profile"] = xla_trace.op_times(xla_trace.trace_events(logdir), xla_trace.hlo_ops(hlo),
+                                        profile_steps, top=15)
+  return {**out, "params": num_params, "compile_s": compile_s, "step_ms": [t * 1e3 for t in times],
           "median_ms": statistics.median(times) * 1e3, "hlo_flops": hlo_flops,
           "compiled_flops": _flops(compiled.cost_analysis()),
           "analytic_flops": analytic_flops(name, size, b), "first_loss": losses[0],
@@ -238,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-limit probe")
   p.add_argument("--tiny", action="store_true", help="tiny models, batch 2, 2 steps (smoke test)")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="also profile each model's step: traces, HLO and op-class times to DIR")
+  p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per model")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
   bad = [m for m in args.models if m not in MODELS]
@@ -267,6 +296,25 @@ def table(results: dict[str, Any]) -> str:
                  f"{r['hlo_flops'] / 1e9:,.1f} | {r['analytic_flops'] / 1e9:,.1f} | "
                  f"{r['compiled_flops'] / 1e9:,.1f} | {tflops:.1f} | {tflops / peak:.1%} | "
                  f"{tflops / limit:.1%} | {r['compile_s']:.1f} |")
+  for name, r in results["models"].items():
+    if "profile" in r:
+      lines += ["", profile_table(name, r["median_ms"], r["profile"])]
+  return "\n".join(lines)
+
+
+def profile_table(name: str, step_ms: float, prof: dict[str, Any]) -> str:
+  """Markdown: each op class's ms/step, share of the timed step, GFLOP and TFLOP/s; the top ops."""
+  lines = [f"{name}: where the step's time goes ({prof['events']} kernel/thunk events profiled)", "",
+           "| class | ms/step | of the step | GFLOP/step | TFLOP/s |", "|---|---:|---:|---:|---:|"]
+  for cls, c in prof["classes"].items():
+    tflops = f"{c['gflops'] / 1e3:.1f}" if c["gflop"] and c["ms"] else "-"
+    lines.append(f"| {cls} | {c['ms']:.2f} | {c['ms'] / step_ms:.1%} | {c['gflop']:,.1f} | {tflops} |")
+  total = sum(c["ms"] for c in prof["classes"].values())
+  lines += [f"| sum | {total:.2f} | {total / step_ms:.1%} | | |", "", "slowest ops (HLO instruction "
+            "or kernel, class, output shape, ms/step, TFLOP/s, source op):", ""]
+  lines += [f"- `{t['name']}` {t['class']} `{t['shape'].split('{')[0]}` {t['ms']:.2f} ms "
+            + (f"{t['gflops'] / 1e3:.1f} TFLOP/s " if t["gflops"] == t["gflops"] else "")
+            + f"({t['op_name'].split('/', 1)[-1]})" for t in prof["top"]]
   return "\n".join(lines)
 
 
@@ -282,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "models": {}}
   for name in args.models:
     results["models"][name] = run_model(name, size, args.batch, dtype, args.steps, args.warmup,
-                                        FAST_COMPILE if args.tiny else None)
+                                        FAST_COMPILE if args.tiny else None, args.profile,
+                                        args.profile_steps)
     print(f"{name}: {results['models'][name]['median_ms']:.1f} ms/step", file=sys.stderr, flush=True)
   print(table(results), flush=True)
   if args.out:

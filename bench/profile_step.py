@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import json
 import math
 import os
-import pathlib
-import re
 import sys
 import tempfile
 import time
@@ -50,149 +47,8 @@ import torch.profiler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (bench/throughput.py: the models, inputs and steps)
-
-CLASSES = ("dense matmul", "attention matmul", "convolution", "layout copy", "other")
-
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
-_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?(?:\{[^}]*\})?) ([\w\-]+)\((.*?)\)(.*)$")
-# Ops that only move data: a fusion of these alone (e.g. XLA's "copy_bitcast_fusion") is a copy.
-_LAYOUT_OPCODES = frozenset({"parameter", "copy", "transpose", "bitcast", "reshape", "slice",
-                             "concatenate", "pad", "dynamic-slice", "dynamic-update-slice",
-                             "get-tuple-element", "tuple", "constant"})
-_SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
-
-
-def _dims(shape: str) -> list[int]:
-  m = _SHAPE.match(shape)
-  return [int(d) for d in m.group(1).split(",") if d] if m else []
-
-
-def _attr_dims(rest: str, key: str) -> list[int]:
-  m = re.search(key + r"=\{([\d,]*)\}", rest)
-  return [int(d) for d in m.group(1).split(",") if d] if m else []
-
-
-def _dot_flops(shapes: dict[str, str], shape: str, operands: str, rest: str) -> float:
-  """2 x output elements x contracted size of one dot instruction."""
-  lhs = _dims(shapes.get(operands.split(",")[0].strip().lstrip("%"), ""))
-  contracted = math.prod(lhs[d] for d in _attr_dims(rest, "lhs_contracting_dims") if d < len(lhs))
-  return 2.0 * math.prod(_dims(shape)) * contracted
-
-
-def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
-  """Every instruction of a compiled HLO module: {name: {"class", "flops", "op_name", "shape"}}.
-
-  A fusion is classed by what the computation it calls holds (recursively): a batched dot makes
-  it an attention matmul, any other dot a dense matmul, a convolution a convolution, nothing but
-  data movement (copies, transposes, slices, reshapes) a layout copy.
-  """
-  computations: dict[str, list[tuple]] = collections.defaultdict(list)
-  current = None
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      current = m.group(1)
-    elif current is not None and (m := _INSTRUCTION.match(line)):
-      computations[current].append(m.groups())
-  shapes = {comp: {i[0]: i[1] for i in ins} for comp, ins in computations.items()}
-  cache: dict[str, dict[str, Any]] = {}
-
-  def contents(comp: str) -> dict[str, Any]:
-    if comp not in cache:
-      cache[comp] = {"dot": 0, "batched": 0, "conv": 0, "flops": 0.0, "layout_only": True}
-      out = dict(cache[comp])
-      for name, shape, opcode, operands, rest in computations[comp]:
-        sub = own(comp, name, shape, opcode, operands, rest)
-        for k in ("dot", "batched", "conv", "flops"):
-          out[k] += sub[k]
-        out["layout_only"] &= sub["layout_only"]
-      cache[comp] = out
-    return cache[comp]
-
-  def own(comp, name, shape, opcode, operands, rest) -> dict[str, Any]:
-    info = {"dot": 0, "batched": 0, "conv": 0, "flops": 0.0,
-            "layout_only": opcode in _LAYOUT_OPCODES}
-    if opcode == "dot":
-      info.update(dot=1, batched=int(bool(_attr_dims(rest, "lhs_batch_dims"))),
-                  flops=_dot_flops(shapes[comp], shape, operands, rest))
-    elif opcode == "convolution":
-      info["conv"] = 1
-    for called in re.findall(r"calls=%?([\w.\-]+)", rest):
-      if called in computations:
-        sub = contents(called)
-        for k in ("dot", "batched", "conv", "flops"):
-          info[k] += sub[k]
-        info["layout_only"] = sub["layout_only"]
-    return info
-
-  ops = {}
-  for comp, instructions in computations.items():
-    for name, shape, opcode, operands, rest in instructions:
-      info = own(comp, name, shape, opcode, operands, rest)
-      if info["batched"]:
-        cls = "attention matmul"
-      elif info["dot"]:
-        cls = "dense matmul"
-      elif info["conv"]:
-        cls = "convolution"
-      elif info["layout_only"] and opcode not in ("parameter", "bitcast", "get-tuple-element",
-                                                  "tuple", "constant"):
-        cls = "layout copy"
-      else:
-        cls = "other"
-      op_name = re.search(r'op_name="([^"]*)"', rest)
-      ops[name] = {"class": cls, "flops": info["flops"], "shape": shape,
-                   "op_name": op_name.group(1) if op_name else ""}
-  return ops
-
-
-def _trace_events(logdir: str) -> list[dict[str, Any]]:
-  """The complete ("X") events of the perfetto trace `jax.profiler.trace` wrote under logdir."""
-  paths = sorted(pathlib.Path(logdir).rglob("perfetto_trace.json.gz"))
-  if not paths:
-    raise RuntimeError(f"jax.profiler.trace wrote no perfetto_trace.json.gz under {logdir}")
-  with gzip.open(paths[-1]) as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  return [e for e in events if e.get("ph") == "X"]
-
-
-def split_overlaps(events: list[dict[str, Any]]) -> list[float]:
-  """Each event's share of the wall time: a stretch where k events run at once counts 1/k each.
-
-  XLA:CPU runs independent thunks side by side, each then getting part of the cores; their raw
-  durations would count those stretches twice. The shares sum to the time any event ran.
-  """
-  edges = sorted([(e["ts"], 1, i) for i, e in enumerate(events)]
-                 + [(e["ts"] + e.get("dur", 0), -1, i) for i, e in enumerate(events)],
-                 key=lambda x: (x[0], x[1]))
-  share = [0.0] * len(events)
-  active: set[int] = set()
-  last = None
-  for t, kind, i in edges:
-    if active and last is not None and t > last:
-      part = (t - last) / len(active)
-      for j in active:
-        share[j] += part
-    if kind == 1:
-      active.add(i)
-    else:
-      active.discard(i)
-    last = t
-  return share
-
-
-def _table(rows: dict[str, dict[str, float]], steps: int) -> dict[str, dict[str, float]]:
-  """Per-class totals -> per-step ms, count and GFLOP/s."""
-  out = {}
-  for cls in CLASSES:
-    r = rows.get(cls, {"us": 0.0, "n": 0, "flops": 0.0})
-    ms = r["us"] / 1e3 / steps
-    out[cls] = {"ms": ms, "count": r["n"] / steps, "gflop": r["flops"] / 1e9 / steps,
-                "gflops": (r["flops"] / 1e9 / steps) / (ms / 1e3) if ms and r["flops"] else math.nan}
-  return out
-
+import xla_trace  # noqa: E402  (bench/xla_trace.py: HLO op classes, trace events)
+from xla_trace import CLASSES, class_table, hlo_ops, split_overlaps  # noqa: E402
 
 def profile_mmjax(case: throughput.Case, batch_np: throughput.Batch, steps: int,
                   top: int) -> dict[str, Any]:
@@ -207,22 +63,8 @@ def profile_mmjax(case: throughput.Case, batch_np: throughput.Batch, steps: int,
       for _ in range(steps):
         s["one"]()
       wall = (time.perf_counter() - t0) / steps
-    events = _trace_events(logdir)
-  thunks = [e for e in events if e["name"] in ops]
-  rows: dict[str, dict[str, float]] = {}
-  per_op: dict[str, float] = collections.Counter()
-  for e, us in zip(thunks, split_overlaps(thunks)):
-    op = ops[e["name"]]
-    r = rows.setdefault(op["class"], {"us": 0.0, "n": 0, "flops": 0.0})
-    r["us"] += us
-    r["n"] += 1
-    r["flops"] += op["flops"]
-    per_op[e["name"]] += us
-  top_ops = [{"name": n, "ms": us / 1e3 / steps, "class": ops[n]["class"], "shape": ops[n]["shape"],
-              "gflops": ops[n]["flops"] / 1e9 / (us / 1e6 / steps) if ops[n]["flops"] else math.nan,
-              "op_name": ops[n]["op_name"]} for n, us in per_op.most_common(top)]
-  return {"wall_ms": 1e3 * wall, "classes": _table(rows, steps), "top": top_ops,
-          "xla_flops": s["flops"]}
+    events = xla_trace.trace_events(logdir)
+  return {"wall_ms": 1e3 * wall, **xla_trace.op_times(events, ops, steps, top), "xla_flops": s["flops"]}
 
 
 _TORCH_MATMUL = {"aten::mm": "dense matmul", "aten::addmm": "dense matmul",
@@ -268,7 +110,7 @@ def profile_hf(case: throughput.Case, batch_np: throughput.Batch, steps: int,
   top_ops = [{"name": k, "ms": us / 1e3 / steps, "class": cls, "count": n / steps,
               "gflops": fl / 1e9 / (us / 1e6) if fl else math.nan}
              for us, k, cls, n, fl in per_op[:top]]
-  return {"wall_ms": 1e3 * wall, "classes": _table(rows, steps), "top": top_ops}
+  return {"wall_ms": 1e3 * wall, "classes": class_table(rows, steps), "top": top_ops}
 
 
 def mlp_gemms(size: dict[str, int]) -> tuple[int, int, int]:
@@ -327,7 +169,7 @@ def mlp_grad_thunks(tokens: int, width: int, mlp: int, steps: int = 10) -> list[
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
       for _ in range(steps):
         jax.block_until_ready(compiled(w1, w2, x))
-    events = [e for e in _trace_events(logdir) if e["name"] in ops]
+    events = [e for e in xla_trace.trace_events(logdir) if e["name"] in ops]
   totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
   for e, share in zip(events, split_overlaps(events)):
     totals[e["name"]][0] += e.get("dur", 0)

@@ -142,14 +142,54 @@ def test_gpu_mfu_tiny(tmp_path, capsys):
   # step 3 forward passes.
   per_image = gm.analytic_flops("vit", gm.FULL, 1) / 3
   assert per_image / 1e9 == pytest.approx(35.1, abs=0.2)
-  results = gm.main(["--tiny", "--models", "vit", "--out", str(tmp_path / "mfu.json")])
+  results = gm.main(["--tiny", "--models", "vit", "--out", str(tmp_path / "mfu.json"),
+                     "--profile", str(tmp_path / "profile"), "--profile-steps", "1"])
   r = results["models"]["vit"]
   assert len(r["step_ms"]) == 2 and all(t > 0 for t in r["step_ms"])
   assert r["last_loss"] < r["first_loss"]  # 3 AdamW steps on one batch
   # XLA's count = the matmuls + norms, softmax and AdamW, which weigh more at tiny widths.
   assert 1.0 < r["hlo_flops"] / r["analytic_flops"] < 1.6, r
-  assert f"| vit | {r['params']:,} |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert f"| vit | {r['params']:,} |" in out
   assert json.loads((tmp_path / "mfu.json").read_text())["models"]["vit"]["params"] == r["params"]
+  # --profile: the matmuls that ran (dense + attention, counted from the executed ops' HLO) are
+  # the analytic count less the patchify convolution's (3 x 2 b n p^2 3 d), exactly.
+  v, b = gm.TINY.vit, 2
+  p = v["patch"] if isinstance(v["patch"], int) else v["patch"][0]
+  n = (v["image_size"] // p) ** 2
+  c = r["profile"]["classes"]
+  ran = 1e9 * (c["dense matmul"]["gflop"] + c["attention matmul"]["gflop"])
+  assert ran == pytest.approx(r["analytic_flops"] - 3 * 2 * b * n * p * p * 3 * v["width"], rel=1e-6)
+  assert c["convolution"]["ms"] > 0 and c["attention matmul"]["gflop"] > 0
+  assert (tmp_path / "profile" / "vit.hlo.txt").exists() and "vit: where the step's time goes" in out
+
+
+def test_xla_trace_maps_gpu_kernels_to_hlo_ops():
+  """GPU shapes of the data, hand-written: a cuBLAS GEMM custom call with a tuple shape, and
+  kernels on a device's Stream thread (the host's launch events and XLA Ops line not counted)."""
+  xt = _load("xla_trace")
+  hlo = """ENTRY %main (p0: bf16[8,4], p1: bf16[4,16]) -> bf16[8,16] {
+  %p0 = bf16[8,4]{1,0} parameter(0)
+  %p1 = bf16[4,16]{1,0} parameter(1)
+  %custom-call.1 = (bf16[8,16]{1,0}, s8[1024]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %get-tuple-element.1 = bf16[8,16]{1,0} get-tuple-element(%custom-call.1), index=0
+  ROOT %fusion.2 = bf16[8,16]{1,0} fusion(%get-tuple-element.1), kind=kLoop, calls=%fused_tanh
+}"""
+  ops = xt.hlo_ops(hlo)
+  assert ops["custom-call.1"]["class"] == "dense matmul" and ops["custom-call.1"]["flops"] == 2 * 8 * 16 * 4
+  ev = lambda name, ts, dur, thread, op=None, process="/device:GPU:0": dict(  # noqa: E731
+      name=name, ts=ts, dur=dur, process=process, thread=thread, args={"hlo_op": op} if op else {})
+  events = [ev("sm90_xmma_gemm_bf16", 0, 6, "Stream #13(Compute)", "custom-call.1"),
+            ev("loop_tanh_fusion", 6, 2, "Stream #13(Compute)", "fusion.2"),
+            ev("nvjet_hsh_64x8", 8, 1, "Stream #13(Compute)"),  # no hlo_op: classed by name
+            ev("custom-call.1", 0, 6, "XLA Ops", "custom-call.1"),
+            ev("KernelThunk", 0, 9, "python", "fusion.2", process="/host:CPU")]
+  t = xt.op_times(events, ops, steps=1, top=5)
+  assert t["events"] == 3
+  assert t["classes"]["dense matmul"]["ms"] == pytest.approx(7e-3)
+  assert t["classes"]["dense matmul"]["gflop"] == pytest.approx(2 * 8 * 16 * 4 / 1e9)
+  assert t["classes"]["other"]["ms"] == pytest.approx(2e-3)  # the tanh fusion
+  assert [o["name"] for o in t["top"]] == ["custom-call.1", "fusion.2", "nvjet_hsh_64x8"]
 
 
 def test_colour_binding_reports_per_head_attention():

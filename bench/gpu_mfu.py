@@ -239,12 +239,16 @@ def run_model(name: str, size: Size, b: int, dtype, steps: int, warmup: int,
     with open(os.path.join(profile, f"{name}.hlo.txt"), "w") as f:
       f.write(hlo)
     logdir = os.path.join(profile, name)
-    with jax.profiler.trace(logdir, create_perfetto_trace=True):
-      for _ in range(profile_steps):
-        params, opt_state, loss = compiled(params, opt_state, rest, batch)
-        loss.block_until_ready()
-    out["profile"] = xla_trace.op_times(xla_trace.trace_events(logdir), xla_trace.hlo_ops(hlo),
-                                        profile_steps, top=15)
+    try:  # a profiler failure (e.g. no CUPTI) must not cost the timings above
+      with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        for _ in range(profile_steps):
+          params, opt_state, loss = compiled(params, opt_state, rest, batch)
+          loss.block_until_ready()
+      out["profile"] = xla_trace.op_times(xla_trace.trace_events(logdir), xla_trace.hlo_ops(hlo),
+                                          profile_steps, top=15)
+    except Exception as e:  # noqa: BLE001  (reported in the table and on stderr)
+      out["profile_error"] = f"{type(e).__name__}: {e}"
+      print(f"{name}: --profile failed: {out['profile_error']}", file=sys.stderr, flush=True)
   return {**out, "params": num_params, "compile_s": compile_s, "step_ms": [t * 1e3 for t in times],
           "median_ms": statistics.median(times) * 1e3, "hlo_flops": hlo_flops,
           "compiled_flops": _flops(compiled.cost_analysis()),
@@ -272,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   bad = [m for m in args.models if m not in MODELS]
   if bad or not args.models:
     p.error(f"--models: unknown {bad}; expected a subset of {MODELS}")
+  if args.profile_steps < 1:
+    p.error(f"--profile-steps: expected >= 1, got {args.profile_steps}")
   if args.tiny:
     args.batch, args.steps, args.warmup, args.matmul_n = 2, 2, 1, 256
   return args
@@ -299,6 +305,8 @@ def table(results: dict[str, Any]) -> str:
   for name, r in results["models"].items():
     if "profile" in r:
       lines += ["", profile_table(name, r["median_ms"], r["profile"])]
+    elif "profile_error" in r:
+      lines += ["", f"{name}: profile failed: {r['profile_error']}"]
   return "\n".join(lines)
 
 

@@ -164,6 +164,20 @@ def test_gpu_mfu_tiny(tmp_path, capsys):
   assert (tmp_path / "profile" / "vit.hlo.txt").exists() and "vit: where the step's time goes" in out
 
 
+def test_gpu_mfu_profile_failure_keeps_the_timings(tmp_path, monkeypatch, capsys):
+  gm = _load("gpu_mfu")
+
+  def broken(logdir):
+    raise RuntimeError("no CUPTI")
+
+  monkeypatch.setattr(gm.xla_trace, "trace_events", broken)
+  r = gm.main(["--tiny", "--models", "vit", "--profile", str(tmp_path), "--profile-steps", "1"])["models"]["vit"]
+  assert r["median_ms"] > 0 and r["profile_error"] == "RuntimeError: no CUPTI" and "profile" not in r
+  captured = capsys.readouterr()
+  assert "vit: profile failed: RuntimeError: no CUPTI" in captured.out
+  assert "vit: --profile failed" in captured.err
+
+
 def test_xla_trace_maps_gpu_kernels_to_hlo_ops():
   """GPU shapes of the data, hand-written: a cuBLAS GEMM custom call with a tuple shape, and
   kernels on a device's Stream thread (the host's launch events and XLA Ops line not counted)."""

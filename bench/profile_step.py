@@ -169,7 +169,7 @@ def mlp_grad_thunks(tokens: int, width: int, mlp: int, steps: int = 10) -> list[
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
       for _ in range(steps):
         jax.block_until_ready(compiled(w1, w2, x))
-    events = [e for e in xla_trace.trace_events(logdir) if e["name"] in ops]
+    events = xla_trace.op_events(xla_trace.trace_events(logdir), ops)  # the thunks of `ops`
   totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
   for e, share in zip(events, split_overlaps(events)):
     totals[e["name"]][0] += e.get("dur", 0)

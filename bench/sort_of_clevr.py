@@ -11,9 +11,11 @@ schedule ends.
   python bench/sort_of_clevr.py --models relation,film --minutes 10 --size small
   python bench/sort_of_clevr.py --set optim.lr=3e-4 --set data.batch_size=64  # config overrides
 
-Prints two markdown tables (relational / non-relational / paraphrase test accuracy with steps,
-time, throughput and the paper's figures; accuracy per question subtype) and writes to `--out`:
-`results.json`, `table.md`, `curves.png` (test accuracy per kind against minutes), and one
+Prints three markdown tables (relational / non-relational / paraphrase test accuracy with steps,
+time, throughput and the paper's figures; accuracy per question subtype; non-relational accuracy
+per colour the question names) and writes to `--out`: `results.json`, `table.md`, `curves.png`
+(test accuracy per kind against minutes), `colours.png` (non-relational accuracy per named colour
+against minutes, one panel per model: which colours a model has learned to find), and one
 workdir per model under `runs/` (metrics.jsonl, TensorBoard events, the final checkpoint). Each
 model's workdir is emptied before its run.
 
@@ -45,6 +47,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from mmjax.data.datasets.sort_of_clevr import KINDS, SUBTYPES  # noqa: E402
+from mmjax.data.scenes import COLORS  # noqa: E402
 from mmjax.train.config import load_config  # noqa: E402
 
 MODELS = ("concat", "relation", "film", "cross_attention", "single_stream")
@@ -147,6 +150,12 @@ def table(results: dict[str, Any]) -> str:
   for name, r in results["models"].items():
     f = r["final"]
     lines.append(f"| {name} | " + " | ".join(_pct(f.get(f"test/accuracy_{s}")) for s in SUBTYPES) + " |")
+  lines += ["", "Non-relational accuracy (%) per colour the question names:", "",
+            "| model | " + " | ".join(COLORS) + " |", "|---|" + "---:|" * len(COLORS)]
+  for name, r in results["models"].items():
+    f = r["final"]
+    lines.append(f"| {name} | " + " | ".join(_pct(f.get(f"test/accuracy_non_relational_{c}"))
+                                             for c in COLORS) + " |")
   return "\n".join(lines)
 
 
@@ -176,6 +185,37 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_colours(results: dict[str, Any], path: pathlib.Path) -> bool:
+  """Non-relational test accuracy per named colour against minutes, one panel per model (a model
+  learns to find the named object one colour at a time). False (nothing written) if no model's
+  curve has the per-colour metrics."""
+  models = [(name, r) for name, r in results["models"].items()
+            if any(f"test/accuracy_non_relational_{COLORS[0]}" in row for row in r["curve"])]
+  if not models:
+    return False
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True, squeeze=False)
+  for ax, (name, r) in zip(axes[0], models):
+    for c in COLORS:
+      pts = [(row["minutes"], row[f"test/accuracy_non_relational_{c}"]) for row in r["curve"]
+             if f"test/accuracy_non_relational_{c}" in row]
+      ax.plot(*zip(*pts), marker=".", color="tab:" + c if c != "yellow" else "gold", label=c)
+    ax.set_title(f"{LABELS.get(name, name)}: non-relational")
+    ax.set_xlabel("wall-clock minutes")
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("test accuracy per named colour")
+  axes[0][-1].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -228,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(text, flush=True)
   (out / "table.md").write_text(text + "\n")
   plot(results, out / "curves.png")
+  plot_colours(results, out / "colours.png")
   with open(out / "results.json", "w") as f:
     json.dump(results, f, indent=2, default=float)
   return results

@@ -72,17 +72,28 @@ def test_fusion_sweep_keeps_the_runs_not_redone(tmp_path, monkeypatch):
 def test_sort_of_clevr_table_and_curves(tmp_path):
   soc = _load("sort_of_clevr")
   final = {"num_params": 1234, "test/accuracy_relational": 0.5, "test/accuracy_non_relational": 0.75,
-           "paraphrase/accuracy": 0.625, **{f"test/accuracy_{s}": i / 10 for i, s in enumerate(soc.SUBTYPES)}}
-  curve = [{"minutes": 1.0, "test/accuracy_relational": 0.25, "test/accuracy_non_relational": 0.5},
-           {"minutes": 2.0, "test/accuracy_relational": 0.5, "test/accuracy_non_relational": 0.75}]
+           "paraphrase/accuracy": 0.625, **{f"test/accuracy_{s}": i / 10 for i, s in enumerate(soc.SUBTYPES)},
+           **{f"test/accuracy_non_relational_{c}": i / 20 for i, c in enumerate(soc.COLORS)}}
+  colours = lambda a: {f"test/accuracy_non_relational_{c}": a for c in soc.COLORS}  # noqa: E731
+  curve = [{"minutes": 1.0, "test/accuracy_relational": 0.25, "test/accuracy_non_relational": 0.5, **colours(0.5)},
+           {"minutes": 2.0, "test/accuracy_relational": 0.5, "test/accuracy_non_relational": 0.75, **colours(0.7)}]
+  old = {"final": {"num_params": 1, "test/accuracy_relational": 0.5}, "steps": 1, "minutes": 1.0,
+         "examples_per_s": 1.0, "params": 1, "curve": [{"minutes": 1.0, "test/accuracy_relational": 0.5}]}
   results = {"size": "tiny", "minutes_budget": 2, "models": {
       "relation": {"final": final, "steps": 7, "minutes": 2.0, "examples_per_s": 3.0, "params": 1234,
-                   "curve": curve}}}
+                   "curve": curve}, "film": old}}
   text = soc.table(results)
   assert "| relation network (CNN+RN) | relation | 1,234 | 7 | 2.0 | 60 | 50.0 | 75.0 | 62.5 | > 94% | > 94% |" in text
   assert "| relation | " + " | ".join(f"{10 * i:.1f}" for i in range(len(soc.SUBTYPES))) + " |" in text
+  assert "| " + " | ".join(("model",) + soc.COLORS) + " |" in text
+  assert "| relation | " + " | ".join(f"{5 * i:.1f}" for i in range(len(soc.COLORS))) + " |" in text
+  assert "| film | " + " | ".join([""] * len(soc.COLORS)) + " |" in text  # a result from before the metric
   soc.plot(results, tmp_path / "curves.png")
   assert (tmp_path / "curves.png").stat().st_size > 0
+  assert soc.plot_colours(results, tmp_path / "colours.png")  # the panel of the model with the metric
+  assert (tmp_path / "colours.png").stat().st_size > 0
+  assert not soc.plot_colours({"models": {"film": old}}, tmp_path / "none.png")
+  assert not (tmp_path / "none.png").exists()
   with pytest.raises(SystemExit):
     soc.parse_args(["--models", "concat,nope"])
 

@@ -171,7 +171,8 @@ def test_sort_of_clevr_batches(soc_data):
   batch = next(iter(data.dataset))
   shapes = {"image": ((4, 75, 75, 3), np.float32), "question_ids": ((4, 20, 24), np.int32),
             "question_mask": ((4, 20, 24), np.bool_), "answer": ((4, 20), np.int32),
-            "kind": ((4, 20), np.int32), "subtype": ((4, 20), np.int32)}
+            "kind": ((4, 20), np.int32), "subtype": ((4, 20), np.int32),
+            "color": ((4, 20), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == shapes
   assert batch["image"].min() == 0.0 and batch["image"].max() == 1.0
   source = sort_of_clevr.load("train", data_dir, config=config)
@@ -183,6 +184,7 @@ def test_sort_of_clevr_batches(soc_data):
     assert len(match) == 1
     rec = match[0]
     assert np.array_equal(batch["subtype"][row], rec["subtypes"])
+    assert np.array_equal(batch["color"][row], rec["question_colors"])
     for q, ids, mask in zip(rec["questions"], batch["question_ids"][row],
                             batch["question_mask"][row]):
       assert mask[0] and not mask[-1]

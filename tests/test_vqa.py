@@ -91,6 +91,31 @@ def test_bad_inputs_are_named(data_dir, batch):
     _task(data_dir, "concat", "model.question_tokens=first").build_model(nnx.Rngs(0))
 
 
+def test_eval_metrics_match_numpy(data_dir, batch):
+  """eval_fn + summarize: accuracy overall, per kind, per subtype and (non-relational) per named
+  colour equal a numpy count over the valid rows; a padded row counts nowhere."""
+  from mmjax.data import scenes  # noqa: PLC0415
+  from mmjax.data.datasets import sort_of_clevr  # noqa: PLC0415
+  task = _task(data_dir, "concat")
+  model = task.build_model(nnx.Rngs(0))
+  valid = np.array([True, True, True, False])
+  logits, _ = model(batch["image"], batch["question_ids"], batch["question_mask"])
+  got = task.summarize(jax.device_get(task.eval_fn(model, {**batch, "valid": jnp.asarray(valid)})))
+  ok = (np.asarray(logits).argmax(-1) == np.asarray(batch["answer"]))[valid]
+  kind, sub, color = (np.asarray(batch[k])[valid] for k in ("kind", "subtype", "color"))
+  want = {"accuracy": ok.mean()}
+  want.update({f"accuracy_{n}": ok[kind == k].mean() for k, n in enumerate(sort_of_clevr.KINDS)})
+  want.update({f"accuracy_{n}": ok[sub == k].mean() for k, n in enumerate(sort_of_clevr.SUBTYPES)})
+  nonrel = kind == sort_of_clevr.KINDS.index("non_relational")
+  for c, n in enumerate(scenes.COLORS):
+    sel = nonrel & (color == c)
+    want[f"accuracy_non_relational_{n}"] = ok[sel].mean() if sel.any() else 0.0
+  assert set(got) == set(want)
+  for k in want:
+    assert float(got[k]) == pytest.approx(want[k], abs=1e-12), k
+  assert 0.0 < ok.mean() < 1.0  # an untrained model: the check is not vacuous
+
+
 def test_unique_questions_encodes_each_distinct_question_once(data_dir, batch):
   """unique_questions=U: same logits and gradients as encoding every question; copies of a
   question share one text encoding (visible with dropout in training); more than U distinct

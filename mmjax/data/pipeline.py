@@ -169,7 +169,8 @@ class SortOfClevrPreprocess:
 
   Output: image (75, 75, 3) float32 in `value_range`; question_ids (20, L) int32 and
   question_mask (20, L) bool (`[CLS] ... [SEP]`, padded to L = `max_len`); answer, kind,
-  subtype (20,) int32 (indices into `sort_of_clevr.ANSWERS`, `KINDS`, `SUBTYPES`).
+  subtype, color (20,) int32 (indices into `sort_of_clevr.ANSWERS`, `KINDS`, `SUBTYPES` and
+  `scenes.COLORS`: the colour each question names).
   Tokenized questions are cached (the data set has few distinct sentences).
 
   Attributes:
@@ -212,6 +213,7 @@ class SortOfClevrPreprocess:
       "answer": np.asarray(example["answers"], np.int32),
       "kind": np.asarray(example["kinds"], np.int32),
       "subtype": np.asarray(example["subtypes"], np.int32),
+      "color": np.asarray(example["question_colors"], np.int32),
     }
 
   def __getstate__(self) -> dict:
@@ -249,7 +251,7 @@ def sort_of_clevr_pipeline(
   """Sort-of-CLEVR batches for VQA (the data set is built on first use).
 
   Batches: image (B, 75, 75, 3) float32, question_ids (B, 20, L) int32, question_mask
-  (B, 20, L) bool, answer / kind / subtype (B, 20) int32. With the default L = 32 no
+  (B, 20, L) bool, answer / kind / subtype / color (B, 20) int32. With the default L = 32 no
   question of any split is truncated (train/test need 17 tokens, paraphrase 32).
 
   Args:

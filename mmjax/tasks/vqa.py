@@ -10,7 +10,7 @@ import ml_collections
 from flax import nnx
 
 from mmjax import losses
-from mmjax.data import pipeline
+from mmjax.data import pipeline, scenes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.datasets import sort_of_clevr
 from mmjax.models.vqa import VQAModel
@@ -80,11 +80,19 @@ class SortOfClevrVQA:
       sel = batch["subtype"] == s
       out[f"correct_{name}"] = (correct & sel).sum()
       out[f"count_{name}"] = (valid & sel).sum()
+    # Non-relational accuracy per colour the question names: a model learns to find the named
+    # object one colour at a time, and these show which colours it has bound.
+    non_relational = batch["kind"] == sort_of_clevr.KINDS.index("non_relational")
+    for c, name in enumerate(scenes.COLORS):
+      sel = non_relational & (batch["color"] == c)
+      out[f"correct_non_relational_{name}"] = (correct & sel).sum()
+      out[f"count_non_relational_{name}"] = (valid & sel).sum()
     return out
 
   def summarize(self, sums):
     out = {"accuracy": sums["correct"] / max(sums["count"], 1)}
-    for name in sort_of_clevr.KINDS + sort_of_clevr.SUBTYPES:
+    names = sort_of_clevr.KINDS + sort_of_clevr.SUBTYPES
+    for name in names + tuple(f"non_relational_{c}" for c in scenes.COLORS):
       out[f"accuracy_{name}"] = sums[f"correct_{name}"] / max(sums[f"count_{name}"], 1)
     return out
 

@@ -78,6 +78,36 @@ def test_context_repeats_equals_repeated_context_with_mask_and_bias():
   assert not np.allclose(np.asarray(no_bias), np.asarray(mha(x, full, mask=mask, bias=bias)), atol=1e-3)
 
 
+@pytest.mark.parametrize("lq,lk", [(197, 197), (20, 36), (64, 64)])
+def test_padded_attention_equals_unpadded(lq, lk):
+  """The cuDNN path pads query / key lengths to a multiple of 64 (cuDNN rejected ViT's 197):
+  padded keys are left out and padded query rows dropped, so values and gradients equal the
+  unpadded attention (checked with XLA's implementation, which takes the same arguments)."""
+  from mmjax.layers.attention import padded_attention  # noqa: PLC0415
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, n, 4, 16)) for i, n in enumerate((lq, lk, lk)))
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3, implementation="xla")  # noqa: E731
+  pad = lambda q, k, v: padded_attention(q, k, v, bias=None, mask=None, scale=0.3, implementation="xla")  # noqa: E731
+  np.testing.assert_allclose(pad(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda *a: (f(*a) * jnp.arange(16.0)).sum()  # noqa: E731
+  for g_pad, g_ref in zip(jax.grad(loss(pad), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_pad, g_ref, rtol=1e-4, atol=1e-5)
+  mask = jnp.ones((2, 1, lq, lk), bool).at[:, :, :, -1].set(False)  # with a mask: unpadded call
+  got = padded_attention(q, k, v, bias=None, mask=mask, scale=0.3, implementation="xla")
+  np.testing.assert_array_equal(got, jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3,
+                                                                  implementation="xla"))
+
+
+def test_cudnn_is_chosen_by_the_default_device():
+  """A lowering inside `jax.default_device(cpu)` (gpu_mfu's FLOP count on a GPU host) must not
+  pick cuDNN: the platform is the default device's when one is set."""
+  from mmjax.layers import attention  # noqa: PLC0415
+  assert attention._default_platform() == jax.default_backend()
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert attention._default_platform() == "cpu"
+  with jax.default_device("cpu"):
+    assert attention._default_platform() == "cpu"
+
+
 def test_causal_mask_blocks_future():
   blk = EncoderBlock(16, 4, 32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 6, 16))

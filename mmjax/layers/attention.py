@@ -26,6 +26,20 @@ def make_attention_mask(q_mask: jax.Array | None, kv_mask: jax.Array | None, cau
   return mask
 
 
+# cuDNN's fused attention took query / key lengths 208 and 256 but not 197 (H200, jax 0.11.2).
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def _default_platform() -> str:
+  """The platform computations go to by default: `jax.default_device`'s if one is set (a
+  lowering for the CPU inside `jax.default_device(cpu)` on a GPU host must not pick cuDNN),
+  else the default backend."""
+  device = jax.config.jax_default_device
+  if device is None:
+    return jax.default_backend()
+  return device if isinstance(device, str) else device.platform
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
                     mask: jax.Array | None, scale: float) -> jax.Array:
   """`jax.nn.dot_product_attention` (B, L, H, Dh) with cuDNN's fused kernel on a GPU in bf16/f16.
@@ -34,13 +48,34 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array
   flash attention is tried first on GPUs and XLA's is used where cuDNN rejects the shapes or
   dtypes (it raises while tracing). On CPU and TPU this is XLA's.
   """
-  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  if _default_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
-      return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                          implementation="cudnn")
+      return padded_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
     except (ValueError, NotImplementedError, TypeError, RuntimeError):
       pass
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
+                     mask: jax.Array | None, scale: float, implementation: str,
+                     multiple: int = CUDNN_SEQ_MULTIPLE) -> jax.Array:
+  """`jax.nn.dot_product_attention` with the query and key lengths padded up to `multiple`.
+
+  cuDNN's kernel rejects lengths such as ViT's 197 tokens ("Unsupported sequence length", jax
+  0.11.2 on an H200) and takes 208 or 256; the padded keys are left out through
+  `key_value_seq_lengths` and the padded query rows are dropped, so the result equals the
+  unpadded attention. Without a bias or mask only (with them the call is made unpadded).
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  pq, pk = -lq % multiple, -lk % multiple
+  if (pq == 0 and pk == 0) or bias is not None or mask is not None:
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        implementation=implementation)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+  lengths = jnp.full((q.shape[0],), lk, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q, pq), pad(k, pk), pad(v, pk), scale=scale,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :lq]
 
 
 class MultiHeadAttention(nnx.Module):

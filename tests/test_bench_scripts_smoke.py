@@ -217,6 +217,21 @@ def test_xla_trace_maps_gpu_kernels_to_hlo_ops():
   assert [o["name"] for o in t["top"]] == ["custom-call.1", "fusion.2", "nvjet_hsh_64x8"]
 
 
+def test_xla_trace_counts_a_gemms_flops_once_per_launch():
+  """A GEMM run as two kernels back to back (e.g. split-K + reduce) is one launch: its FLOPs
+  count once; launched again after another op, twice."""
+  xt = _load("xla_trace")
+  ops = {"gemm": {"class": "dense matmul", "flops": 1e9, "shape": "", "op_name": ""},
+         "fusion": {"class": "other", "flops": 0.0, "shape": "", "op_name": ""}}
+  ev = lambda ts, op: dict(name=f"k_{op}", ts=ts, dur=1, process="/device:GPU:0",  # noqa: E731
+                           thread="Stream #13(Compute)", args={"hlo_op": op})
+  once = xt.op_times([ev(0, "gemm"), ev(1, "gemm"), ev(2, "fusion")], ops, steps=1, top=3)
+  assert once["classes"]["dense matmul"]["gflop"] == pytest.approx(1.0)
+  assert once["classes"]["dense matmul"]["ms"] == pytest.approx(2e-3)
+  twice = xt.op_times([ev(0, "gemm"), ev(1, "fusion"), ev(2, "gemm")], ops, steps=1, top=3)
+  assert twice["classes"]["dense matmul"]["gflop"] == pytest.approx(2.0)
+
+
 def test_colour_binding_reports_per_head_attention():
   binding = _load("colour_binding")
   r = binding.run(4.0, 0, 3, 3e-3, sentence=True, pool="max", vision={"pixel_freqs": 1})

@@ -1,12 +1,11 @@
 """Audio front end against librosa on espeak-ng speech and white noise; audio encoders' contracts.
 
-Error measures (float32 JAX vs float64 librosa on the same float32 samples):
-  log-mel: elementwise |a - b| <= 1e-4 * max(|b|, 1 dB), i.e. relative error 1e-4 with a 1 dB floor
-    (librosa's dB values cross zero, where a pure relative error is undefined);
-  MFCC: max |a - b| <= 1e-4 * max |b| per clip (coefficients cross zero too; c0 sets the scale);
-  mel filterbank: max |a - b| <= 1e-6 * max |b|.
-Observed on CPU: about 6e-6 (log-mel), 4e-7 (MFCC), 2e-9 absolute (filterbank); on an H200 GPU
-at JAX's default matmul precision (the front end asks for HIGHEST itself): 1.5e-5 and 8e-7.
+Error measures (float32 JAX vs float64 librosa on the same float32 samples), elementwise absolute
+bounds per config in TOLERANCES, measured on CPU (where the suite runs) and set about 1.5x above:
+  log-mel: |a - b| in dB per frame and band;
+  MFCC: |a - b| per frame and coefficient, the bound scaled by the coefficient's lifter weight;
+  mel filterbank: max |a - b| <= 1e-6 * max |b|;
+  trim intervals: equal to librosa.effects.trim's, in samples.
 """
 
 import shutil
@@ -14,6 +13,7 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
+import librosa
 import numpy as np
 import pytest
 import scipy.signal
@@ -23,8 +23,6 @@ from flax import nnx
 from mmjax.encoders import audio as audio_enc
 from mmjax.encoders import audio_frontend as af
 from mmjax.encoders.base import ENCODERS
-
-librosa = pytest.importorskip("librosa")
 
 SR = 16_000
 VOICES = [  # espeak-ng voice, words per minute, pitch, text
@@ -38,6 +36,13 @@ CONFIGS = {
     "htk-reflect-refmax": af.FrontEndConfig(n_fft=400, hop_length=128, n_mels=40, htk=True,
                                             mel_norm=None, pad_mode="reflect", ref="max",
                                             top_db=60.0, n_mfcc=13, lifter=22.0),
+}
+# config -> (log-mel bound in dB, MFCC bound per unit of lifter weight); [observed max on CPU].
+TOLERANCES = {
+    # float32 FFT rounding on bands 55-70 dB below their frame's peak, kept by top_db=80 [5.5e-4, 2.1e-4]
+    "slaney-constant": (8e-4, 3e-4),
+    # top_db=60 below the clip's peak floors those quiet bands [1.05e-4, 5.1e-5 (c0; 2.5-4e-5 others)]
+    "htk-reflect-refmax": (1.6e-4, 8e-5),
 }
 
 
@@ -115,6 +120,11 @@ def test_power_to_db_per_example_over_valid_frames():
 def test_log_mel_and_mfcc_match_librosa_in_a_padded_batch(clips, name):
   """Each clip, right-padded in one batch, matches librosa run on that clip alone."""
   cfg = CONFIGS[name]
+  atol_mel, atol_mfcc = TOLERANCES[name]
+  # librosa's lifter multiplies coefficient k, and so its float32 error, by this weight.
+  k = np.arange(1, cfg.n_mfcc + 1)
+  lifter = 1 + cfg.lifter / 2 * np.sin(np.pi * k / cfg.lifter) if cfg.lifter else np.ones(cfg.n_mfcc)
+  atol_c = atol_mfcc * lifter  # (n_mfcc,)
   batch, lengths = _pad_batch(clips)
   feats = _np(af.LogMel(cfg)(batch, lengths))
   ceps = _np(af.Mfcc(cfg)(batch, lengths))
@@ -123,9 +133,8 @@ def test_log_mel_and_mfcc_match_librosa_in_a_padded_batch(clips, name):
     n = int(feats.lengths[i])
     assert n == ref.shape[0] == int(ceps.lengths[i]) == 1 + len(y) // cfg.hop_length
     np.testing.assert_array_equal(feats.mask[i], np.arange(batch.shape[1] // cfg.hop_length + 1) < n)
-    ours = feats.values[i, :n]
-    err = np.abs(ours - ref) / np.maximum(np.abs(ref), 1.0)
-    assert err.max() <= 1e-4, f"clip {i}: log-mel relative error {err.max():.2e}"
+    err = np.abs(feats.values[i, :n] - ref).max(0)  # (n_mels,)
+    assert err.max() <= atol_mel, f"clip {i}: log-mel error {err.max():.2e} dB in band {err.argmax()}"
     assert np.all(feats.values[i, n:] == cfg.pad_value)
     if cfg.ref == "max":
       ref_c = librosa.feature.mfcc(S=ref.T, n_mfcc=cfg.n_mfcc, lifter=cfg.lifter).T
@@ -135,8 +144,11 @@ def test_log_mel_and_mfcc_match_librosa_in_a_padded_batch(clips, name):
           n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
           pad_mode=cfg.pad_mode, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax, htk=cfg.htk,
           mel_norm=cfg.mel_norm).T
-    err_c = np.abs(ceps.values[i, :n] - ref_c).max() / np.abs(ref_c).max()
-    assert err_c <= 1e-4, f"clip {i}: MFCC relative error {err_c:.2e}"
+    # Any coefficient scaled by 1 + 1e-3 moves by more than twice its bound somewhere, so it fails.
+    assert np.all(2 * atol_c < 1e-3 * np.abs(ref_c).max(0)), f"clip {i}: bound too loose"
+    err_c = np.abs(ceps.values[i, :n] - ref_c).max(0)  # (n_mfcc,)
+    bad = np.flatnonzero(err_c > atol_c)
+    assert bad.size == 0, f"clip {i}: MFCC coefficients {bad} off by {err_c[bad]} > {atol_c[bad]}"
 
 
 def test_trim_silence_matches_librosa_intervals(clips):
@@ -151,15 +163,16 @@ def test_trim_silence_matches_librosa_intervals(clips):
   trimmed = _np(jax.jit(lambda x, n: af.trim_silence(
       x, n, top_db=top_db, frame_length=frame_length, hop_length=hop))(batch, lengths))
   for i, y in enumerate(tests):
-    _, (start, end) = librosa.effects.trim(y.astype(np.float64), top_db=top_db,
-                                           frame_length=frame_length, hop_length=hop)
+    _, interval = librosa.effects.trim(y.astype(np.float64), top_db=top_db,
+                                       frame_length=frame_length, hop_length=hop)
+    start, end = (int(v) for v in interval)
     s, e = (int(v) for v in trimmed.intervals[i])
-    assert abs(s - start) <= hop and abs(e - end) <= hop, (i, (s, e), (start, end))
+    assert (s, e) == (start, end), f"clip {i}: interval {(s, e)}, librosa's {(start, end)}"
     assert int(trimmed.lengths[i]) == e - s
     np.testing.assert_array_equal(trimmed.audio[i, :e - s], y[s:e])
     assert np.all(trimmed.audio[i, e - s:] == 0)
   # The quiet lead-in and the trailing silence of the first clip are cut.
-  assert trimmed.intervals[0, 0] >= 3000 and trimmed.intervals[0, 1] <= 4000 + len(clips[0]) + hop
+  assert trimmed.intervals[0, 0] >= 3000 and trimmed.intervals[0, 1] < len(tests[0])
 
 
 def test_batched_equals_per_example_and_dc_removal(clips):

@@ -21,7 +21,7 @@ from mmjax.train import trainer
 from mmjax.train.checkpoint import CheckpointSaveError, Checkpointer, CorruptCheckpointError
 from mmjax.train.config import load_config
 from mmjax.train.tasks import TASKS
-from toy_task import NAN_AT, ToyIterator, toy_config
+from toy_task import FIRST_BATCH, NAN_AT, TEST, ToyIterator, stack, toy_config
 
 HERE = os.path.dirname(__file__)
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -73,6 +73,7 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_step(tmp_path, cap
   with caplog.at_level(logging.INFO):
     final = trainer.train(toy_config(8, ONE), str(wd), progress=False)
   assert final["step"] == 8 and not partial()
+  assert final["resumed_from"] == last and FIRST_BATCH[-1] == last  # the data stream resumed too
   assert f"resumed from step {last}" in caplog.text
   assert "partial checkpoint left by an interrupted save" in caplog.text
   assert "the last complete step is restored instead" in caplog.text
@@ -95,6 +96,7 @@ def test_sigterm_saves_exits_zero_within_grace_and_resume_continues_the_curve(tm
   assert 5 <= killed_at < steps  # saved at the step boundary after the signal, not only every 5 steps
   resumed = trainer.train(toy_config(steps, ONE), str(wd), progress=False)
   assert not resumed["preempted"] and resumed["step"] == steps
+  assert resumed["resumed_from"] == killed_at and FIRST_BATCH[-1] == killed_at  # not from step 0
   pa, da = _restore(tmp_path / "a", toy_config(steps, ONE))
   pb, db = _restore(wd, toy_config(steps, ONE))
   # The first part ran in a 1-device process, the rest here (8 host devices, a 1-device mesh):
@@ -102,7 +104,7 @@ def test_sigterm_saves_exits_zero_within_grace_and_resume_continues_the_curve(tm
   # (Bitwise resume within one device count is tested in test_trainer_processes.py.)
   close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
   jax.tree.map(close, pa["params"], pb["params"])
-  assert da == db == {"i": steps}
+  assert da == db and da["i"] == steps
   la, lb = _losses(tmp_path / "a"), _losses(wd)
   after = [s for s in la if s > killed_at + 2]  # whole logging windows after the restart
   assert after
@@ -148,12 +150,13 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_step(six_steps, 
     with caplog.at_level(logging.WARNING):
       step, state, data = ck.restore_latest(trainer.Setup(toy_config(6, ONE)).abstract_state)
     ck.close()
-    assert step == 3 and data == {"i": 3}
+    assert step == 3 and data["i"] == 3
     jax.tree.map(np.testing.assert_array_equal, good["params"], jax.device_get(state["params"]))
     assert "checkpoint step 6" in caplog.text and "restored checkpoint step 3 instead" in caplog.text
     assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6.corrupt"]
   # Training resumes from step 3 and saves step 6 again, equal to the undamaged run's.
-  trainer.train(toy_config(6, ONE), str(wd), progress=False)
+  final = trainer.train(toy_config(6, ONE), str(wd), progress=False)
+  assert final["resumed_from"] == 3 and FIRST_BATCH[-1] == 3
   a, _ = _restore(six_steps, toy_config(6, ONE), 6)
   b, _ = _restore(wd, toy_config(6, ONE), 6)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
@@ -181,6 +184,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_step(six
     with pytest.raises(CheckpointSaveError, match=r"checkpoint step 9 .*No space left on device.*"
                                                   r"last complete checkpoint \(step 6\) is intact"):
       trainer.train(toy_config(9, ONE), str(wd), progress=False)
+  assert FIRST_BATCH[-1] == 6  # resumed from step 6 before the save of step 9 failed
   ck = Checkpointer(str(wd / "checkpoints"), cleanup=True)
   assert ck.all_steps() == [3, 6] and ".orbax-checkpoint-tmp" not in " ".join(os.listdir(wd / "checkpoints"))
   ck.close()
@@ -257,7 +261,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert state["params"]["enc"]["kernel"].sharding.mesh.devices.size == setup.mesh.devices.size
     jax.tree.map(np.testing.assert_array_equal, want, jax.device_get(state))
   final = trainer.train(toy_config(5, {"data": 8, "fsdp": 1, "tensor": 1}), str(tmp_path), progress=False)
-  assert final["step"] == 5
+  assert final["step"] == 5 and final["resumed_from"] == 3 and FIRST_BATCH[-1] == 3
 
 
 class ToyVQAIterator:
@@ -315,7 +319,7 @@ def test_bf16_compute_keeps_f32_master_weights(tmp_path):
   toy = toy_config(24, ONE)
   toy.model = {"dtype": "bfloat16"}
   toy_setup = trainer.Setup(toy)
-  held_out = next(ToyIterator(64, shard_index=0, shard_count=1))  # batch index 0 of a 64-row stream
+  held_out = stack(TEST)
   held_out_loss = lambda state: float(toy_setup.task.loss_fn(toy_setup.model(state), held_out, False)[0])
   before = held_out_loss(jax.device_get(toy_setup.init_state()))
   trainer.train(toy, str(tmp_path), progress=False)

@@ -4,27 +4,32 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from mmjax.train import optim, trainer
-from toy_task import FAIL_AFTER, toy_config
+from mmjax.train.checkpoint import Checkpointer
+from toy_task import (FAIL_AFTER, FIRST_BATCH, ToyIterator, assert_states_close, assert_states_equal, leaves,
+                      toy_config)
 
 
-def _params(workdir, config):
+def _state(workdir, config):
+  """The latest checkpoint's train state and data state."""
   setup = trainer.Setup(config)
-  from mmjax.train.checkpoint import Checkpointer
   ck = Checkpointer(os.path.join(workdir, "checkpoints"))
   state, data = ck.restore(ck.latest_step(), setup.abstract_state)
   ck.close()
-  return jax.device_get(state["params"]), data
+  return jax.device_get(state), data
+
+
+def _logged(workdir, key):
+  return [r[key] for r in trainer.read_metrics(workdir) if key in r]
 
 
 def test_resume_after_crash_is_bitwise_identical(tmp_path):
   cfg = toy_config()
   straight = trainer.train(cfg, str(tmp_path / "a"), progress=False)
+  assert straight["resumed_from"] is None
   FAIL_AFTER["n"] = 7  # crashes while fetching batch 8; checkpoint at step 6 exists
   try:
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -32,10 +37,12 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
   finally:
     FAIL_AFTER["n"] = None
   resumed = trainer.train(cfg, str(tmp_path / "b"), progress=False)
-  pa, da = _params(str(tmp_path / "a"), cfg)
-  pb, db = _params(str(tmp_path / "b"), cfg)
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
-  assert da == db == {"i": 12}
+  # Resumed, not restarted: from the checkpoint at 6, the data stream at batch index 6 (step 7's).
+  assert resumed["resumed_from"] == 6 and FIRST_BATCH[-1] == 6
+  sa, da = _state(str(tmp_path / "a"), cfg)
+  sb, db = _state(str(tmp_path / "b"), cfg)
+  assert_states_equal(sa, sb)
+  assert da == db and da["i"] == 12
   assert straight["test/accuracy"] == resumed["test/accuracy"]
   assert straight["train/loss"] == resumed["train/loss"]
   assert os.path.exists(tmp_path / "a" / "curves.png")
@@ -44,26 +51,38 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
 
 
 def test_sharded_8_devices_equals_single_device(tmp_path):
-  one = trainer.train(toy_config(6), str(tmp_path / "one"), progress=False)
-  eight = trainer.train(toy_config(6, {"data": 2, "fsdp": 2, "tensor": 2}), str(tmp_path / "eight"),
-                        progress=False)
-  l1 = [r["train/loss"] for r in trainer.read_metrics(str(tmp_path / "one")) if "train/loss" in r]
-  l8 = [r["train/loss"] for r in trainer.read_metrics(str(tmp_path / "eight")) if "train/loss" in r]
-  np.testing.assert_allclose(l1, l8, rtol=1e-5)
-  assert one["test/accuracy"] == eight["test/accuracy"]
-  setup = trainer.Setup(toy_config(6, {"data": 2, "fsdp": 2, "tensor": 2}))
+  """Data x FSDP x tensor parallel on 8 devices trains as one device does: every step's loss and
+  gradient norm (a gradient summed over shards instead of averaged shows here: AdamW and
+  clipping would hide its scale in the parameters), then the final state, leaf by leaf."""
+  cube = {"data": 2, "fsdp": 2, "tensor": 2}
+  runs = {}
+  for name, mesh in (("one", None), ("eight", cube)):
+    cfg = toy_config(6, mesh)
+    cfg.train.log_every = 1
+    runs[name] = trainer.train(cfg, str(tmp_path / name), progress=False)
+  one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+  assert len(_logged(one, "train/grad_norm")) == 6
+  for key in ("train/loss", "train/grad_norm"):
+    np.testing.assert_allclose(_logged(eight, key), _logged(one, key), rtol=1e-5, err_msg=key)
+  assert_states_close(_state(eight, toy_config(6))[0], _state(one, toy_config(6))[0])
+  assert runs["one"]["test/accuracy"] == runs["eight"]["test/accuracy"]
+  setup = trainer.Setup(toy_config(6, cube))
   assert setup.state_shardings["params"]["enc"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 
 def test_frozen_group_does_not_change_and_lr_ratios_hold(tmp_path):
   groups = [{"name": "enc", "pattern": "enc/.*", "freeze": True}]
   cfg = toy_config(3, groups=groups)
-  setup = trainer.Setup(cfg)
-  s0 = jax.device_get(setup.init_state())
+  init = leaves(trainer.Setup(cfg).init_state()["params"])
   trainer.train(cfg, str(tmp_path / "f"), progress=False)
-  p, _ = _params(str(tmp_path / "f"), cfg)
-  np.testing.assert_array_equal(p["enc"]["kernel"], s0["params"]["enc"]["kernel"])
-  assert not np.array_equal(p["head"]["kernel"], s0["params"]["head"]["kernel"])
+  trained = leaves(_state(str(tmp_path / "f"), cfg)[0]["params"])
+  frozen = [k for k in init if k.startswith("enc/")]
+  assert sorted(frozen) == ["enc/bias/value", "enc/kernel/value"] and init.keys() == trained.keys()
+  for k in init:  # the frozen group to the bit, every other parameter moved
+    if k in frozen:
+      np.testing.assert_array_equal(trained[k], init[k], err_msg=k)
+    else:
+      assert not np.array_equal(trained[k], init[k]), k
   # Per-group learning rates: with SGD-like first Adam steps (|update| = lr), ratios follow lr.
   params = {"enc": {"kernel": jnp.ones((3, 3))}, "head": {"kernel": jnp.ones((3, 3))}}
   tx = optim.make_optimizer({"lr": 1e-2, "groups": [{"name": "enc", "pattern": "enc/.*", "lr": 1e-4}]}, params, 10)
@@ -76,7 +95,6 @@ def test_frozen_group_does_not_change_and_lr_ratios_hold(tmp_path):
 def test_frozen_gradients_are_not_taken_nor_clipped_with():
   """The step stops gradients at frozen leaves: grad_norm (what clipping uses) covers only the
   trainable ones, so |g|^2 with enc frozen + |g|^2 with head frozen = |g|^2 with nothing frozen."""
-  from toy_task import ToyIterator
   norms = {}
   for frozen in ("", "enc", "head"):
     groups = [{"name": frozen, "pattern": f"{frozen}/.*", "freeze": True}] if frozen else []
@@ -111,7 +129,8 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     FAIL_AFTER["n"] = None
   crashed = trainer.read_metrics(str(tmp_path / "b"))
   assert [r["step"] for r in crashed if "train/loss" in r] == [2, 4]
-  trainer.train(cfg, str(tmp_path / "b"), progress=False)
+  resumed = trainer.train(cfg, str(tmp_path / "b"), progress=False)
+  assert resumed["resumed_from"] == 3 and FIRST_BATCH[-1] == 3
   rows = {d: trainer.read_metrics(str(tmp_path / d)) for d in "ab"}
   steps = lambda rs: [r["step"] for r in rs if "train/loss" in r]
   assert steps(rows["b"]) == steps(rows["a"]) == [2, 4, 6, 8, 10, 12]
@@ -148,8 +167,10 @@ def test_the_host_runs_at_most_one_step_ahead_of_the_device(tmp_path, monkeypatc
 
 def test_training_a_finished_workdir_again_returns_its_final_metrics(tmp_path):
   first = trainer.train(toy_config(6), str(tmp_path), progress=False)
+  streams = len(FIRST_BATCH)
   again = trainer.train(toy_config(6), str(tmp_path), progress=False)
-  assert again["step"] == 6 and not again["preempted"]
+  assert again["step"] == 6 and again["resumed_from"] == 6 and not again["preempted"]
+  assert len(FIRST_BATCH) == streams  # not one batch read
   keys = [k for k in first if k.startswith(("test/", "train/")) and k != "train/examples_per_s"]
   assert "test/accuracy" in keys and {k: again[k] for k in keys} == {k: first[k] for k in keys}
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))].count(6) == 2  # nothing re-logged

@@ -1,10 +1,12 @@
 """Trainer across processes: SIGKILL + resume is exact; two jax.distributed processes == one."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -12,7 +14,7 @@ import numpy as np
 
 from mmjax.train import trainer
 from mmjax.train.checkpoint import Checkpointer
-from toy_task import toy_config
+from toy_task import assert_states_close, assert_states_equal, toy_config
 
 HERE = os.path.dirname(__file__)
 
@@ -24,31 +26,44 @@ def _env(devices):
   return env
 
 
-def _run(args, devices=1, slow=0.0):
+def _run(args, devices=1, slow=0.0, train=None):
   env = _env(devices)
   env["TOY_SLOW_S"] = str(slow)
-  return subprocess.Popen([sys.executable, os.path.join(HERE, "toy_task.py"), *map(str, args)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env["TOY_TRAIN"] = json.dumps(train or {})
+  log = tempfile.TemporaryFile("w+")  # not a pipe: a full one would stall a process and its peer
+  proc = subprocess.Popen([sys.executable, os.path.join(HERE, "toy_task.py"), *map(str, args)], env=env,
+                          stdout=log, stderr=subprocess.STDOUT, text=True)
+  proc.log = log
+  return proc
 
 
-def _final_params(workdir, steps):
+def _finish(proc):
+  """Waits for a toy run; its FINAL summary (step, preempted, resumed_from, first_batch)."""
+  proc.wait(300)
+  proc.log.seek(0)
+  out = proc.log.read()
+  assert proc.returncode == 0, out[-3000:]
+  return json.loads(out.rsplit("FINAL ", 1)[1].splitlines()[0])
+
+
+def _final_state(workdir, steps):
   cfg = toy_config(steps, {"data": 1, "fsdp": 1, "tensor": 1})
   setup = trainer.Setup(cfg)
   ck = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ck.latest_step()
   state, data = ck.restore(step, setup.abstract_state)
   ck.close()
-  return step, jax.device_get(state["params"]), data
+  return step, jax.device_get(state), data
 
 
-def _losses(workdir):
-  return [r["train/loss"] for r in trainer.read_metrics(workdir) if "train/loss" in r]
+def _logged(workdir, key):
+  return [r[key] for r in trainer.read_metrics(workdir) if key in r]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   steps = 16
   straight = _run([tmp_path / "a", steps])
-  assert straight.wait(300) == 0, straight.stdout.read()
+  assert _finish(straight)["resumed_from"] is None
   p = _run([tmp_path / "b", steps], slow=0.3)
   ckdir = tmp_path / "b" / "checkpoints"
   deadline = time.time() + 300
@@ -58,14 +73,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   p.wait()
   killed_at = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
   assert 6 <= killed_at < steps
-  resumed = _run([tmp_path / "b", steps])
-  assert resumed.wait(300) == 0, resumed.stdout.read()
-  sa, pa, da = _final_params(tmp_path / "a", steps)
-  sb, pb, db = _final_params(tmp_path / "b", steps)
-  assert sa == sb == steps and da == db == {"i": steps}
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  resumed = _finish(_run([tmp_path / "b", steps]))
+  # Resumed, not restarted: from the last checkpoint, the data stream at that step's batch index.
+  assert resumed["resumed_from"] == killed_at and resumed["first_batch"] == killed_at
+  sa, a, da = _final_state(tmp_path / "a", steps)
+  sb, b, db = _final_state(tmp_path / "b", steps)
+  assert sa == sb == steps and da == db and da["i"] == steps
+  assert_states_equal(a, b)
   # The resumed run's logged losses after the restart equal the uninterrupted run's.
-  la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+  la, lb = _logged(tmp_path / "a", "train/loss"), _logged(tmp_path / "b", "train/loss")
   assert la[-3:] == lb[-3:]
 
 
@@ -76,13 +92,18 @@ def _free_port():
 
 
 def test_two_processes_equal_one(tmp_path):
-  steps = 6
-  one = _run([tmp_path / "one", steps], devices=2)
-  assert one.wait(300) == 0, one.stdout.read()
+  """Two jax.distributed processes (each its shard of the data, split by the library's pipeline)
+  train as one process on two devices: every step's loss and gradient norm, the final state leaf
+  by leaf, the evaluation."""
+  steps, train = 4, {"log_every": 1}
+  one = _run([tmp_path / "one", steps], devices=2, train=train)
   port = _free_port()
-  procs = [_run([tmp_path / "two", steps, i, 2, port], devices=1) for i in range(2)]
-  for q in procs:
-    assert q.wait(300) == 0, q.stdout.read()
-  np.testing.assert_allclose(_losses(tmp_path / "one"), _losses(tmp_path / "two"), rtol=1e-5)
-  acc = lambda w: [r["test/accuracy"] for r in trainer.read_metrics(w) if "test/accuracy" in r]
-  assert acc(tmp_path / "one") == acc(tmp_path / "two")
+  two = [_run([tmp_path / "two", steps, i, 2, port], devices=1, train=train) for i in range(2)]
+  for q in (one, *two):
+    _finish(q)
+  one, two = tmp_path / "one", tmp_path / "two"
+  assert len(_logged(one, "train/grad_norm")) == steps
+  for key in ("train/loss", "train/grad_norm"):
+    np.testing.assert_allclose(_logged(two, key), _logged(one, key), rtol=1e-5, err_msg=key)
+  assert_states_close(_final_state(two, steps)[1], _final_state(one, steps)[1])
+  assert _logged(one, "test/accuracy") == _logged(two, "test/accuracy")

@@ -1,4 +1,8 @@
-"""A tiny deterministic task for trainer tests (also run in subprocesses by the tests)."""
+"""A tiny deterministic task for trainer tests (also run in subprocesses by the tests).
+
+Its data goes through the library's pipeline, sharded by the shard_index/shard_count the trainer
+passes: the multi-process tests check the library's per-host split, not one of the tests'.
+"""
 
 import json
 import logging
@@ -11,7 +15,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mmjax.data.pipeline import make_pipeline
 from mmjax.layers import dense
+from mmjax.train.optim import path_str
 from mmjax.train.tasks import TASKS
 
 
@@ -25,38 +31,59 @@ class ToyModel(nnx.Module):
     return self.head(self.drop(jax.nn.relu(self.enc(x)), deterministic=not train))
 
 
+def _examples(n, seed):
+  """n examples: x (8,) float32, y the quadrant of (x0, x1), id the example's index."""
+  x = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)
+  return [{"x": x[i], "y": y[i], "id": np.int32(i)} for i in range(n)]
+
+
+TRAIN = _examples(64, 0)  # 8 global batches of 8 an epoch: runs cross epochs
+TEST = _examples(24, 123)
+
+
+def stack(examples):
+  """One batch of `examples`."""
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
 class ToyIterator:
-  """A deterministic, checkpointable stream of batches; raises after `fail_after` batches."""
+  """The training stream (the library's pipeline over TRAIN); raises after `fail_after` batches."""
 
   def __init__(self, batch_size, fail_after=None, shard_index=0, shard_count=1):
-    self.i, self.bs, self.fail_after = 0, batch_size, fail_after
-    self.shard_index, self.shard_count = shard_index, shard_count
+    self.it = iter(make_pipeline(TRAIN, batch_size=batch_size, seed=0, shard_index=shard_index,
+                                 shard_count=shard_count))
+    self.i, self.fail_after, self.started = 0, fail_after, False
 
   def __iter__(self):
     return self
 
   def __next__(self):
+    if not self.started:  # where this stream starts (after a resume: the restored position)
+      FIRST_BATCH.append(self.i)
+      self.started = True
     if self.fail_after is not None and self.i >= self.fail_after:
       raise RuntimeError("simulated crash")
     if SLOW_S:
       time.sleep(SLOW_S)
-    rng = np.random.default_rng(self.i)
-    x = rng.normal(size=(self.bs * self.shard_count, 8)).astype(np.float32)
+    batch = next(self.it)
     if self.i in NAN_AT:  # one poisoned value: the loss and every gradient become NaN
-      x[0, 0] = np.nan
+      batch["x"] = batch["x"].copy()
+      batch["x"][0, 0] = np.nan
     self.i += 1
-    x = x[self.shard_index * self.bs:(self.shard_index + 1) * self.bs]  # this host's rows
-    return {"x": x, "y": (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)}
+    return batch
 
   def get_state(self):
-    return {"i": self.i}
+    return {"i": self.i, "pipeline": self.it.get_state()}
 
   def set_state(self, s):
     self.i = s["i"]
+    self.it.set_state(s["pipeline"])
 
 
 FAIL_AFTER = {"n": None}
 NAN_AT: set[int] = set()  # batch indices that carry a NaN
+FIRST_BATCH: list[int] = []  # the index of the first batch each training stream serves
 SLOW_S = float(os.environ.get("TOY_SLOW_S", "0"))  # per batch, so a subprocess can be killed mid-run
 
 
@@ -72,8 +99,11 @@ class ToyTask:
     return ToyModel(rngs, jnp.dtype(self.config.get("model", {}).get("dtype", "float32")))
 
   def loss_fn(self, model, batch, train):
-    logits = model(batch["x"], train).astype(jnp.float32)
-    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], 1))
+    # Hosts interleave the examples of a global batch (each takes every shard_count-th); in id
+    # order each example meets the row of the dropout mask it meets in one process.
+    order = jnp.argsort(batch["id"])
+    logits = model(batch["x"][order], train).astype(jnp.float32)
+    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][order][:, None], 1))
     heavy = int(self.config.get("model", {}).get("heavy_matmuls", 0))
     if heavy:  # a slower device step (asynchronous, unlike a host callback, which runs synchronously)
       m = jnp.full((512, 512), 1 / 512) * jnp.tanh(batch["x"][0, 0])
@@ -91,13 +121,32 @@ class ToyTask:
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
     if train:
       return ToyIterator(batch_size, FAIL_AFTER["n"], shard_index, shard_count)
-    rng = np.random.default_rng(123)
-    x = rng.normal(size=(24, 8)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)
-    g = batch_size * shard_count  # global eval batch; this host takes its slice of each
-    return [{"x": x[i + shard_index * batch_size:i + (shard_index + 1) * batch_size],
-             "y": y[i + shard_index * batch_size:i + (shard_index + 1) * batch_size]}
-            for i in range(0, 24, g)]
+    return make_pipeline(TEST, batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
+                         pad_remainder=True, shard_index=shard_index, shard_count=shard_count)
+
+
+def leaves(tree):
+  """{'params/enc/kernel/value': array, ...}: every leaf of a state by its path, on the host."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
+  return {path_str(p): np.asarray(x) for p, x in flat}
+
+
+def assert_states_equal(a, b):
+  """Two train states (or parts of them), bit for bit, leaf by leaf."""
+  a, b = leaves(a), leaves(b)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def assert_states_close(a, b):
+  """Final train states of two runs: parameters to float32 precision, optimizer moments too
+  (a moment near zero is a sum of terms of both signs: its last bits need an absolute bound)."""
+  a, b = leaves(a), leaves(b)
+  assert a.keys() == b.keys()
+  for k in a:
+    atol = 1e-8 if k.startswith("opt_state/") else 0
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=atol, err_msg=k)
 
 
 def toy_config(steps=12, mesh=None, groups=()):
@@ -139,4 +188,6 @@ if __name__ == "__main__":
     atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
   logging.basicConfig(level=logging.INFO)
   final = trainer.train(cfg, workdir, progress=False)
-  print("FINAL", json.dumps({k: final[k] for k in ("step", "preempted")}), flush=True)
+  final["first_batch"] = FIRST_BATCH[0] if FIRST_BATCH else None
+  print("FINAL", json.dumps({k: final[k] for k in ("step", "preempted", "resumed_from", "first_batch")}),
+        flush=True)

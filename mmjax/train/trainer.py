@@ -378,7 +378,8 @@ def _window_average(host: list[dict]) -> dict[str, float]:
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest complete, readable checkpoint.
 
-  Returns the final metrics, with "step", "num_params", "nonfinite_steps" (skipped in this run)
+  Returns the final metrics, with "step", "num_params", "nonfinite_steps" (skipped in this run),
+  "resumed_from" (the step of the checkpoint this run restored, None when it started afresh)
   and "preempted" (True when SIGTERM ended the run early). On a workdir whose run is complete
   nothing is trained and the final metrics are those logged at its last step.
   """
@@ -485,5 +486,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   final["step"] = step
   final["num_params"] = setup.num_params
   final["nonfinite_steps"] = skipped
+  final["resumed_from"] = start if restored is not None else None
   final["preempted"] = preempt.flag
   return final

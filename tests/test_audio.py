@@ -8,7 +8,6 @@ bounds per config in TOLERANCES, measured on CPU (where the suite runs) and set 
   trim intervals: equal to librosa.effects.trim's, in samples.
 """
 
-import shutil
 import subprocess
 
 import jax
@@ -58,15 +57,12 @@ def _espeak(tmp_path, i, voice, speed, pitch, text) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory):
+def clips(tmp_path_factory, requires_espeak):
   """Three espeak-ng utterances (about 0.7-1 s) and 0.75 s of white noise (float32, 16 kHz).
 
   The noise is shorter than the longest utterance, so in a padded batch it ends loud right
   before padding: that is where per-example 'reflect' padding is put to the test.
   """
-  if shutil.which("espeak-ng") is None:
-    pytest.skip("espeak-ng is not installed (Debian package espeak-ng); the librosa parity tests "
-                "need it to synthesize speech")
   tmp = tmp_path_factory.mktemp("speech")
   speech = [_espeak(tmp, i, *v) for i, v in enumerate(VOICES)]
   noise = (0.1 * np.random.default_rng(0).standard_normal(12_000)).astype(np.float32)

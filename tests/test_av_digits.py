@@ -1,16 +1,11 @@
 """AV digits: deterministic, voices disjoint between splits, audible speech, labels from sklearn."""
 
-import shutil
-
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
 from mmjax.data import pp
-
-av = pytest.importorskip("mmjax.data.datasets.av_digits")
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                reason="espeak-ng is not installed (apt-get install espeak-ng)")
+from mmjax.data.datasets import av_digits as av
 
 TINY = dict(num_examples=(("train", 6), ("test", 4)), digits=(1, 7),
             train_voices=("en-us", "en-gb+f2"), test_voices=("en-029",), speeds=(160,),
@@ -22,7 +17,7 @@ def _records(source):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, requires_espeak):
   cfg = av.AvDigitsConfig(name="tiny", **TINY)
   data_dir = tmp_path_factory.mktemp("av")
   return cfg, {s: _records(av.load(s, data_dir, config=cfg)) for s in ("train", "test")}

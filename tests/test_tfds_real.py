@@ -1,8 +1,8 @@
 """Real TFDS data sets through the same pp ops, offline: `tfds.testing.mock_data` + `tfds.data_source`.
 
 mnist and clevr work without TensorFlow. coco_captions and spoken_digit are tried too; where
-TFDS cannot even build their feature spec without TensorFlow, the test is skipped and the skip
-reason names the TFDS line that needs it.
+TFDS cannot even build their feature spec without TensorFlow, the test is skipped (one of
+ALLOWED_SKIPS in conftest.py) and the skip reason names the TFDS line that needs it.
 """
 
 import traceback
@@ -10,10 +10,9 @@ import traceback
 import numpy as np
 import PIL.Image
 import pytest
+import tensorflow_datasets as tfds
 
 from mmjax.data import pp
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 def _mock_source(name, num_examples=3):

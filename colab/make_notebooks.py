@@ -132,17 +132,29 @@ def quickstart_vqa():
             config.model.fusion_kwargs = {"depth": 2, "spatial": "image", "revisit": True,
                                           "distance_init": 0.1, "revisit_init": -4.0}
             config.data.eval_splits = ("test",)
+            config.train.steps = 40  # reaches the answer prior (below); 20 steps do not always
             config.train.eval_every = config.train.checkpoint_every = config.train.steps
           print(config.model)
           print(f"{config.train.steps} steps of {config.data.batch_size} images x 20 questions")
           '''),
-      md("## Train and evaluate\n\nThe trainer resumes from the workdir's latest checkpoint when run again."),
+      md("## Train and evaluate\n\nThe trainer resumes from the workdir's latest checkpoint when run again. "
+         "Beside each accuracy, the answer prior's: every question answered with the most frequent "
+         "training answer of its subtype (shape, left, top, closest, furthest, count). A model that "
+         "ignores the image reaches the prior and no more; a model leaves it once it finds the "
+         "object a question names, and short runs such as `tiny` sit at it."),
       code('''
           from mmjax.train import trainer
+          from mmjax.train.tasks import TASKS
 
           metrics = trainer.train(config, str(WORKDIR), progress=SIZE != "tiny")
-          rows = [f"| {k} | {v:.3f} |" for k, v in sorted(metrics.items()) if "/accuracy" in k and not k.startswith("train/")]
-          display(Markdown("| metric | value |\\n|---|---|\\n" + "\\n".join(rows)))
+          task = TASKS.get(config.task)(config)
+          prior = {split: task.prior_baseline(split) for split in config.data.eval_splits}
+          rows = []
+          for k, v in sorted(metrics.items()):
+            split, name = k.split("/", 1) if "/" in k else ("", k)
+            if split in prior and name.startswith("accuracy"):
+              rows.append(f"| {k} | {v:.3f} | {prior[split][name]:.3f} |")
+          display(Markdown("| metric | model | answer prior |\\n|---|---:|---:|\\n" + "\\n".join(rows)))
           curves = show(viz.training_curves(WORKDIR))
           '''),
       md("## Ask your own question\n\nA new scene from the same generator as the data set; change "
@@ -178,7 +190,7 @@ def quickstart_vqa():
             show(heads[-1])
           summary = {"backend": BACKEND, "devices": DEVICES, "size": SIZE, "step": predictor.step,
                      "num_params": metrics["num_params"], "test/accuracy": metrics["test/accuracy"],
-                     "num_answers": len(predictor.answers), "question": question, "answer": out["answer"],
+                     "test/prior_accuracy": prior["test"]["accuracy"], "num_answers": len(predictor.answers), "question": question, "answer": out["answer"],
                      "figures": [str(curves), str(attention), *map(str, heads)]}
           (WORKDIR / "summary.json").write_text(json.dumps(summary, indent=2))
           '''),
@@ -245,6 +257,7 @@ def fusion_comparison():
             config.data.eval_splits = ("test",)
             if SIZE == "tiny":  # no evaluation during training: the test accuracy is measured below
               config.data.eval_splits = ()
+              config.train.steps = 40  # reaches the answer prior (below); 20 steps do not always
               config.train.eval_every = config.train.checkpoint_every = config.train.steps
             metrics = trainer.train(config, str(WORKDIR / fusion), progress=SIZE != "tiny")
             predictor = Predictor.from_workdir(WORKDIR / fusion, batch_size=int(config.data.eval_batch_size))
@@ -252,18 +265,20 @@ def fusion_comparison():
                                **{c: accuracy_under(predictor, *p) for c, p in CONDITIONS.items()}}
             print(fusion, results[fusion])
           '''),
-      md("## Table and chart"),
+      md("## Table and chart\n\nThe answer prior answers every question with the most frequent training "
+         "answer of its subtype: a model that ignores the image reaches it and no more."),
       code('''
+          PRIOR = predictor.task.prior_baseline("test")["accuracy"]
           header = "| fusion | parameters | " + " | ".join(CONDITIONS) + " |\\n|---|---:|" + "---:|" * len(CONDITIONS)
           rows = [f"| {f} | {r['params']:,} | " + " | ".join(f"{r[c]:.3f}" for c in CONDITIONS) + " |"
                   for f, r in results.items()]
-          display(Markdown(header + "\\n" + "\\n".join(rows)))
+          display(Markdown(header + "\\n" + "\\n".join(rows) + f"\\n\\nAnswer prior (test): {PRIOR:.3f}"))
           chart = WORKDIR / "fusion_comparison.png"
           viz.grouped_bars_figure({f: {c: r[c] for c in CONDITIONS} for f, r in results.items()},
                                   ylabel="test accuracy", title=f"Sort-of-CLEVR VQA ({SIZE})", path=chart)
           show(chart)
           summary = {"backend": BACKEND, "devices": DEVICES, "size": SIZE, "results": results,
-                     "num_answers": len(predictor.answers), "figures": [str(chart)]}
+                     "prior_accuracy": PRIOR, "num_answers": len(predictor.answers), "figures": [str(chart)]}
           (WORKDIR / "summary.json").write_text(json.dumps(summary, indent=2))
           '''),
   ]
@@ -480,18 +495,26 @@ def transfer_minilm():
                 f"evaluated on {config.data.eval_splits}")
           metrics = trainer.train(config, str(WORKDIR / "vqa"), progress=SIZE != "tiny")
           """),
-      md("## Accuracy on the training wordings and on the held-out paraphrases"),
+      md("## Accuracy on the training wordings and on the held-out paraphrases\n\n"
+         "Beside them the answer prior (every question answered with the most frequent training "
+         "answer of its subtype), which a model that ignores the image reaches and no more."),
       code("""
+          from mmjax.train.tasks import TASKS
+
           KINDS = {"non-relational": "_non_relational", "relational": "_relational", "all": ""}
           splits = config.data.eval_splits
           table = {s: {k: metrics[f"{s}/accuracy{suffix}"] for k, suffix in KINDS.items()} for s in splits}
+          task = TASKS.get(config.task)(config)
+          prior = {s: task.prior_baseline(s) for s in splits}
+          prior = {s: {k: prior[s][f"accuracy{suffix}"] for k, suffix in KINDS.items()} for s in splits}
+          rows = {**{f"{s} (answer prior)": row for s, row in prior.items()}, **table}
           display(Markdown("| split | " + " | ".join(KINDS) + " |\\n|---|" + "---:|" * len(KINDS) + "\\n"
                            + "\\n".join(f"| {s} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |"
-                                        for s, row in table.items())))
+                                        for s, row in rows.items())))
           curves = show(viz.training_curves(WORKDIR / "vqa"))
           summary = {"backend": BACKEND, "devices": DEVICES, "size": SIZE, "transfer": TRANSFER,
                      "step": metrics["step"], "num_params": metrics["num_params"],
-                     "num_answers": len(sort_of_clevr.ANSWERS), "accuracy": table,
+                     "num_answers": len(sort_of_clevr.ANSWERS), "accuracy": table, "prior_accuracy": prior,
                      "question_to_paraphrase_top1": q_to_p, "paraphrase_to_question_top1": p_to_q,
                      "own_pair_cosine": float(similarity[own].mean()),
                      "other_pair_cosine": float(similarity[~own].mean()),

@@ -2,7 +2,6 @@
 eval metrics are in range and agree with an independent computation, and predict round-trips."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -84,6 +83,8 @@ def clip_run(tmp_path_factory):
 
 def test_clip_trains_and_reports_recall(clip_run):
   _, final, losses = clip_run
+  # A model blind to images or captions has a contrastive loss >= ln(batch); the tiny run only
+  # comes down to that bound (30 steps: 2.775, ln 16 = 2.773), so only the decrease is checked.
   _decreases(losses)
   for d in ("i2t", "t2i"):
     r1, r5 = final[f"test/{d}_r@1"], final[f"test/{d}_r@5"]
@@ -112,10 +113,8 @@ def test_clip_summarize_ranks_the_whole_split(clip_run):
 
 # ----------------------------------------------------------------------------------- av digits
 @pytest.fixture(scope="module")
-def av_run(tmp_path_factory):
-  if shutil.which("espeak-ng") is None:
-    pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-  return _train(tmp_path_factory, "av_digits", 10)
+def av_run(tmp_path_factory, requires_espeak):
+  return _train(tmp_path_factory, "av_digits", 30)
 
 
 def test_av_digits_trains_and_classifies(av_run, tmp_path):
@@ -125,12 +124,16 @@ def test_av_digits_trains_and_classifies(av_run, tmp_path):
     assert 0.0 <= final[f"test/{k}"] <= 1.0
   p = predict.Predictor.from_workdir(workdir)
   assert p.kind == "classify" and p.classes == av_digits.WORDS
+  # Beats every constant answer on the test split (the most a model blind to both inputs gets;
+  # the train split's majority class is one of them): measured 0.41 against 6 of 32 (10 steps: 0.19)
+  source = p.task.source("test")
+  labels = np.array([source[i]["label"] for i in range(len(source))])
+  assert final["test/accuracy"] > np.bincount(labels).max() / len(labels), final
   rows = {"prediction": np.array([1, 2, 2, 7, 0]), "label": np.array([1, 2, 3, 7, 9]),
           "prediction_audio": np.array([1, 0, 3, 7, 0]), "valid": np.array([1, 1, 1, 1, 0], bool)}
   assert p.task.summarize(rows) == {"accuracy": 0.75, "accuracy_audio": 0.75}
   cm = p.task.last_confusion
   assert cm.shape == (10, 10) and cm.sum() == 4 and cm[3, 2] == 1 and cm[7, 7] == 1 and cm[9].sum() == 0
-  source = p.task.source("test")
   record = source[0]
   audio = record["audio"][:record["audio_len"]]
   path = tmp_path / "digit.wav"

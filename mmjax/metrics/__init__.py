@@ -11,11 +11,13 @@ from mmjax.metrics.accumulate import Accumulator, Mean, MeanBase, select_items
 from mmjax.metrics.caption import CaptionMetrics, bleu, cider_d, rouge_l, simple_tokenize
 from mmjax.metrics.classification import ConfusionMatrix, accuracy, confusion_matrix
 from mmjax.metrics.retrieval import Retrieval, recall_at_k, retrieval_ranks
-from mmjax.metrics.vqa import ExactMatch, VQAAccuracy, exact_match, normalize_answer, vqa_accuracies, vqa_accuracy
+from mmjax.metrics.vqa import (ExactMatch, VQAAccuracy, exact_match, majority_answers, normalize_answer,
+                               vqa_accuracies, vqa_accuracy)
 
 __all__ = [
     "Accumulator", "CaptionMetrics", "ConfusionMatrix", "ExactMatch", "Mean", "MeanBase", "Retrieval",
-    "VQAAccuracy", "accuracy", "bleu", "cider_d", "confusion_matrix", "exact_match", "normalize_answer",
+    "VQAAccuracy", "accuracy", "bleu", "cider_d", "confusion_matrix", "exact_match", "majority_answers",
+    "normalize_answer",
     "recall_at_k", "retrieval_ranks", "rouge_l", "select_items", "simple_tokenize", "vqa_accuracies",
     "vqa_accuracy",
 ]

@@ -148,6 +148,34 @@ def exact_match(predictions: Sequence[str], targets: Sequence[str], *, normalize
   return np.array([norm(p) == norm(t) for p, t in zip(predictions, targets)], np.float64)
 
 
+def majority_answers(train_answers, train_types, types) -> np.ndarray:
+  """The answer prior: each question is answered with its type's most frequent training answer.
+
+  Scoring these predictions gives the question-type baseline (VQA's "per Q-type prior") that a
+  model has to beat to show it reads the image. Ties go to the lower answer index.
+
+  Args:
+    train_answers: int answers of the training questions, any shape.
+    train_types: int (>= 0) type of each training question, shaped like `train_answers` (e.g.
+      Sort-of-CLEVR's subtype).
+    types: int types of the questions to answer, any shape.
+
+  Returns:
+    The predicted answers, int64 shaped like `types`.
+  """
+  train_answers, train_types = np.ravel(train_answers), np.ravel(train_types)
+  types = np.asarray(types)
+  if train_answers.size != train_types.size:
+    raise ValueError(f"train_types: expected {train_answers.size} types (one per answer), got {train_types.size}")
+  unseen = np.setdiff1d(types, train_types)
+  if unseen.size:
+    raise ValueError(f"types: {unseen.tolist()} never occur in train_types")
+  table = np.zeros(train_types.max() + 1, np.int64)  # type -> its majority answer
+  for t in np.unique(train_types):
+    table[t] = np.bincount(train_answers[train_types == t]).argmax()
+  return table[types]
+
+
 class VQAAccuracy(MeanBase):
   """Accumulates official VQA accuracy over batches (and hosts) as a (sum, count) pair."""
 

@@ -7,12 +7,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from mmjax import losses
 from mmjax.data import pipeline, scenes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.datasets import sort_of_clevr
+from mmjax.metrics.vqa import majority_answers
 from mmjax.models.vqa import VQAModel
 from mmjax.train.tasks import TASKS
 
@@ -70,24 +72,7 @@ class SortOfClevrVQA:
   def eval_fn(self, model, batch):
     logits, _ = model(batch["image"], batch["question_ids"], batch["question_mask"])
     valid = jnp.broadcast_to(batch["valid"][:, None], batch["answer"].shape)  # (B, Q)
-    correct = (logits.argmax(-1) == batch["answer"]) & valid
-    out = {"correct": correct.sum(), "count": valid.sum()}
-    for k, name in enumerate(sort_of_clevr.KINDS):
-      sel = batch["kind"] == k
-      out[f"correct_{name}"] = (correct & sel).sum()
-      out[f"count_{name}"] = (valid & sel).sum()
-    for s, name in enumerate(sort_of_clevr.SUBTYPES):
-      sel = batch["subtype"] == s
-      out[f"correct_{name}"] = (correct & sel).sum()
-      out[f"count_{name}"] = (valid & sel).sum()
-    # Non-relational accuracy per colour the question names: a model learns to find the named
-    # object one colour at a time, and these show which colours it has bound.
-    non_relational = batch["kind"] == sort_of_clevr.KINDS.index("non_relational")
-    for c, name in enumerate(scenes.COLORS):
-      sel = non_relational & (batch["color"] == c)
-      out[f"correct_non_relational_{name}"] = (correct & sel).sum()
-      out[f"count_non_relational_{name}"] = (valid & sel).sum()
-    return out
+    return _counts((logits.argmax(-1) == batch["answer"]) & valid, valid, batch)
 
   def summarize(self, sums):
     out = {"accuracy": sums["correct"] / max(sums["count"], 1)}
@@ -95,6 +80,23 @@ class SortOfClevrVQA:
     for name in names + tuple(f"non_relational_{c}" for c in scenes.COLORS):
       out[f"accuracy_{name}"] = sums[f"correct_{name}"] / max(sums[f"count_{name}"], 1)
     return out
+
+  def prior_baseline(self, split: str, train_split: str = "train") -> dict[str, float]:
+    """The answer prior's metrics on `split`, keyed as `summarize`'s: every question answered with
+    the most frequent answer of its subtype in `train_split`: what a model that ignores the image
+    can reach (a question's colour and wording carry no more about its answer than its subtype)."""
+    train, evaluated = self.question_arrays(train_split), self.question_arrays(split)
+    guess = majority_answers(train["answer"], train["subtype"], evaluated["subtype"])  # (N, Q)
+    sums = _counts(guess == evaluated["answer"], np.ones(guess.shape, bool), evaluated)
+    return {k: float(v) for k, v in self.summarize(sums).items()}
+
+  def question_arrays(self, split: str) -> dict[str, np.ndarray]:
+    """answer, kind, subtype and color (the colour a question names) of every question of
+    `split`: (images, questions per image) int arrays."""
+    source = self.source(split)
+    records = [source[i] for i in range(len(source))]
+    keys = {"answer": "answers", "kind": "kinds", "subtype": "subtypes", "color": "question_colors"}
+    return {k: np.stack([np.asarray(r[v]) for r in records]) for k, v in keys.items()}
 
   # -- data ------------------------------------------------------------------------------------
   def source(self, split: str):
@@ -109,3 +111,25 @@ class SortOfClevrVQA:
         max_len=d.max_len, seed=int(self.config.seed), training=train, shard_index=shard_index,
         shard_count=shard_count, worker_count=d.worker_count if train else 0,
         tokenizer=self.tokenizer).dataset
+
+
+def _counts(correct, valid, batch) -> dict[str, Any]:
+  """correct, valid (B, Q) bool (numpy or jax) -> the correct / count sums `summarize` reads:
+  overall, per kind, per subtype and per colour of the non-relational questions."""
+  out = {"correct": correct.sum(), "count": valid.sum()}
+  for k, name in enumerate(sort_of_clevr.KINDS):
+    sel = batch["kind"] == k
+    out[f"correct_{name}"] = (correct & sel).sum()
+    out[f"count_{name}"] = (valid & sel).sum()
+  for s, name in enumerate(sort_of_clevr.SUBTYPES):
+    sel = batch["subtype"] == s
+    out[f"correct_{name}"] = (correct & sel).sum()
+    out[f"count_{name}"] = (valid & sel).sum()
+  # Non-relational accuracy per colour the question names: a model learns to find the named
+  # object one colour at a time, and these show which colours it has bound.
+  non_relational = batch["kind"] == sort_of_clevr.KINDS.index("non_relational")
+  for c, name in enumerate(scenes.COLORS):
+    sel = non_relational & (batch["color"] == c)
+    out[f"correct_non_relational_{name}"] = (correct & sel).sum()
+    out[f"count_non_relational_{name}"] = (valid & sel).sum()
+  return out

@@ -123,6 +123,8 @@ class SpectrogramTransformer(nnx.Module):
     feature_mean, feature_std: fixed normalisation (x - mean) / std of log-mel values
       (AST uses dataset statistics).
     dropout, attn_dropout: dropout on embeddings/sub-layers and on attention weights.
+    remat: what each encoder block keeps for the backward pass: "none", "dots" or "full" (see
+      `mmjax.layers.REMAT_POLICIES`).
   """
 
   def __init__(self, width: int = 192, depth: int = 4, num_heads: int = 3,
@@ -131,8 +133,8 @@ class SpectrogramTransformer(nnx.Module):
                max_frames: int = 1024, posemb: str = "learned", pool: str = "cls",
                input_kind: str = "features", frontend: af.FrontEndConfig | None = None,
                feature_mean: float = 0.0, feature_std: float = 1.0, dropout: float = 0.0,
-               attn_dropout: float = 0.0, ln_eps: float = 1e-6, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               attn_dropout: float = 0.0, ln_eps: float = 1e-6, remat: str = "none",
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     stride = self.patch if stride is None else stride
     self.stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
@@ -163,7 +165,8 @@ class SpectrogramTransformer(nnx.Module):
                                        rngs=rngs) if posemb == "learned" else None)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.encoder = Encoder(depth, width, num_heads, mlp_dim or 4 * width, norm="pre",
-                           ln_eps=ln_eps, dropout=dropout, attn_dropout=attn_dropout, **kw)
+                           ln_eps=ln_eps, dropout=dropout, attn_dropout=attn_dropout, remat=remat,
+                           **kw)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                lengths: jax.Array | None = None, deterministic: bool = True) -> EncoderOutput:

@@ -123,13 +123,15 @@ class BertEncoder(nnx.Module):
     variant: a name in `BERT_VARIANTS`.
     pool: pooling; default "pooler" when the model has a pooler, else "mean".
     dtype: compute dtype; param_dtype: parameter dtype.
+    remat: what each encoder block keeps for the backward pass: "none", "dots" or "full" (see
+      `mmjax.layers.REMAT_POLICIES`): less memory, the same outputs and gradients.
     rngs: parameter and dropout keys.
     **overrides: any `BertSpec` field (vocab_size, depth, pooler, dropout, ...).
   """
 
   def __init__(self, variant: str = "bert-base", *, pool: str | None = None,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
-               **overrides):
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, remat: str = "none",
+               rngs: nnx.Rngs, **overrides):
     spec = decode_variant(variant, **overrides)
     pool = pool or ("pooler" if spec.pooler else "mean")
     if pool not in POOLS:
@@ -146,7 +148,7 @@ class BertEncoder(nnx.Module):
     self.embed_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
     self.encoder = Encoder(spec.depth, d, spec.heads, spec.mlp_dim, norm="post", final_norm=False,
                            ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
-                           attn_dropout=spec.attn_dropout, **kw)
+                           attn_dropout=spec.attn_dropout, remat=remat, **kw)
     self.pooler = dense(d, d, ("embed", None), **kw) if spec.pooler else None
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None,
@@ -236,12 +238,13 @@ class ClipTextEncoder(nnx.Module):
 
   Args:
     dtype: compute dtype; param_dtype: parameter dtype.
+    remat: "none", "dots" or "full", as in `BertEncoder`.
     rngs: parameter and dropout keys.
     **fields: any `ClipTextSpec` field.
   """
 
   def __init__(self, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs, **fields):
+               remat: str = "none", rngs: nnx.Rngs, **fields):
     known = {f.name for f in dataclasses.fields(ClipTextSpec)}
     bad = sorted(set(fields) - known)
     if bad:
@@ -257,7 +260,7 @@ class ClipTextEncoder(nnx.Module):
     self.embed_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
     self.encoder = Encoder(spec.depth, spec.hidden, spec.heads, spec.mlp_dim, norm="pre",
                            final_norm=True, ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
-                           attn_dropout=spec.attn_dropout, **kw)
+                           attn_dropout=spec.attn_dropout, remat=remat, **kw)
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
                deterministic: bool = True, return_hidden: bool = False):

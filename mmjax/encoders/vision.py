@@ -135,12 +135,15 @@ class ViT(nnx.Module):
   Args:
     variant: "<size>/<patch>" (see `decode_variant`), or None to give every size explicitly.
     dtype: compute dtype; param_dtype: parameter dtype.
+    remat: what each encoder block keeps for the backward pass: "none", "dots" or "full" (see
+      `mmjax.layers.REMAT_POLICIES`): less memory, the same outputs and gradients.
     rngs: parameter and dropout keys.
     **overrides: any `ViTSpec` field; ints are accepted for `patch` and `image_size`.
   """
 
   def __init__(self, variant: str | None = "B/16", *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, **overrides):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs,
+               **overrides):
     fields = {f.name for f in dataclasses.fields(ViTSpec)}
     bad = sorted(set(overrides) - fields)
     if bad:
@@ -170,7 +173,7 @@ class ViT(nnx.Module):
     self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
     self.encoder = Encoder(spec.depth, d, spec.heads, spec.mlp_dim, norm="pre", final_norm=True,
                            ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
-                           attn_dropout=spec.attn_dropout, **kw)
+                           attn_dropout=spec.attn_dropout, remat=remat, **kw)
     self.pooler = dense(d, d, ("embed", None), **kw) if spec.pooler else None
     self.head = dense(d, spec.num_classes, ("embed", None), **kw) if spec.num_classes else None
 
@@ -454,6 +457,7 @@ class SmallCNN(nnx.Module):
       blue against white) gets no unit that fires for it and not for them.
     act: activation after each conv.
     dtype, param_dtype: compute and parameter dtypes.
+    remat: rematerialisation of the Transformer layers ("none", "dots" or "full"; see `ViT`).
     rngs: parameter keys.
   """
 
@@ -461,8 +465,8 @@ class SmallCNN(nnx.Module):
                kernel_size: int = 3, norm: str = "batch", norm_groups: int = 8,
                coords: bool = False, coord_freqs: int = 0, depth: int = 0, num_heads: int = 4,
                mlp_ratio: int = 2, rel_pos: int = 0, in_channels: int = 3, pixel_freqs: int = 0,
-               act: str = "relu",
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               act: str = "relu", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               remat: str = "none", rngs: nnx.Rngs):
     if not channels:
       raise ValueError("channels: expected at least one conv layer")
     if depth < 0:
@@ -481,8 +485,8 @@ class SmallCNN(nnx.Module):
                             for ci, co in zip(cins, channels)])
     self.proj = dense(channels[-1] + 2 * coords + 4 * coord_freqs, features, (None, "embed"),
                       rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.encoder = (Encoder(depth, features, num_heads, mlp_ratio * features, rngs=rngs,
-                            dtype=dtype, param_dtype=param_dtype) if depth else None)
+    self.encoder = (Encoder(depth, features, num_heads, mlp_ratio * features, remat=remat,
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype) if depth else None)
     if rel_pos < 0 or (rel_pos and not depth):
       raise ValueError(f"rel_pos: expected a non-negative int, and depth > 0 when > 0; got "
                        f"rel_pos={rel_pos!r}, depth={depth!r}")

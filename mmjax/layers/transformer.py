@@ -13,6 +13,23 @@ from mmjax.layers.attention import MultiHeadAttention, make_attention_mask
 from mmjax.layers.common import Dtype, activation, dense, layer_norm
 
 
+# What a block keeps for the backward pass under each `remat` name (the rest is recomputed there):
+# everything (the block is then not wrapped at all); the outputs of matmuls without batch
+# dimensions (the dense layers', not attention's logits and weighted sums); or only its input.
+REMAT_POLICIES = {
+    "none": jax.checkpoint_policies.everything_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def check_remat(remat: str) -> str:
+  """Returns `remat`, or raises a ValueError naming the field when it is no `REMAT_POLICIES` key."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat: expected one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  return remat
+
+
 class Mlp(nnx.Module):
   """Two-layer feed-forward block: fc1 (D -> hidden), activation, dropout, fc2 (hidden -> D)."""
 
@@ -114,11 +131,16 @@ class DecoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  """A stack of `EncoderBlock`s with an optional final LayerNorm (for pre-LN stacks)."""
+  """A stack of `EncoderBlock`s with an optional final LayerNorm (for pre-LN stacks).
+
+  `remat` ("none", "dots" or "full", see `REMAT_POLICIES`) picks what each block keeps for the
+  backward pass; outputs and gradients are the same under all three, to float32 rounding.
+  """
 
   def __init__(self, depth: int, features: int, num_heads: int, mlp_dim: int, *,
                norm: str = "pre", final_norm: bool | None = None, ln_eps: float = 1e-6,
-               rngs: nnx.Rngs, **block_kw):
+               remat: str = "none", rngs: nnx.Rngs, **block_kw):
+    self.remat = check_remat(remat)
     self.layers = nnx.List([
         EncoderBlock(features, num_heads, mlp_dim, norm=norm, ln_eps=ln_eps, rngs=rngs, **block_kw)
         for _ in range(depth)
@@ -136,9 +158,18 @@ class Encoder(nnx.Module):
       bias = [bias] * len(self.layers)
     if len(bias) != len(self.layers):
       raise ValueError(f"bias: expected one per layer ({len(self.layers)}), got {len(bias)}")
+
+    def run(layer, x, mask, b):
+      return layer(x, mask, bias=b, deterministic=deterministic)
+
+    if self.remat != "none":
+      # graph_updates=False: flax's default writes every variable back after each block, which
+      # fails for a model nnx.merge'd in a jit without copy=True; changed ones (dropout counts)
+      # are written back either way, and blocks change no graph structure.
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat], graph_updates=False)
     hidden = [x]
     for layer, b in zip(self.layers, bias):
-      x = layer(x, amask, bias=b, deterministic=deterministic)
+      x = run(layer, x, amask, b)
       hidden.append(x)
     if self.final_norm is not None:
       x = self.final_norm(x)

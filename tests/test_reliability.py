@@ -4,6 +4,7 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from mmjax.train import trainer
 from mmjax.train.checkpoint import CheckpointSaveError, Checkpointer, CorruptCheckpointError
 from mmjax.train.config import load_config
 from mmjax.train.tasks import TASKS
-from toy_task import FIRST_BATCH, NAN_AT, TEST, ToyIterator, stack, toy_config
+from toy_task import FIRST_BATCH, NAN_AT, TEST, ToyIterator, assert_states_equal, stack, toy_config
 
 HERE = os.path.dirname(__file__)
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -160,6 +161,56 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_step(six_steps, 
   a, _ = _restore(six_steps, toy_config(6, ONE), 6)
   b, _ = _restore(wd, toy_config(6, ONE), 6)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+
+
+def _removal_order(path, folders_first):
+  """A folder's files and subfolders in the order a depth-first deletion removes them, itself last."""
+  names, out = sorted(os.listdir(path)), []
+  if folders_first:  # a stable sort: subfolders, then files, each in name order
+    names.sort(key=lambda n: not os.path.isdir(os.path.join(path, n)))
+  for name in names:
+    p = os.path.join(path, name)
+    out += _removal_order(p, folders_first) if os.path.isdir(p) else [p]
+  return out + [path]
+
+
+def test_interrupted_deletion_of_the_latest_step_falls_back_to_a_complete_step(six_steps, tmp_path, caplog):
+  """Orbax deletes a step in place, file by file (best-keeping can delete the step it just saved):
+  a kill at any point of that deletion must not resume from the step's remains (its state
+  without its data iterator state or checksums). Every prefix of the deletion of step 6, in two
+  orders (the items first; Orbax's step metadata first): the newest step that restores is
+  complete, bit for bit the state saved at that step, with the data state of that step."""
+  abstract = trainer.Setup(toy_config(6, ONE)).abstract_state
+  good = {s: _restore(six_steps, toy_config(6, ONE), s)[0] for s in (3, 6)}
+  for folders_first in (True, False):
+    order = _removal_order(six_steps / "checkpoints" / "6", folders_first)
+    order = [os.path.relpath(p, six_steps) for p in order]
+    for k in range(len(order) + 1):
+      wd = tmp_path / f"{folders_first}-{k}"
+      shutil.copytree(six_steps / "checkpoints", wd / "checkpoints")
+      for rel in order[:k]:  # the deletion, killed after k removals
+        (os.rmdir if os.path.isdir(wd / rel) else os.unlink)(wd / rel)
+      ck = Checkpointer(str(wd / "checkpoints"))
+      try:
+        step, state, data = ck.restore_latest(abstract)
+      finally:
+        ck.close()
+      assert data is not None and data["i"] == step, (order[:k], step, data)
+      assert_states_equal(good[step], state)
+      if k and not folders_first:  # without its step metadata, step 6 is never taken again
+        assert step == 3, order[:k]
+  # The trainer, killed while the step's data and integrity items were gone and its state intact.
+  wd = tmp_path / "train"
+  shutil.copytree(six_steps, wd)
+  for item in ("data", "integrity"):
+    shutil.rmtree(wd / "checkpoints" / "6" / item)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    final = trainer.train(toy_config(6, ONE), str(wd), progress=False)
+  assert final["resumed_from"] == 3 and FIRST_BATCH[-1] == 3
+  assert "checkpoint step 6" in caplog.text and "is incomplete: item(s) data, integrity missing" in caplog.text
+  assert "restored checkpoint step 3 instead" in caplog.text
+  assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6", "6.corrupt"]  # step 6 trained and saved again
 
 
 def test_no_restorable_checkpoint_is_an_error_listing_each_step(six_steps, tmp_path):

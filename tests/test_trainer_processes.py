@@ -72,10 +72,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   os.kill(p.pid, signal.SIGKILL)
   p.wait()
   killed_at = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
+  left = {d: sorted(os.listdir(ckdir / d)) for d in os.listdir(ckdir)}  # what the kill left
   assert 6 <= killed_at < steps
   resumed = _finish(_run([tmp_path / "b", steps]))
   # Resumed, not restarted: from the last checkpoint, the data stream at that step's batch index.
-  assert resumed["resumed_from"] == killed_at and resumed["first_batch"] == killed_at
+  assert resumed["resumed_from"] == killed_at and resumed["first_batch"] == killed_at, (resumed, left)
   sa, a, da = _final_state(tmp_path / "a", steps)
   sb, b, db = _final_state(tmp_path / "b", steps)
   assert sa == sb == steps and da == db and da["i"] == steps

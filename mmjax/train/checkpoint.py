@@ -5,6 +5,10 @@ Faults are handled so that a run never loses more than one checkpoint interval:
 - An interrupted save (SIGKILL, power loss) leaves only an Orbax temporary folder
   (`<step>.orbax-checkpoint-tmp-*`); steps are published by an atomic rename, so such a folder
   is never listed as a step. The trainer's Checkpointer removes these leftovers with a warning.
+- Orbax deletes old steps in place, file by file (best-keeping may delete a step right after
+  saving it), so an interrupted deletion leaves a listed step without some of its items. A step
+  counts only when complete: finalized for Orbax, with every item its step metadata records
+  (the data iterator state, the checksums); an incomplete step is handled as a corrupted one.
 - Every checkpoint carries a checksum of each array (`integrity` item). A checkpoint that fails
   to read or whose arrays do not match their checksums (truncated or garbled files) raises
   `CorruptCheckpointError` naming the step; `restore_latest` then falls back to the newest step
@@ -156,13 +160,13 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, with_data: bool = True) -> tuple[Any, dict | None]:
     """Restores `step` onto `abstract_state` (ShapeDtypeStructs with shardings: any mesh works).
 
-    Raises CorruptCheckpointError naming the step when its files cannot be read or its arrays
-    do not match the checksums saved with them.
+    Raises CorruptCheckpointError naming the step when it is incomplete, its files cannot be read
+    or its arrays do not match the checksums saved with them.
     """
-    step_dir = os.path.join(self.directory, str(step))
+    items = self._saved_items(step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_data = with_data and os.path.isdir(os.path.join(step_dir, "data"))
-    has_integrity = os.path.isdir(os.path.join(step_dir, "integrity"))
+    has_data = with_data and "data" in items
+    has_integrity = "integrity" in items
     if has_data:
       args["data"] = ocp.args.JsonRestore()
     if has_integrity:
@@ -181,11 +185,29 @@ class Checkpointer:
             f"match their saved checksums ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     return out["state"], (out["data"] if has_data else None)
 
-  def restore_latest(self, abstract_state: Any, with_data: bool = True) -> tuple[int, Any, dict | None] | None:
-    """(step, state, data) of the newest step that restores; None when there is no checkpoint.
+  def _saved_items(self, step: int) -> set[str]:
+    """The items `step` was saved with; CorruptCheckpointError if the step is not complete."""
+    path = os.path.join(self.directory, str(step))
+    where = f"checkpoint step {step} in {self.directory}"
+    if not ocp.step.is_checkpoint_finalized(path):
+      raise CorruptCheckpointError(f"{where} is not a finalized checkpoint")
+    try:  # Orbax's record of the items, written before the step is published
+      items = set(ocp.metadata.get_step_metadata(path).item_handlers or ())
+    except (ValueError, OSError) as e:  # missing or unreadable
+      raise CorruptCheckpointError(f"{where} is incomplete: its step metadata cannot be read "
+                                   f"({type(e).__name__}: {e})") from e
+    missing = sorted(n for n in items | {"state"}
+                     if not ocp.step.is_checkpoint_finalized(os.path.join(path, n)))
+    if missing:
+      raise CorruptCheckpointError(f"{where} is incomplete: item(s) {', '.join(missing)} missing "
+                                   "(its deletion or save was interrupted)")
+    return items
 
-    Corrupted newer steps are logged, skipped and moved aside to `<step>.corrupt`; if no step
-    restores, CorruptCheckpointError lists every step's reason and nothing is moved.
+  def restore_latest(self, abstract_state: Any, with_data: bool = True) -> tuple[int, Any, dict | None] | None:
+    """(step, state, data) of the newest complete step that restores; None without checkpoints.
+
+    Incomplete or corrupted newer steps are logged, skipped and moved aside to `<step>.corrupt`;
+    if no step restores, CorruptCheckpointError lists every step's reason and nothing is moved.
     """
     failures: list[tuple[int, CorruptCheckpointError]] = []
     for step in reversed(self.all_steps()):
@@ -197,7 +219,7 @@ class Checkpointer:
         continue
       if failures:
         self._move_aside([s for s, _ in failures])
-        log.warning("restored checkpoint step %d instead of the corrupted newer step(s) %s",
+        log.warning("restored checkpoint step %d instead of the incomplete or corrupted newer step(s) %s",
                     step, [s for s, _ in failures])
       return step, state, data
     if failures:
@@ -213,7 +235,7 @@ class Checkpointer:
         if os.path.exists(dst):
           shutil.rmtree(dst)
         os.rename(src, dst)
-        log.warning("moved the corrupted checkpoint %s aside to %s", src, dst)
+        log.warning("moved the incomplete or corrupted checkpoint %s aside to %s", src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("mmjax_checkpoint_move_aside")

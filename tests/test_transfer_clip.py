@@ -10,8 +10,8 @@ import pytest
 import torch
 from flax import nnx
 from transformers import CLIPConfig, CLIPModel
-from transformers.activations import ACT2FN
 
+from hf_reference import assert_activations_follow_hf, randomized
 from mmjax.encoders.text import ClipTextEncoder
 from mmjax.encoders.vision import ViT
 from mmjax.layers.embeddings import LearnedPositions
@@ -37,7 +37,6 @@ CFG = dict(
 STDS = {"patch_embedding": 0.001, "class_embedding": 0.01, "position_embedding": 0.01,
         "token_embedding": 0.01, "out_proj": 0.003, "fc2": 0.003, "fc1.weight": 0.2}
 LN_GAINS = {"pre_layrnorm": 0.03}
-X = np.linspace(-6, 6, 1201, dtype=np.float32)  # where activations are compared
 # Row 0 is padded with the EOS id itself (as OpenAI's tokenizer does): HF pools at the first EOS.
 IDS = np.array([[5, 17, 33, 91, 7, EOS, EOS, EOS, EOS, EOS],
                 [5, 45, EOS, PAD, PAD, PAD, PAD, PAD, PAD, PAD],
@@ -45,29 +44,11 @@ IDS = np.array([[5, 17, 33, 91, 7, EOS, EOS, EOS, EOS, EOS],
 MASK = np.array([[1] * 6 + [0] * 4, [1] * 3 + [0] * 7, [1] * 10], np.int64)
 
 
-def _randomized(model):
-  """Every parameter random: N(0, std) by `STDS`; LayerNorm weights gain * (1 + N(0, 0.3^2)) and
-  biases N(0, (0.3 gain)^2) by `LN_GAINS` (else 1)."""
-  g = torch.Generator().manual_seed(0)
-  norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
-  pick = lambda table, name, default: next((v for k, v in table.items() if k in name), default)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      r = torch.randn(p.shape, generator=g)
-      owner, kind = name.rsplit(".", 1) if "." in name else ("", name)
-      if owner in norms:
-        gain = pick(LN_GAINS, name, 1.0)
-        p.copy_(gain * (1 + 0.3 * r) if kind == "weight" else 0.3 * gain * r)
-      else:
-        p.copy_(pick(STDS, name, 0.3) * r)
-  return model.eval()
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   """A tiny HF CLIPModel with every weight random (LayerNorms included), saved as safetensors."""
   torch.manual_seed(0)
-  model = _randomized(CLIPModel(CLIPConfig(**CFG)))
+  model = randomized(CLIPModel(CLIPConfig(**CFG)), STDS, LN_GAINS)
   with torch.no_grad():
     model.logit_scale.fill_(math.log(20.0))  # logits of a visible size
   folder = tmp_path_factory.mktemp("tiny_clip")
@@ -161,11 +142,8 @@ def test_built_module_follows_the_hf_config(hf_dir):
                             (text, t, 2 * t.num_hidden_layers + 1)):
     norms = [m for _, m in nnx.iter_graph(tower) if isinstance(m, nnx.LayerNorm)]
     assert [m.epsilon for m in norms] == [c.layer_norm_eps] * n_norms
-    want = ACT2FN[c.hidden_act](torch.from_numpy(X)).numpy()
     assert len(tower.encoder.layers) == c.num_hidden_layers
-    for i, block in enumerate(tower.encoder.layers):  # exact, tanh and quick GELU differ by >= 1e-4
-      np.testing.assert_allclose(block.mlp.act(X), want, atol=1e-6, rtol=0,
-                                 err_msg=f"{type(tower).__name__} layer {i} vs HF {c.hidden_act!r}")
+    assert_activations_follow_hf(tower.encoder.layers, c.hidden_act, f"{type(tower).__name__} ")
   # Learned absolute positions: the text table indexed from 0, the image one over class + patches.
   assert isinstance(text.position_embed, LearnedPositions)
   assert text.position_embed.embedding.shape == (t.max_position_embeddings, t.hidden_size)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax import nnx
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
-from transformers.activations import ACT2FN
 
+from hf_reference import assert_activations_follow_hf, randomized
 from mmjax.layers.embeddings import LearnedPositions
 from mmjax.transfer.io import WeightMismatchError, read_safetensors, write_safetensors
 from mmjax.transfer.vit import export_vit, load_vit, save_vit
@@ -23,7 +23,6 @@ CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermedi
 # weights of 0.2 on the O(1) LayerNorm outputs keep the GELU's inputs O(1), where its forms differ.
 STDS = {"patch_embeddings": 0.001, "cls_token": 0.01, "position_embeddings": 0.01,
         "o_proj": 0.003, "fc2": 0.003, "fc1.weight": 0.2, "pooler": 0.1}
-X = np.linspace(-6, 6, 1201, dtype=np.float32)  # where activations are compared
 
 
 @pytest.fixture(autouse=True)
@@ -31,21 +30,6 @@ def _fast_random_init():
   """Partitionable threefry takes seconds to compile per initialiser shape on XLA:CPU."""
   with jax.threefry_partitionable(False):
     yield
-
-
-def _randomized(model):
-  """Every parameter random: N(0, std) by `STDS`; LayerNorm weights 1 + N(0, 0.3^2), biases
-  N(0, 0.3^2) (HF's init leaves LayerNorms at 1/0, hiding mix-ups)."""
-  g = torch.Generator().manual_seed(0)
-  norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      r = torch.randn(p.shape, generator=g)
-      if name.rsplit(".", 1)[0] in norms:
-        p.copy_(1 + 0.3 * r if name.endswith("weight") else 0.3 * r)
-      else:
-        p.copy_(next((v for k, v in STDS.items() if k in name), 0.3) * r)
-  return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +40,7 @@ def hf_dirs(tmp_path_factory):
   for name, cls in (("model", ViTModel), ("classifier", ViTForImageClassification)):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp(name)
-    _randomized(cls(cfg)).save_pretrained(d)
+    randomized(cls(cfg), STDS).save_pretrained(d)
     assert os.path.exists(d / "model.safetensors")
     out[name] = d
   return out
@@ -115,11 +99,8 @@ def test_built_module_follows_the_hf_config(hf_dirs):
     norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.LayerNorm)]
     assert len(norms) == 2 * cfg.num_hidden_layers + 1  # 2 per layer, then the final one
     assert [m.epsilon for m in norms] == [cfg.layer_norm_eps] * len(norms)
-    want = ACT2FN[cfg.hidden_act](torch.from_numpy(X)).numpy()
     assert len(model.encoder.layers) == cfg.num_hidden_layers
-    for i, block in enumerate(model.encoder.layers):  # exact, tanh and quick GELU differ by >= 1e-4
-      np.testing.assert_allclose(block.mlp.act(X), want, atol=1e-6, rtol=0,
-                                 err_msg=f"layer {i} activation vs HF {cfg.hidden_act!r}")
+    assert_activations_follow_hf(model.encoder.layers, cfg.hidden_act)
     # HF ViT: a learned table for the class token + every patch, added after the class token.
     n = (cfg.image_size // cfg.patch_size) ** 2 + 1
     assert model.spec.posemb == "learn" and isinstance(model.pos_embed, LearnedPositions)

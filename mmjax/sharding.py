@@ -31,6 +31,9 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("conv_out", "tensor"),
+    # FSDP for kernels without an embed axis (e.g. a head's (mlp, vocab)): their other axis.
+    ("mlp", "fsdp"),
+    ("vocab", "fsdp"),
 )
 
 _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("mmjax_rules", default=None)
@@ -61,21 +64,32 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
   return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types, devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None) -> P:
-  """Maps logical axis names to a PartitionSpec using `rules` (see module docstring)."""
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec using `rules` (see module docstring).
+
+  With `mesh`, mesh axes of size 1 are left out (a rule left with none gives way to the next, so a
+  fallback such as ("mlp", "fsdp") applies when "tensor" has size 1); with `shape` too, a rule whose
+  axes do not divide its dimension gives way (e.g. 3,129 answers over 4 chips).
+  """
   if names is None:
     return P()
   used: set[str] = set()
   out = []
-  for name in names:
+  for i, name in enumerate(names):
     chosen = None
     if name is not None:
       for pattern, axes in rules:
         if not re.fullmatch(pattern, name):
           continue
         tup = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        if mesh is not None and any(a not in mesh.shape for a in tup):
-          continue
+        if mesh is not None:
+          if any(a not in mesh.shape for a in tup):
+            continue
+          if tup and not (tup := tuple(a for a in tup if mesh.shape[a] > 1)):
+            continue
+          if tup and shape is not None and shape[i] % int(np.prod([mesh.shape[a] for a in tup])):
+            continue
         if any(a in used for a in tup):
           continue
         used.update(tup)
@@ -103,7 +117,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   if len(names) != x.ndim:
     raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of rank {x.ndim}")
-  spec = logical_to_spec(names, rules, mesh)
+  spec = logical_to_spec(names, rules, mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -119,7 +133,7 @@ def param_specs(state: nnx.State, rules: Rules, mesh: Mesh | None = None) -> nnx
   """
 
   def spec(v):
-    return v.replace(logical_to_spec(v.get_metadata().get("logical_axes"), rules, mesh))
+    return v.replace(logical_to_spec(v.get_metadata().get("logical_axes"), rules, mesh, v.value.shape))
 
   return jax.tree.map(spec, state, is_leaf=_is_var)
 

@@ -40,21 +40,24 @@ class Registry:
 
   def _load_builtins(self) -> None:
     if not self._loaded:
-      self._loaded = True
       for module in self.modules:
         importlib.import_module(module)
+      self._loaded = True  # only now: a module that failed to import fails every lookup, not just the first
 
   def _resolve(self, name: str) -> str:
     """The key of `name`, importing the module of a "package.module:key" name."""
     if not isinstance(name, str):
       raise KeyError(f"{self.kind}: expected a name (str), got {type(name).__name__} {name!r}")
-    self._load_builtins()
     module, sep, key = name.rpartition(":")
     if sep:
       try:
         importlib.import_module(module)
       except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+          raise  # the module exists; one of its own imports is missing
         raise KeyError(f"{self.kind} {name!r}: cannot import module {module!r} ({e})") from e
+    if key not in self._entries:  # built-ins load only when needed (a script's own entry needs none)
+      self._load_builtins()
     return key
 
   def get(self, name: str) -> Callable[..., Any]:

@@ -22,6 +22,9 @@ XLA_MODE = os.environ.get("MMJAX_TEST_XLA", "fast")
 if XLA_MODE not in XLA_MODES:
   raise pytest.UsageError(f"MMJAX_TEST_XLA={XLA_MODE!r}: expected one of {', '.join(XLA_MODES)}")
 os.environ.setdefault("XLA_FLAGS", XLA_MODES[XLA_MODE])
+# The tests run on the CPU backend, also where the `tpu` extra installed libtpu (for the
+# ahead-of-time TPU compiles): without this every process would first probe for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -9,6 +9,7 @@ import pytest
 
 from mmjax.train import optim, trainer
 from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.optim import path_str
 from toy_task import (FAIL_AFTER, FIRST_BATCH, ToyIterator, assert_states_close, assert_states_equal, leaves,
                       toy_config)
 
@@ -174,3 +175,31 @@ def test_training_a_finished_workdir_again_returns_its_final_metrics(tmp_path):
   keys = [k for k in first if k.startswith(("test/", "train/")) and k != "train/examples_per_s"]
   assert "test/accuracy" in keys and {k: again[k] for k in keys} == {k: first[k] for k in keys}
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))].count(6) == 2  # nothing re-logged
+
+
+@pytest.mark.parametrize("frozen", ["", "enc"])
+def test_optimizer_moments_take_their_parameters_sharding(frozen):
+  """Under FSDP each Adam moment is sharded as its parameter (Setup's shardings, which the plans'
+  per-chip bytes read), with or without a frozen group (whose moments optax masks out); counts are
+  replicated. Zero-initialised moments do not depend on the parameters, so compiling the
+  optimizer's init cannot propagate the parameters' shardings to them."""
+  groups = [{"name": frozen, "pattern": f"{frozen}/.*", "freeze": True}] if frozen else []
+  setup = trainer.Setup(toy_config(3, mesh={"data": 2, "fsdp": 4, "tensor": 1}, groups=groups))
+  sh = setup.state_shardings
+  params = {k.removeprefix("params/"): v for k, v in leaves_of(sh["params"]).items()}
+  fsdp = jax.sharding.PartitionSpec("fsdp", None)
+  assert params["enc/kernel/value"].spec == fsdp and params["head/kernel/value"].spec == fsdp
+  moments = 0
+  for path, s in leaves_of(sh["opt_state"]).items():
+    owner = [k for k in params if path.endswith(k)]
+    if owner:
+      moments += 1
+      assert s.spec == params[owner[0]].spec, (path, s.spec)
+    else:
+      assert s.is_fully_replicated, path
+  assert moments == 2 * (4 - 2 * bool(frozen))  # mu and nu of each trainable parameter
+
+
+def leaves_of(tree):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  return {path_str(p): x for p, x in flat}

@@ -54,9 +54,11 @@ NONFINITE_POLICIES = ("skip", "stop")
 class Setup:
   """Everything derived from a config before any array exists: mesh, task, shardings, step fns."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    """`mesh`: the devices to shard over (default: `config.mesh` over `jax.devices()`), e.g. the
+    TPU devices of a topology that `mmjax.train.plan` compiles for without running."""
     self.config = config
-    self.mesh = sharding.make_mesh(dict(config.mesh))
+    self.mesh = sharding.make_mesh(dict(config.mesh)) if mesh is None else mesh
     self.rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1])
                        for r in config.get("rules", sharding.DEFAULT_RULES))
     self.task = TASKS.get(config.task)(config)
@@ -83,11 +85,13 @@ class Setup:
     replicated = NamedSharding(self.mesh, P())
     param_sh = sharding.param_shardings(abs_params, self.mesh, self.rules)
     abs_opt = jax.eval_shape(self.tx.init, abs_params)
-    # Optimizer-state shardings as XLA propagates them from the parameters (moments follow their
-    # parameter); state that does not depend on a parameter (counts) is replicated.
-    opt_sh = jax.jit(self.tx.init, in_shardings=(param_sh,)).lower(abs_params).compile().output_shardings
-    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == self.mesh else replicated,
-                          opt_sh)
+    # Optimizer state shaped like the parameters (Adam's moments) takes their shardings; the rest
+    # (counts) is replicated. optax finds those leaves by structure: XLA propagation cannot, as
+    # zero-initialised moments do not depend on the parameters.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen parameter's (empty) state
+    opt_sh = optax.tree_utils.tree_map_params(
+        self.tx, lambda x, s: x if masked(x) else s, abs_opt, param_sh,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
     self.state_shardings = {
         "params": param_sh,
         "model_state": jax.tree.map(lambda _: replicated, abs_mstate),

@@ -1,7 +1,7 @@
 """Train an mmjax model.
 
-  python train.py --config configs/vqa_sort_of_clevr.py --workdir workdirs/vqa
-  python train.py --config configs/vqa_sort_of_clevr.py:size=small,fusion=film \
+  python train.py --config mmjax/projects/sort_of_clevr/configs/vqa.py --workdir workdirs/vqa
+  python train.py --config configs/vqa.py:size=small,fusion=film \
       --config.optim.lr=3e-4 --workdir /tmp/vqa
 
 A workdir that already holds checkpoints is resumed from its latest step. On a multi-host TPU
@@ -38,7 +38,6 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
 
-  import mmjax.tasks  # noqa: F401  (registers the tasks)
   from mmjax.train import trainer
 
   final = trainer.train(FLAGS.config, FLAGS.workdir)

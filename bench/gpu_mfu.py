@@ -1,9 +1,10 @@
 """Training MFU of ViT-B/16 and CLIP B/16 in bfloat16 on one accelerator, with the matmul limit.
 
-For each model, one train step (forward + backward + AdamW; bfloat16 compute, float32 parameters
-and optimizer state; dropout 0; synthetic inputs made on the device) is compiled once with
-`jax.jit` (parameters and optimizer state donated) and timed: the median of `--steps` steps after
-`--warmup`. Reported per model:
+For each model, the trainer's train step (`mmjax.train.trainer.Setup.make_train_step` through
+`bench/library_step.py`: forward + backward, global norm, the non-finite guard, AdamW; bfloat16
+compute, float32 parameters and optimizer state; dropout 0; synthetic inputs made on the device)
+is compiled once (its state donated) and timed: the median of `--steps` steps after `--warmup`.
+Reported per model:
 
 - FLOPs of one step from XLA's cost analysis of the step lowered for the CPU
   (`lowered.cost_analysis()`: the HLO before optimisation, which GPU backends do not analyse),
@@ -34,8 +35,8 @@ The models:
 
 `--tiny` shrinks both to ViT-Ti widths, depth 2, 32 px images, batch 2, 2 steps.
 
-This file imports only jax, flax, optax, numpy and the mmjax model packages (no data pipeline,
-no ml_collections), so it runs on a machine with just those installed.
+Beyond jax, flax, optax and numpy it needs what `mmjax.train.trainer` imports (ml_collections,
+orbax-checkpoint); `bench/gpu.sh` says how to bring what the accelerator machine lacks.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -52,7 +52,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -61,9 +60,11 @@ from mmjax.encoders.vision import ViT, decode_variant
 from mmjax.models.dual_encoder import DualEncoder
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import library_step  # noqa: E402  (bench/library_step.py: the trainer's step around a model)
 import xla_trace  # noqa: E402  (bench/xla_trace.py: HLO op classes, trace events)
 
 MODELS = ("vit", "clip")
+LR, WEIGHT_DECAY = 1e-4, 0.01  # AdamW
 H200_BF16_TFLOPS = 989.0  # NVIDIA H200 SXM, dense bf16 tensor-core peak (spec sheet)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # XLA compiler options of --tiny (LLVM optimisation off): fast CPU compiles for the smoke test.
@@ -118,30 +119,32 @@ def analytic_flops(name: str, size: Size, b: int) -> float:
   return 3.0 * fwd
 
 
-def build(name: str, size: Size, dtype) -> tuple[nnx.Module, Callable[[nnx.Module, dict], jax.Array]]:
-  """The model (bf16 compute, f32 parameters) and its loss on a batch dict."""
-  rngs = nnx.Rngs(0)
+def build(name: str, size: Size, dtype) -> tuple[Callable[[nnx.Rngs], nnx.Module], Callable[..., jax.Array]]:
+  """The model's constructor (bf16 compute, f32 parameters) and its loss on a batch dict."""
   if name == "vit":
-    model = ViT(None, **size.vit, num_classes=size.classes, dtype=dtype, rngs=rngs)
+    def model(rngs):
+      return ViT(None, **size.vit, num_classes=size.classes, dtype=dtype, rngs=rngs)
 
-    def loss(m, b):
-      logits = m.classify(b["images"]).astype(jnp.float32)
+    def loss(m, b, deterministic):
+      logits = m.classify(b["images"], deterministic=deterministic).astype(jnp.float32)
       return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
 
     return model, loss
   t = size.text
-  image = ViT(None, **size.vit, act="quick_gelu", ln_eps=1e-5, dtype=dtype, rngs=rngs)
-  text = BertEncoder("bert-base", **t, act="quick_gelu", ln_eps=1e-5, pooler=False, pool="cls",
-                     dropout=0.0, attn_dropout=0.0, dtype=dtype, rngs=rngs)
   hw = size.vit["image_size"]
   examples = {"image": jax.ShapeDtypeStruct((1, hw, hw, 3), jnp.float32),
               "text": (jax.ShapeDtypeStruct((1, t["max_len"]), jnp.int32),
                        jax.ShapeDtypeStruct((1, t["max_len"]), jnp.bool_))}
-  model = DualEncoder(towers={"image": image, "text": text}, input_examples=examples,
-                      embed_dim=size.embed, loss_type="clip", dtype=dtype, rngs=rngs)
 
-  def loss(m, b):
-    emb, _ = m({"image": b["images"], "text": (b["ids"], b["mask"])})
+  def model(rngs):
+    image = ViT(None, **size.vit, act="quick_gelu", ln_eps=1e-5, dtype=dtype, rngs=rngs)
+    text = BertEncoder("bert-base", **t, act="quick_gelu", ln_eps=1e-5, pooler=False, pool="cls",
+                       dropout=0.0, attn_dropout=0.0, dtype=dtype, rngs=rngs)
+    return DualEncoder(towers={"image": image, "text": text}, input_examples=examples,
+                       embed_dim=size.embed, loss_type="clip", dtype=dtype, rngs=rngs)
+
+  def loss(m, b, deterministic):
+    emb, _ = m({"image": b["images"], "text": (b["ids"], b["mask"])}, deterministic=deterministic)
     return m.loss(emb)[0]
 
   return model, loss
@@ -161,18 +164,13 @@ def make_batch(name: str, size: Size, b: int, dtype) -> dict[str, jax.Array]:
   return batch
 
 
-def _flops(cost: Any) -> float:
-  """The FLOPs entry of an XLA cost analysis (nan when unavailable)."""
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost.get("flops", math.nan)) if cost else math.nan
-
-
-def cpu_hlo_flops(fn: Callable, *args: Any) -> float:
-  """FLOPs of `fn` on `args`' shapes from XLA's cost analysis of its HLO lowered for the CPU."""
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-  with jax.default_device(jax.devices("cpu")[0]):
-    return _flops(jax.jit(fn).lower(*abstract).cost_analysis())
+def cpu_hlo_flops(model, loss, batch: dict[str, jax.Array]) -> float:
+  """FLOPs of the train step from XLA's cost analysis of its HLO lowered for the CPU."""
+  cpu = library_step.make_setup(model, loss, lr=LR, weight_decay=WEIGHT_DECAY,
+                                devices=jax.devices("cpu"))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  with cpu.context():
+    return library_step.flops(cpu.make_train_step().lower(cpu.abstract_state, abstract))
 
 
 def matmul_limit(n: int, dtype, reps: int, inner: int = 10) -> dict[str, float]:
@@ -195,43 +193,24 @@ def matmul_limit(n: int, dtype, reps: int, inner: int = 10) -> dict[str, float]:
 def run_model(name: str, size: Size, b: int, dtype, steps: int, warmup: int,
               compiler_options: dict[str, Any] | None = None, profile: str | None = None,
               profile_steps: int = 3) -> dict[str, Any]:
-  """Compiles (with `compiler_options`) and times the train step of one model; with `profile`
-  (a folder), then profiles `profile_steps` more steps (`xla_trace.op_times`)."""
-  static: dict[str, Any] = {}
-
-  def init():
-    model, static["loss"] = build(name, size, dtype)
-    static["graphdef"], params, rest = nnx.split(model, nnx.Param, ...)
-    return params, rest
-
-  params, rest = jax.jit(init)()  # rest: the RNG state, an input of the step
-  graphdef, loss_of = static["graphdef"], static["loss"]
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  tx = optax.adamw(1e-4, weight_decay=0.01)
-  opt_state = jax.jit(tx.init)(params)
+  """Compiles (with `compiler_options`) and times the trainer's train step of one model; with
+  `profile` (a folder), then profiles `profile_steps` more steps (`xla_trace.op_times`)."""
+  model, loss = build(name, size, dtype)
+  setup = library_step.make_setup(model, loss, lr=LR, weight_decay=WEIGHT_DECAY)
+  state = setup.init_state()
   batch = make_batch(name, size, b, dtype)
-
-  def step(params, opt_state, rest, batch):
-    def loss_fn(p):
-      return loss_of(nnx.merge(graphdef, p, rest), batch)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  hlo_flops = cpu_hlo_flops(step, params, opt_state, rest, batch)
+  hlo_flops = cpu_hlo_flops(model, loss, batch)
   t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, rest, batch).compile(
-      compiler_options)
+  compiled = library_step.compile_step(setup, state, batch, compiler_options)
   compile_s = time.perf_counter() - t0
   losses, times = [], []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
-    params, opt_state, loss = compiled(params, opt_state, rest, batch)
-    loss.block_until_ready()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - t0)
-    losses.append(float(loss))
+    losses.append(float(metrics["loss"]))
   out = {}
   if profile:
     hlo = compiled.as_text()
@@ -242,16 +221,16 @@ def run_model(name: str, size: Size, b: int, dtype, steps: int, warmup: int,
     try:  # a profiler failure (e.g. no CUPTI) must not cost the timings above
       with jax.profiler.trace(logdir, create_perfetto_trace=True):
         for _ in range(profile_steps):
-          params, opt_state, loss = compiled(params, opt_state, rest, batch)
-          loss.block_until_ready()
+          state, metrics = compiled(state, batch)
+          jax.block_until_ready((state, metrics))
       out["profile"] = xla_trace.op_times(xla_trace.trace_events(logdir), xla_trace.hlo_ops(hlo),
                                           profile_steps, top=15)
     except Exception as e:  # noqa: BLE001  (reported in the table and on stderr)
       out["profile_error"] = f"{type(e).__name__}: {e}"
       print(f"{name}: --profile failed: {out['profile_error']}", file=sys.stderr, flush=True)
-  return {**out, "params": num_params, "compile_s": compile_s, "step_ms": [t * 1e3 for t in times],
-          "median_ms": statistics.median(times) * 1e3, "hlo_flops": hlo_flops,
-          "compiled_flops": _flops(compiled.cost_analysis()),
+  return {**out, "params": setup.num_params, "compile_s": compile_s,
+          "step_ms": [t * 1e3 for t in times], "median_ms": statistics.median(times) * 1e3,
+          "hlo_flops": hlo_flops, "compiled_flops": library_step.flops(compiled),
           "analytic_flops": analytic_flops(name, size, b), "first_loss": losses[0],
           "last_loss": losses[-1]}
 

@@ -1,41 +1,18 @@
 """Train-step time of config variants, side by side in one process.
 
 Each variant is a config with some `key=value` overrides (as on train.py's command line, without
-`--config.`); with several `--config`s, every config runs with every `--variant`. All variants are built and compiled first, then timed in alternating rounds (variant
-A, B, ..., A, B, ...) on the same few batches, so that machine-speed drift hits them alike.
-Prints the median step time per variant and its ratio to the first.
+`--config.`); with several `--config`s, every config runs with every `--variant`. Each variant is
+the trainer's own step (`mmjax.train.trainer.Setup`); all are built and compiled first, then
+timed in alternating rounds (variant A, B, ..., A, B, ...) on the same few batches, so that
+machine-speed drift hits them alike. Prints the median step time per variant and its ratio to
+the first.
 
-  python bench/step_time.py --config configs/vqa_sort_of_clevr.py \\
-      --variant model.unique_questions=0 --variant model.unique_questions=128
-  python bench/step_time.py --config configs/vqa_sort_of_clevr.py:size=small \\
-      --variant "" --variant "model.vision.depth=0 data.batch_size=16"
+  python bench/step_time.py --config configs/av_digits.py:size=small \\
+      --variant "" --variant "data.batch_size=16"
   python bench/step_time.py --rounds 3 --steps 2 \\
-      --config configs/vqa_transfer.py:transfer=scratch --config configs/vqa_transfer.py:transfer=frozen
+      --config configs/av_digits.py:fusion=concat --config configs/av_digits.py:fusion=film
 
-Results (2-core CPU, idle, 2026-11-29, default VQA config, 5 rounds x 6 steps; two runs):
-
-| variant | step s | ratio |
-|---|---:|---:|
-| model.unique_questions=0 (the default before) | 0.347 | 1.00 |
-| model.unique_questions=128 | 0.292 | 0.84 |
-
-| variant (all with model.unique_questions=128) | step s | ratio |
-|---|---:|---:|
-| (as is) | 0.275 | 1.00 |
-| model.vision.coord_freqs=4 | 0.276 | 1.00 |
-| model.vision.coord_freqs=4 model.vision.rel_pos=10 | 0.297 | 1.08 |
-| model.vision.coord_freqs=4 model.fusion_kwargs.depth=2 | 0.326 | 1.18 |
-
-The default of 2026-11-29 (attention pooling, max_len 32), idle, 4 rounds x 5 steps:
-
-| variant | step s | ratio |
-|---|---:|---:|
-| (as is) | 0.329 | 1.00 |
-| data.max_len=20 | 0.277 | 0.84 |
-| data.max_len=20 model.text.pool=mean | 0.288 | 0.88 |
-
-(the LSTM scans all 32 positions although training questions have at most 17 tokens; 32 is
-for the paraphrase split. The attention pool costs nothing measurable.)
+The Sort-of-CLEVR project's step-time tables are in mmjax/projects/sort_of_clevr/README.md.
 """
 
 from __future__ import annotations
@@ -52,7 +29,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-import mmjax.tasks  # noqa: E402,F401  (registers the tasks)
 from mmjax.train.config import load_config  # noqa: E402
 from mmjax.train.trainer import Setup  # noqa: E402
 

@@ -3,10 +3,10 @@
 For each model, one train step (forward + backward + AdamW, float32, all dropout probabilities 0)
 is timed on both sides at the same configuration and on the same inputs, back to back:
 
-- mmjax: a pure step over (params, opt_state) from `nnx.split`, compiled once with `jax.jit`
-  (params and optimizer state donated); the model runs with `deterministic=True`, which with
-  zero dropout is the same computation as training mode and takes the fused attention path
-  (`--mmjax-mode train` passes False, as the trainer does, to time the explicit path).
+- mmjax: the trainer's own train step (`mmjax.train.trainer.Setup.make_train_step`, through
+  `bench/library_step.py`: value and gradient, global norm, the non-finite guard, the library's
+  AdamW), compiled once, its state donated; the model runs with `deterministic=True`, which with
+  zero dropout is the same computation as training mode (`--mmjax-mode train` passes False).
 - HF: `model.train()`, `torch.optim.AdamW`, eager PyTorch with `torch.set_num_threads(threads)`
   and the library's default attention implementation (`--hf-attn` to choose another).
 
@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -67,6 +66,9 @@ from mmjax.fusion import build_fusion
 from mmjax.layers import Encoder, dense, layer_norm
 from mmjax.models.dual_encoder import DualEncoder
 from mmjax.models.vqa import AnswerHead
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import library_step  # noqa: E402  (bench/library_step.py: the trainer's step around a model)
 
 MODELS = ("vit", "bert", "lxmert", "clip")
 LR, WEIGHT_DECAY = 1e-4, 0.01  # the same AdamW on both sides (eps 1e-8, betas 0.9/0.999)
@@ -110,7 +112,8 @@ class Case:
     name: model key ("vit", ...).
     size: the configuration used (an entry of `SIZES`).
     make_batch: numpy inputs (images NHWC float32, ids int32, masks bool, labels int32).
-    mmjax_model: () -> the nnx model (called under `jax.jit`, so it must be pure).
+    mmjax_model: (rngs, default nnx.Rngs(0)) -> the nnx model (called under `jax.jit`, so it
+      must be pure).
     mmjax_loss: (model, jax batch, deterministic) -> scalar loss.
     make_hf: () -> (torch model, loss(model, torch batch) -> scalar tensor); the torch batch
       is `torch_batch` of the numpy one.
@@ -119,7 +122,7 @@ class Case:
   name: str
   size: dict[str, int]
   make_batch: Callable[[np.random.Generator], Batch]
-  mmjax_model: Callable[[], nnx.Module]
+  mmjax_model: Callable[..., nnx.Module]
   mmjax_loss: Callable[[nnx.Module, dict, bool], jax.Array]
   make_hf: Callable[[], tuple[torch.nn.Module, Callable[[torch.nn.Module, dict], torch.Tensor]]]
 
@@ -159,10 +162,10 @@ def vit_case(s: dict[str, int], attn: str | None) -> Case:
     return {"images": _images(rng, s["batch"], s["image"]),
             "labels": rng.integers(0, s["classes"], s["batch"], dtype=np.int32)}
 
-  def mm():
+  def mm(rngs=None):
     return ViT(None, width=s["width"], depth=s["depth"], heads=s["heads"], mlp_dim=s["mlp"],
                patch=s["patch"], image_size=s["image"], num_classes=s["classes"], ln_eps=1e-12,
-               rngs=nnx.Rngs(0))
+               rngs=nnx.Rngs(0) if rngs is None else rngs)
 
   def loss(m, b, det):
     return _xent(m.classify(b["images"], deterministic=det), b["labels"])
@@ -205,8 +208,8 @@ def bert_case(s: dict[str, int], attn: str | None) -> Case:
             "mask": np.ones((s["batch"], s["seq"]), bool),
             "labels": rng.integers(0, s["classes"], s["batch"], dtype=np.int32)}
 
-  def mm():
-    return BertClassifier(s, rngs=nnx.Rngs(0))
+  def mm(rngs=None):
+    return BertClassifier(s, rngs=nnx.Rngs(0) if rngs is None else rngs)
 
   def loss(m, b, det):
     return _xent(m(b["ids"], b["mask"], deterministic=det), b["labels"])
@@ -271,8 +274,8 @@ def lxmert_case(s: dict[str, int], attn: str | None) -> Case:
             "boxes": rng.uniform(size=(b, n, 4)).astype(np.float32),
             "labels": rng.integers(0, s["answers"], b, dtype=np.int32)}
 
-  def mm():
-    return LxmertLike(s, rngs=nnx.Rngs(0))
+  def mm(rngs=None):
+    return LxmertLike(s, rngs=nnx.Rngs(0) if rngs is None else rngs)
 
   def loss(m, b, det):
     return _xent(m(b["ids"], b["mask"], b["feats"], b["boxes"], deterministic=det), b["labels"])
@@ -303,8 +306,8 @@ def clip_case(s: dict[str, int], attn: str | None) -> Case:
     return {"images": _images(rng, s["batch"], s["image"]), "ids": ids,
             "mask": np.ones((s["batch"], s["seq"]), bool)}
 
-  def mm():
-    rngs = nnx.Rngs(0)
+  def mm(rngs=None):
+    rngs = nnx.Rngs(0) if rngs is None else rngs
     image = ViT(None, width=s["v_width"], depth=s["v_depth"], heads=s["v_heads"],
                 mlp_dim=s["v_mlp"], patch=s["patch"], image_size=s["image"], act="quick_gelu",
                 ln_eps=1e-5, rngs=rngs)
@@ -370,63 +373,31 @@ def matmul_limit(n: int, reps: int) -> dict[str, float]:
           "gflops": 2 * n ** 3 / statistics.median(times) / 1e9}
 
 
-def _flops(compiled) -> float:
-  """FLOPs of a compiled computation from XLA's cost analysis (nan when unavailable)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost.get("flops", math.nan)) if cost else math.nan
-
-
-def build_mmjax(case: Case, compiler_options: dict[str, Any]) -> nnx.Module:
-  """The mmjax model, initialised by one compiled program (not op by op)."""
-  static = {}
-
-  def init():
-    static["graphdef"], state = nnx.split(case.mmjax_model())  # the graphdef is static
-    return state
-
-  state = jax.jit(init).lower().compile(compiler_options)()
-  return nnx.merge(static["graphdef"], state)
-
-
 def mmjax_step(case: Case, batch_np: Batch, compiler_options: dict[str, Any],
                deterministic: bool = True) -> dict[str, Any]:
-  """Compiles the jitted mmjax train step (`deterministic` is passed to the model).
+  """Compiles the trainer's train step for the case's model (`deterministic` is passed to it).
 
   Returns {"one": () -> None (runs one step and blocks), "compiled", "params", "compile_s",
-  "flops", "losses" (appended by each step)}.
+  "flops", "losses" and "nonfinite" (the step's loss and non-finite flag, appended by each step)}.
   """
-  loss_of = case.mmjax_loss
-  graphdef, params, rest = nnx.split(build_mmjax(case, compiler_options), nnx.Param, ...)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
-  opt_state = jax.jit(tx.init).lower(params).compile(compiler_options)(params)
-  batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-
-  def train_step(params, opt_state, rest, batch):
-    def loss_fn(p):
-      return loss_of(nnx.merge(graphdef, p, rest), batch, deterministic)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  setup = library_step.make_setup(case.mmjax_model, case.mmjax_loss, lr=LR,
+                                  weight_decay=WEIGHT_DECAY, deterministic=deterministic)
+  state = {"train": setup.init_state()}  # donated to each step
+  batch = setup.global_batch(batch_np)
   t0 = time.perf_counter()
-  step = (jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, rest, batch)
-          .compile(compiler_options))
+  step = library_step.compile_step(setup, state["train"], batch, compiler_options)
   compile_s = time.perf_counter() - t0
-  state = {"params": params, "opt": opt_state}
-  del params, opt_state  # donated to the first step
   losses: list[float] = []
+  nonfinite: list[int] = []
 
   def one():
-    state["params"], state["opt"], loss = step(state["params"], state["opt"], rest, batch)
-    jax.block_until_ready((state["params"], state["opt"], loss))
-    losses.append(float(loss))
+    state["train"], metrics = step(state["train"], batch)
+    jax.block_until_ready((state["train"], metrics))
+    losses.append(float(metrics["loss"]))
+    nonfinite.append(int(metrics["nonfinite"]))
 
-  return {"one": one, "compiled": step, "params": num_params, "compile_s": compile_s,
-          "flops": _flops(step), "losses": losses}
+  return {"one": one, "compiled": step, "params": setup.num_params, "compile_s": compile_s,
+          "flops": library_step.flops(step), "losses": losses, "nonfinite": nonfinite}
 
 
 def run_mmjax(case: Case, batch_np: Batch, steps: int, warmup: int,

@@ -69,9 +69,9 @@ def setup_cell(name: str, accelerator_size: str = "default"):
 
 
       def find_repo(start: pathlib.Path) -> pathlib.Path:
-        """The checkout holding configs/ (this folder or one above it)."""
+        """The checkout holding the configs (this folder or one above it)."""
         for folder in (start, *start.parents):
-          if (folder / "configs" / "vqa_sort_of_clevr.py").is_file():
+          if (folder / "mmjax" / "projects" / "sort_of_clevr" / "configs" / "vqa.py").is_file():
             return folder
         raise FileNotFoundError(f"no mmjax checkout (configs/) at or above {{start}}")
 
@@ -121,12 +121,11 @@ def quickstart_vqa():
       install_cell(),
       setup_cell(name),
       md("## Config\n\nThe same file the command line uses: `python train.py --config "
-         "configs/vqa_sort_of_clevr.py:size=small,fusion=cross_attention --workdir ...`."),
+         "mmjax/projects/sort_of_clevr/configs/vqa.py:size=small,fusion=cross_attention --workdir ...`."),
       code('''
-          import mmjax.tasks  # registers the tasks
           from mmjax.train.config import load_config
 
-          config = fit_to_devices(load_config(f"{REPO}/configs/vqa_sort_of_clevr.py:size={SIZE},fusion=cross_attention"))
+          config = fit_to_devices(load_config(f"{REPO}/mmjax/projects/sort_of_clevr/configs/vqa.py:size={SIZE},fusion=cross_attention"))
           if SIZE == "tiny":  # a smoke run: evaluate and checkpoint once, at the end
             # 2 hops with the default's distance bias, 4 heads (the default has 8)
             config.model.fusion_kwargs = {"depth": 2, "spatial": "image", "revisit": True,
@@ -215,7 +214,6 @@ def fusion_comparison():
       install_cell(),
       setup_cell(name, accelerator_size="small"),
       code('''
-          import mmjax.tasks  # registers the tasks
           from mmjax.fusion import FUSIONS
           from mmjax.predict import Predictor
           from mmjax.train import trainer
@@ -252,7 +250,7 @@ def fusion_comparison():
       code('''
           results = {}
           for fusion in FUSION_NAMES:
-            config = fit_to_devices(load_config(f"{REPO}/configs/vqa_sort_of_clevr.py:size={SIZE},fusion={fusion}"))
+            config = fit_to_devices(load_config(f"{REPO}/mmjax/projects/sort_of_clevr/configs/vqa.py:size={SIZE},fusion={fusion}"))
             config.model.modality_dropout = MODALITY_DROPOUT
             config.data.eval_splits = ("test",)
             if SIZE == "tiny":  # no evaluation during training: the test accuracy is measured below
@@ -301,7 +299,6 @@ def captioning():
       install_cell(),
       setup_cell(name),
       code("""
-          import mmjax.tasks  # registers the tasks
           from mmjax.train import trainer
           from mmjax.train.config import load_config
 
@@ -350,7 +347,6 @@ def clip_retrieval():
       install_cell(),
       setup_cell(name),
       code("""
-          import mmjax.tasks  # registers the tasks
           from mmjax.train import trainer
           from mmjax.train.config import load_config
 
@@ -422,9 +418,9 @@ def transfer_minilm():
           First we check what it already knows: Sort-of-CLEVR questions and their paraphrases (the
           wordings of the held-out `paraphrase` split, which no training question uses) land next to
           each other in its embedding space. Then we train VQA with MiniLM as the question encoder
-          (`configs/vqa_transfer.py`: LoRA adapters on a frozen MiniLM; at `tiny` size, the frozen
-          encoder and a few steps) and score it on the `test` split (training wordings) and on the
-          `paraphrase` split (new wordings).
+          (`mmjax/projects/sort_of_clevr/configs/transfer.py`: LoRA adapters on a frozen MiniLM; at
+          `tiny` size, the frozen encoder and a few steps) and score it on the `test` split
+          (training wordings) and on the `paraphrase` split (new wordings).
           """),
       install_cell("[minilm]"),
       setup_cell(name),
@@ -475,16 +471,15 @@ def transfer_minilm():
           """),
       md("## Fine-tune VQA with MiniLM as the question encoder\n\n"
          "The same file the command line uses: `python train.py --config "
-         "configs/vqa_transfer.py:transfer=lora,size=small --workdir ...`. On a CPU a MiniLM train "
+         "mmjax/projects/sort_of_clevr/configs/transfer.py:transfer=lora,size=small --workdir ...`. On a CPU a MiniLM train "
          "step takes minutes to compile, so the `tiny` run trains the frozen encoder's VQA model for "
          "a few steps only: its numbers show the pipeline, not the transfer."),
       code("""
-          import mmjax.tasks  # registers the tasks
           from mmjax.train import trainer
           from mmjax.train.config import load_config
 
           TRANSFER = "frozen" if SIZE == "tiny" else "lora"
-          config = fit_to_devices(load_config(f"{REPO}/configs/vqa_transfer.py:transfer={TRANSFER},size={SIZE}"))
+          config = fit_to_devices(load_config(f"{REPO}/mmjax/projects/sort_of_clevr/configs/transfer.py:transfer={TRANSFER},size={SIZE}"))
           if SIZE == "tiny":  # a smoke run: few, small steps; evaluate and checkpoint once, at the end
             config.data.batch_size = DEVICES
             config.train.steps = 3

@@ -19,13 +19,13 @@ the config's mesh gives them, so a checkpoint saved on any mesh loads on any dev
 Each task kind gets one function, compiled ahead of time on first use for a fixed batch
 (`batch_size`, by default the number of devices the batch is split over) and fixed question
 length (the config's `data.max_len`): requests are padded to that shape, so serving never
-retraces or recompiles. Preprocessing matches the training pipeline
-(`mmjax.data.pipeline.sort_of_clevr_pipeline`): RGB uint8 pixels scaled to [0, 1], questions
-tokenized with `[CLS] ... [SEP]`, truncated and padded to `max_len`. Captioning decodes inside
-the compiled function (greedy or beam search, one compilation per method). Audio-visual
-classification prepares a wav as `mmjax.data.datasets.av_digits` made its records: resampled to
-16 kHz, leading and trailing silence trimmed (40 dB), cropped or zero-padded to 1 s; the
-log-mel front end runs inside the model. Calling a method of another task kind is a ValueError.
+retraces or recompiles. VQA preprocessing matches the VQA task's training pipeline: RGB uint8
+pixels scaled to [0, 1], questions tokenized with `[CLS] ... [SEP]`, truncated and padded to
+`max_len`. Captioning decodes inside the compiled function (greedy or beam search, one
+compilation per method). Audio-visual classification prepares a wav as
+`mmjax.data.datasets.av_digits` made its records: resampled to 16 kHz, leading and trailing
+silence trimmed (40 dB), cropped or zero-padded to 1 s; the log-mel front end runs inside the
+model. Calling a method of another task kind is a ValueError.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ from mmjax import sharding
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, jax.Array]
 
-# Pixel range of the Sort-of-CLEVR training pipeline (`sort_of_clevr_pipeline`'s default, which
-# `SortOfClevrVQA.dataset` uses).
+# Pixel range the VQA task's training pipeline maps uint8 pixels 0 and 255 to.
 VQA_VALUE_RANGE = (0.0, 1.0)
 
 
@@ -259,7 +258,6 @@ class Predictor:
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None, *,
                    batch_size: int | None = None) -> "Predictor":
     """Loads `workdir`'s config and checkpoint `step` (default: best by the task's metric, else latest)."""
-    import mmjax.tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers tasks)
     from mmjax.train.trainer import Setup  # pylint: disable=g-import-not-at-top
 
     if not os.path.isdir(os.fspath(workdir)):

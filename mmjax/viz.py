@@ -4,18 +4,20 @@ Every function builds a `matplotlib.figure.Figure` on an Agg canvas (no pyplot, 
 global figure registry), returns it, and writes it as a PNG when given `path`.
 `figure_to_array(fig)` renders a figure to an (H, W, 3) uint8 array.
 
-VQA attention (`question_image_attention`) is read from the fusion block:
-- cross_attention (LXMERT): the text stream's cross-attention over the image tokens, which the
-  block returns in aux["cross_attention"]["text"]["image"] (depth, B, H, N_text, N_image);
-- single_stream (VisualBERT/UNITER): the [CLS] token's self-attention over the image tokens.
-  The block does not return its attention weights, so the chosen layer's attention module is
-  called again, with `return_weights=True`, on the arguments it received in the forward pass.
+VQA attention (`question_image_attention`) is asked of the fusion block: a block with an
+`attention_maps` flag (cross_attention, single_stream and their variants) is run with it on and
+returns its maps in aux:
+- cross_attention (LXMERT): aux["cross_attention"]["text"]["image"] (depth, B, H, N_text,
+  N_image), the text stream's cross-attention over the image tokens;
+- single_stream (VisualBERT/UNITER): aux["self_attention"]["cls"]["image"], the [CLS] token's
+  self-attention over the image tokens.
 Both are averaged over heads (and over the real question tokens) and normalised to sum to 1
 over the image tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import textwrap
@@ -141,9 +143,10 @@ def attention_over_image(image: Any, attn: Any, grid_hw: tuple[int, int] | None 
 # ---------------------------------------------------------------------------------------------
 def question_image_attention(model, images: jax.Array, ids: jax.Array, mask: jax.Array, *,
                              layer: int = -1, head: int | str | None = None) -> tuple[jax.Array, jax.Array]:
-  """Question-to-image attention of a `VQAModel` with cross_attention or single_stream fusion.
+  """Question-to-image attention of a `VQAModel` whose fusion block has attention maps.
 
-  Traceable (runs under `jax.jit`).
+  Traceable (runs under `jax.jit`). The fusion block runs with `attention_maps` on, so its
+  attention takes the reference kernel: the logits equal the model's to float32 rounding.
 
   Args:
     model: a live `mmjax.models.vqa.VQAModel`.
@@ -151,36 +154,46 @@ def question_image_attention(model, images: jax.Array, ids: jax.Array, mask: jax
     ids, mask: (B, L) question tokens and mask.
     layer: which fusion layer's attention (negative counts from the last).
     head: one attention head's map (negative counts from the last), "all" for every head's, or
-      None for the mean over heads. Heads specialise: in a trained colour-question model one head of four put 83% of
-      its attention on the named object while the others looked elsewhere, so the mean peaked on
-      the object for only ~half of the questions (bench/colour_binding.py).
+      None for the mean over heads. Heads specialise: in a trained colour-question model one
+      head of four put most of its attention on the named object while the others looked
+      elsewhere, so the mean can miss what one head finds.
 
   Returns:
     attention (B, N_image), or (B, H, N_image) for head="all", normalised to sum 1 over the image
     tokens, and logits (B, A).
   """
-  from mmjax.fusion.cross_attention import CrossAttentionFusion  # pylint: disable=g-import-not-at-top
-  from mmjax.fusion.single_stream import SingleStreamFusion  # pylint: disable=g-import-not-at-top
-
   fusion = model.fusion
-  if isinstance(fusion, CrossAttentionFusion):
-    if not fusion.attention_maps:
-      raise ValueError("model.fusion: this cross_attention block was built with attention_maps=False, "
-                       "so it returns no attention; build it with attention_maps=True")
+  if not hasattr(fusion, "attention_maps"):
+    raise ValueError(f"model.fusion: {type(fusion).__name__} has no attention maps over image tokens; "
+                     "attention figures support fusion blocks with `attention_maps` "
+                     "(cross_attention, single_stream)")
+  with _attention_maps(fusion):
     logits, aux = model(images, ids, mask)
-    maps = aux["fusion"]["cross_attention"]["text"]["image"]  # (depth, B, H, N_text, N_image)
-    per_token = _heads(maps[_layer_index(layer, maps.shape[0])], head)  # (B, [H,] N_text, N_image)
-    text_mask = aux["fusion"]["masks"]["text"].astype(per_token.dtype)  # (B, N_text)
-    text_mask = text_mask.reshape(text_mask.shape[:1] + (1,) * (per_token.ndim - 3) + text_mask.shape[1:])
-    attn = ((per_token * text_mask[..., None]).sum(-2)
-            / jnp.maximum(text_mask.sum(-1, keepdims=True), 1.0))
-  elif isinstance(fusion, SingleStreamFusion):
-    attn, logits = _single_stream_attention(model, images, ids, mask, layer, head)
+  out = aux["fusion"]
+  maps = out["cross_attention"] if "cross_attention" in out else out["self_attention"]
+  query = "cls" if "cls" in maps else "text"  # the pooled [CLS] row, else the question's tokens
+  maps = maps[query]["image"]  # (depth, B, H, N_query, N_image)
+  per_token = _heads(maps[_layer_index(layer, maps.shape[0])], head)  # (B, [H,] N_query, N_image)
+  if query == "cls":
+    query_mask = jnp.ones(per_token.shape[:1] + per_token.shape[-2:-1], per_token.dtype)
   else:
-    raise ValueError(f"model.fusion: {type(fusion).__name__} has no attention over image tokens; "
-                     "attention figures support the cross_attention and single_stream fusions")
+    query_mask = out["masks"]["text"].astype(per_token.dtype)  # (B, N_text)
+  query_mask = query_mask.reshape(query_mask.shape[:1] + (1,) * (per_token.ndim - 3) + query_mask.shape[1:])
+  attn = ((per_token * query_mask[..., None]).sum(-2)
+          / jnp.maximum(query_mask.sum(-1, keepdims=True), 1.0))
   attn = attn / jnp.maximum(attn.sum(-1, keepdims=True), 1e-12)
   return attn, logits
+
+
+@contextlib.contextmanager
+def _attention_maps(fusion):
+  """Within the block, `fusion` returns its attention maps; restores its flag on exit."""
+  before = fusion.attention_maps
+  fusion.attention_maps = True
+  try:
+    yield
+  finally:
+    fusion.attention_maps = before
 
 
 def _heads(weights: jax.Array, head: int | str | None) -> jax.Array:
@@ -202,52 +215,6 @@ def _layer_index(layer: int, depth: int) -> int:
   return layer % depth
 
 
-class _recording:
-  """Records the calls of one module instance (its class is swapped for a recording subclass)."""
-
-  def __init__(self, module: nnx.Module):
-    self.module, self.cls, self.calls = module, type(module), []
-
-  def __enter__(self) -> list[tuple[tuple, dict]]:
-    calls = self.calls
-
-    class Recording(self.cls):
-      def __call__(self, *args, **kwargs):
-        calls.append((args, kwargs))
-        return super().__call__(*args, **kwargs)
-
-    object.__setattr__(self.module, "__class__", Recording)
-    return calls
-
-  def __exit__(self, *exc) -> None:
-    object.__setattr__(self.module, "__class__", self.cls)
-
-
-def _single_stream_attention(model, images, ids, mask, layer: int, head: int | str | None = None):
-  """[CLS] -> image-token attention (B, N_image) of one single_stream layer, and the logits.
-
-  The layer's attention module is called again on the very arguments it got in the forward pass,
-  now returning its weights (B, H, L, L) over the sequence [CLS, modality tokens in order].
-  """
-  fusion = model.fusion
-  blocks = fusion.encoder.layers
-  attention = blocks[_layer_index(layer, len(blocks))].attn
-  with _recording(attention) as calls:
-    logits, aux = model(images, ids, mask)
-  if len(calls) != 1:
-    raise ValueError(f"model.fusion: expected one call of the layer's attention, saw {len(calls)}")
-  args, kwargs = calls[0]
-  _, weights = attention(*args, **{**kwargs, "return_weights": True})
-  masks = aux["fusion"]["masks"]
-  start = 1  # after [CLS]
-  for m in fusion.names:
-    if m == "image":
-      break
-    start += masks[m].shape[1]
-  n = masks["image"].shape[1]
-  return _heads(weights[:, :, 0, start:start + n], head), logits
-
-
 def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
                          grid_hw: tuple[int, int] | None = None, layer: int = -1,
                          head: int | str | None = None, resize: bool = False, alpha: float = 0.5, size_px: int = 320,
@@ -258,7 +225,7 @@ def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
     source: a `mmjax.predict.Predictor` of a VQA workdir (preprocesses like training and titles
       the figure with the predicted answer), or a live `VQAModel`.
     image: with a Predictor, anything `Predictor.answer` takes; with a model, an (H, W, 3) uint8
-      image (scaled to [0, 1], as the Sort-of-CLEVR pipeline does) or a float image already in the
+      image (scaled to the VQA input range, `VQA_VALUE_RANGE`) or a float image already in the
       model's input range.
     question: a string (with a model, `tokenizer` is needed), or with a model a pair
       (ids (L,), mask (L,)).

@@ -34,7 +34,7 @@ from mmjax.train.config import load_config, parse_arg, set_path
 
 SWEEP = settings(deadline=None, derandomize=True, database=None, print_blob=False,
                  suppress_health_check=list(HealthCheck))
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vqa_sort_of_clevr.py")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "mmjax/projects/sort_of_clevr/configs/vqa.py")
 
 
 def expect(case: str, fn, error: type[Exception], subject: str):

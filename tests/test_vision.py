@@ -9,8 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax import sharding
 from mmjax.encoders.base import ENCODERS, EncoderOutput
-from mmjax.encoders.vision import (ResNet, SmallCNN, ViT, decode_variant, grid_coords,
-                                   pixel_fourier_features)
+from mmjax.encoders.vision import ResNet, SmallCNN, ViT, decode_variant, grid_coords
 
 TINY_VIT = dict(width=32, depth=1, heads=4, mlp_dim=64, patch=8, image_size=32)
 
@@ -177,83 +176,6 @@ def test_fourier_coordinates_make_offsets_visible_to_dot_products():
     SmallCNN(16, coord_freqs=2, rngs=nnx.Rngs(0))  # needs coords=True
   with pytest.raises(ValueError, match="coord_freqs"):
     SmallCNN(16, coords=True, coord_freqs=-1, rngs=nnx.Rngs(0))
-
-
-def test_pixel_fourier_features_feed_the_first_conv():
-  k = 2
-  a = SmallCNN(16, channels=(8, 8), norm="group", norm_groups=4, pixel_freqs=k, rngs=nnx.Rngs(0))
-  assert a.layers[0].conv.kernel.shape[2] == 3 * (1 + 2 * k)
-  # The same weights on the expanded image by hand: [v, sin(pi k v), cos(pi k v)], (C, K) order.
-  b = SmallCNN(16, channels=(8, 8), norm="group", norm_groups=4, in_channels=3 * (1 + 2 * k),
-               rngs=nnx.Rngs(1))
-  nnx.update(b, nnx.state(a))
-  v = jax.random.uniform(jax.random.key(0), (2, 20, 20, 3))
-  arg = (v[..., None] * jnp.pi * jnp.arange(1, k + 1)).reshape(2, 20, 20, 3 * k)
-  expanded = jnp.concatenate([v, jnp.sin(arg), jnp.cos(arg)], axis=-1)
-  np.testing.assert_allclose(a(v).tokens, b(expanded).tokens, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="pixel_freqs"):
-    SmallCNN(16, pixel_freqs=-1, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("freqs", [0, 2])
-def test_pixel_fourier_features_make_every_sort_of_clevr_colour_selectable(freqs):
-  """A linear function of a pixel's features that is largest on one colour (what a query-key
-  dot product needs to find that colour's object) exists for every colour with pixel_freqs=2;
-  without, not for gray (a mix of red, green, blue and the white background) or orange (of red
-  and yellow). scipy's LP finds the function or proves there is none."""
-  from scipy.optimize import linprog
-  from mmjax.data import scenes
-  colours = np.concatenate([scenes.COLOR_RGB, [[255, 255, 255]]]) / 255.0  # + the background
-  feats = np.asarray(pixel_fourier_features(jnp.asarray(colours, jnp.float32), freqs), np.float64)
-  selectable = {}
-  for i, name in enumerate(scenes.COLORS):
-    # w . (f_i - f_j) >= 1 for every other colour j, |w| <= 100: feasible or not.
-    diff = feats[i] - np.delete(feats, i, axis=0)
-    r = linprog(np.zeros(feats.shape[1]), A_ub=-diff, b_ub=-np.ones(len(diff)),
-                bounds=[(-100, 100)] * feats.shape[1], method="highs")
-    selectable[name] = r.status == 0
-  if freqs:
-    assert all(selectable.values()), selectable
-  else:
-    assert selectable == {"red": True, "green": True, "blue": True, "orange": False,
-                          "gray": False, "yellow": True}
-
-
-def test_relative_position_bias_of_the_grid_transformer():
-  from mmjax.encoders.vision import relative_position_index
-  r, h, w = 4, 3, 4
-  idx = relative_position_index(h, w, r)
-  dy, dx = np.divmod(idx, 2 * r - 1)
-  ys, xs = np.divmod(np.arange(h * w), w)
-  np.testing.assert_array_equal(dy - (r - 1), ys[None] - ys[:, None])  # (dy, dx) = cell j - cell i
-  np.testing.assert_array_equal(dx - (r - 1), xs[None] - xs[:, None])
-  kw = dict(channels=(8, 8), norm="none", coords=True, depth=2)
-  x = jnp.asarray(np.random.default_rng(0).random((2, 4 * h, 4 * w, 3), np.float32))
-  plain = SmallCNN(16, **kw, rngs=nnx.Rngs(0))
-  rel = SmallCNN(16, **kw, rel_pos=r, rngs=nnx.Rngs(0))
-  assert rel.rel_bias.shape == (2, 4, (2 * r - 1) ** 2)
-  np.testing.assert_allclose(rel(x).tokens, plain(x).tokens, atol=1e-6)  # zero bias = no bias
-  # A bias that makes every head of the first layer attend to the cell on the right (the last
-  # column, which has none, to itself) equals attention whose mask allows only that cell.
-  table = np.full((4, (2 * r - 1) ** 2), -1e9, np.float32)
-  table[:, (r - 1) * (2 * r - 1) + r] = 0.0  # (dy, dx) = (0, +1)
-  table[:, (r - 1) * (2 * r - 1) + r - 1] = -30.0  # (0, 0): only where (0, +1) is off the grid
-  rel.rel_bias[...] = rel.rel_bias[...].at[0].set(table)
-  ys, xs = np.divmod(np.arange(h * w), w)
-  allowed = (ys[None] == ys[:, None]) & ((xs[None] == xs[:, None] + 1)
-                                         | ((xs[:, None] == w - 1) & (xs[None] == xs[:, None])))
-  layer = plain.encoder.layers[0]
-  tokens = plain.proj(jnp.concatenate(
-      [jax.nn.relu(plain.layers[1](jax.nn.relu(plain.layers[0](x))))
-       .reshape(2, h * w, 8), jnp.broadcast_to(grid_coords(h, w).reshape(1, h * w, 2), (2, h * w, 2))], -1))
-  want = plain.encoder.final_norm(plain.encoder.layers[1](layer(tokens, jnp.asarray(allowed)[None, None])))
-  np.testing.assert_allclose(rel(x).tokens, want, atol=1e-4)
-  grads = nnx.grad(lambda m: (m(x).tokens ** 2).sum())(rel)
-  assert np.abs(np.asarray(grads.rel_bias[...][1])).sum() > 0  # the table is learned
-  with pytest.raises(ValueError, match="rel_pos"):
-    SmallCNN(16, **kw, rel_pos=2, rngs=nnx.Rngs(0))(x)  # a 3x4 grid needs rel_pos >= 4
-  with pytest.raises(ValueError, match="rel_pos"):
-    SmallCNN(16, channels=(8,), rel_pos=4, rngs=nnx.Rngs(0))  # no grid transformer
 
 
 def test_bad_inputs_name_the_field():

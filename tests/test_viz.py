@@ -151,19 +151,27 @@ def inputs():
 
 
 def test_cross_attention_maps_are_the_models(cross_model, inputs):
+  """viz switches the maps on for its call of a model built without them (the default): its map
+  is the one the same model built with attention_maps=True returns, and the flag is restored."""
   images, ids, mask = inputs
+  with_maps = tiny_vqa("cross_attention", depth=2, attention_maps=True)  # same seed: same parameters
 
   @nnx.jit
-  def run(model, images, ids, mask):
+  def run(model, with_maps, images, ids, mask):
     attn, logits = viz.question_image_attention(model, images, ids, mask, layer=0)
     ref_logits, aux = model(images, ids, mask)
-    return attn, logits, ref_logits, aux["fusion"]["cross_attention"]["text"]["image"]
+    maps_logits, maps_aux = with_maps(images, ids, mask)
+    return (attn, logits, ref_logits, "cross_attention" in aux["fusion"], maps_logits,
+            maps_aux["fusion"]["cross_attention"]["text"]["image"])
 
-  attn, logits, ref_logits, maps = jax.device_get(run(cross_model, images, ids, mask))
+  attn, logits, ref_logits, has_maps, maps_logits, maps = jax.device_get(
+      run(cross_model, with_maps, images, ids, mask))
+  assert not has_maps and not cross_model.fusion.attention_maps  # off by default, and after viz
   per_token = maps[0].mean(1)  # layer 0, mean over heads: (B, N_text, N_image)
   ref = np.stack([per_token[b][mask[b]].mean(0) for b in range(2)])
   np.testing.assert_allclose(attn, ref / ref.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-6)
+  np.testing.assert_array_equal(logits, maps_logits)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)  # fused vs reference kernel
   assert attn.shape == (2, 25)
 
 
@@ -219,8 +227,7 @@ def test_vqa_attention_figure_from_model(cross_model, inputs):
 def test_attention_of_one_head(cross_model, inputs):
   images, ids, mask = inputs
   mean, _ = jax.device_get(viz.question_image_attention(cross_model, images, ids, mask))
-  _, aux = cross_model(images, ids, mask)
-  n_heads = aux["fusion"]["cross_attention"]["text"]["image"].shape[2]
+  n_heads = cross_model.fusion.layers[0].cross.num_heads
   per = jax.device_get([viz.question_image_attention(cross_model, images, ids, mask, head=h)[0]
                         for h in range(n_heads)])
   # Each head's map sums to 1 over the image tokens, so their mean is the head-mean map.
@@ -307,7 +314,7 @@ def test_trained_attention_peaks_on_the_named_object():
   test, chooser = (batch(np.random.default_rng([SEED, k]), n) for k, n in ((1, 40), (2, 20)))
   before = [peak_on_object(test, h)[0] for h in heads]
   # Train until the task is learned (when a model leaves the answer prior depends on the seed:
-  # ~250-950 steps, bench/colour_binding.py), at most 1,500 steps.
+  # ~250-950 steps), at most 1,500 steps.
   rng, losses = np.random.default_rng([SEED, 0]), []  # training scenes, unlike test and chooser
   while len(losses) < 1500 and not (len(losses) >= 100 and np.mean(losses[-100:]) < 0.5):
     images, ids, answers, _ = batch(rng, 16)

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import grain
 import jax
 import numpy as np
 from absl import flags, logging
-
-from mmjax.data import scenes
-from mmjax.data import tokenizer as tokenizer_lib
 
 Preprocess = Callable[[dict, np.random.Generator], dict]
 
@@ -162,129 +159,3 @@ def make_pipeline(
       grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
     )
   return it
-
-
-class SortOfClevrPreprocess:
-  """Sort-of-CLEVR record -> VQA example with all 20 questions of the image.
-
-  Output: image (75, 75, 3) float32 in `value_range`; question_ids (20, L) int32 and
-  question_mask (20, L) bool (`[CLS] ... [SEP]`, padded to L = `max_len`); answer, kind,
-  subtype, color (20,) int32 (indices into `sort_of_clevr.ANSWERS`, `KINDS`, `SUBTYPES` and
-  `scenes.COLORS`: the colour each question names).
-  Tokenized questions are cached (the data set has few distinct sentences).
-
-  Attributes:
-    tokenizer: the tokenizer of the questions.
-    max_len: L.
-    value_range: (low, high) that pixel values 0 and 255 map to.
-  """
-
-  def __init__(self, tokenizer, max_len: int = 32, value_range: tuple[float, float] = (0.0, 1.0)):
-    if max_len < 2:
-      raise ValueError(f"max_len must be >= 2, got {max_len}")
-    self.tokenizer = tokenizer
-    self.max_len = max_len
-    self.value_range = (float(value_range[0]), float(value_range[1]))
-    self._cache: dict[bytes | str, tuple[np.ndarray, np.ndarray]] = {}
-
-  def _encode(self, questions) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, L) ids and mask of `questions`, through the cache."""
-    missing = [q for q in dict.fromkeys(questions) if q not in self._cache]
-    if missing:
-      ids, mask = tokenizer_lib.encode(self.tokenizer, missing, self.max_len)
-      self._cache.update(zip(missing, zip(ids, mask)))
-    rows = [self._cache[q] for q in questions]
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
-
-  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-    del rng  # Deterministic.
-    image = example["image"]
-    if isinstance(image, bytes):
-      image = scenes.decode_png(image)
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-      raise ValueError(f"field 'image' must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    low, high = self.value_range
-    ids, mask = self._encode(list(example["questions"]))
-    return {
-      "image": (image.astype(np.float32) * ((high - low) / 255.0) + low),
-      "question_ids": ids,
-      "question_mask": mask,
-      "answer": np.asarray(example["answers"], np.int32),
-      "kind": np.asarray(example["kinds"], np.int32),
-      "subtype": np.asarray(example["subtypes"], np.int32),
-      "color": np.asarray(example["question_colors"], np.int32),
-    }
-
-  def __getstate__(self) -> dict:
-    """Pickles without the cache."""
-    return {**self.__dict__, "_cache": {}}
-
-
-class VqaData(NamedTuple):
-  """A VQA input pipeline with what a model needs to read it.
-
-  Attributes:
-    dataset: the Grain `IterDataset` of batches.
-    tokenizer: the question tokenizer.
-    answers: the answer vocabulary (index -> string).
-  """
-
-  dataset: grain.IterDataset
-  tokenizer: Any
-  answers: tuple[str, ...]
-
-
-def sort_of_clevr_pipeline(
-  split: str,
-  batch_size: int,
-  *,
-  data_dir: str | None = None,
-  config: Any = None,
-  max_len: int = 32,
-  value_range: tuple[float, float] = (0.0, 1.0),
-  seed: int = 0,
-  training: bool | None = None,
-  tokenizer: Any = None,
-  **kwargs: Any,
-) -> VqaData:
-  """Sort-of-CLEVR batches for VQA (the data set is built on first use).
-
-  Batches: image (B, 75, 75, 3) float32, question_ids (B, 20, L) int32, question_mask
-  (B, 20, L) bool, answer / kind / subtype / color (B, 20) int32. With the default L = 32 no
-  question of any split is truncated (train/test need 17 tokens, paraphrase 32).
-
-  Args:
-    split: 'train', 'test' or 'paraphrase'.
-    batch_size: images per batch on this host (each has 20 questions).
-    data_dir: data folder (default `$MMJAX_DATA_DIR` or `~/.cache/mmjax/datasets`).
-    config: a `SortOfClevrConfig` (e.g. fewer images), default the full data set.
-    max_len: L, question length in tokens.
-    value_range: pixel range.
-    seed: shuffle and preprocess seed.
-    training: default `split == 'train'`. Training shuffles, repeats forever and drops the
-      last partial batch; evaluation reads each image once in order and zero-pads the last
-      batch (with a `valid` (B,) field).
-    tokenizer: the question tokenizer (e.g. a pretrained text encoder's); default the data
-      set's own WordPiece, trained on the train questions.
-    **kwargs: overrides of `make_pipeline` arguments (worker_count, shard_index, ...).
-
-  Returns:
-    `VqaData(dataset, tokenizer, answers)`.
-  """
-  from mmjax.data.datasets import sort_of_clevr  # pylint: disable=g-import-not-at-top
-
-  source = sort_of_clevr.load(split, data_dir, config=config)
-  if tokenizer is None:
-    tokenizer = sort_of_clevr.load_tokenizer(data_dir, config=config)
-  training = split == "train" if training is None else training
-  mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if training else
-          dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
-  dataset = make_pipeline(
-    source,
-    batch_size=batch_size,
-    preprocess=SortOfClevrPreprocess(tokenizer, max_len, value_range),
-    seed=seed,
-    **{**mode, **kwargs},
-  )
-  return VqaData(dataset, tokenizer, sort_of_clevr.ANSWERS)

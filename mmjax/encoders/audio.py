@@ -125,6 +125,7 @@ class SpectrogramTransformer(nnx.Module):
     dropout, attn_dropout: dropout on embeddings/sub-layers and on attention weights.
     remat: what each encoder block keeps for the backward pass: "none", "dots" or "full" (see
       `mmjax.layers.REMAT_POLICIES`).
+    attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
   """
 
   def __init__(self, width: int = 192, depth: int = 4, num_heads: int = 3,
@@ -134,7 +135,8 @@ class SpectrogramTransformer(nnx.Module):
                input_kind: str = "features", frontend: af.FrontEndConfig | None = None,
                feature_mean: float = 0.0, feature_std: float = 1.0, dropout: float = 0.0,
                attn_dropout: float = 0.0, ln_eps: float = 1e-6, remat: str = "none",
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               attention: str = "auto", dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     stride = self.patch if stride is None else stride
     self.stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
@@ -166,7 +168,7 @@ class SpectrogramTransformer(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.encoder = Encoder(depth, width, num_heads, mlp_dim or 4 * width, norm="pre",
                            ln_eps=ln_eps, dropout=dropout, attn_dropout=attn_dropout, remat=remat,
-                           **kw)
+                           attention=attention, **kw)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                lengths: jax.Array | None = None, deterministic: bool = True) -> EncoderOutput:

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 
 from mmjax.registry import Registry
 
-ENCODERS = Registry("encoder")
+# The modules that register the built-in encoders ("minilm" lives beside its pretrained loader).
+ENCODERS = Registry("encoder", modules=("mmjax.encoders.audio", "mmjax.encoders.text",
+                                        "mmjax.encoders.vision", "mmjax.transfer.minilm"))
 
 
 class EncoderOutput(NamedTuple):

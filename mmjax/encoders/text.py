@@ -2,7 +2,8 @@
 embedding + (bi)LSTM/GRU encoder.
 
 `BertEncoder`'s parameters map one to one onto HF `BertModel` (see `mmjax.transfer.bert`), so
-pretrained BERT / MiniLM checkpoints load into it; `ClipTextEncoder` does the same for HF
+pretrained BERT / MiniLM checkpoints load into it (the "minilm" encoder is registered in
+`mmjax.transfer.minilm`, beside its loader); `ClipTextEncoder` does the same for HF
 `CLIPTextModel`; `RnnTextEncoder` is the Show-and-Tell-era recurrent encoder. All return the
 `EncoderOutput` contract: tokens (B, L, D), mask (B, L), pooled.
 """
@@ -125,13 +126,14 @@ class BertEncoder(nnx.Module):
     dtype: compute dtype; param_dtype: parameter dtype.
     remat: what each encoder block keeps for the backward pass: "none", "dots" or "full" (see
       `mmjax.layers.REMAT_POLICIES`): less memory, the same outputs and gradients.
+    attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
     rngs: parameter and dropout keys.
     **overrides: any `BertSpec` field (vocab_size, depth, pooler, dropout, ...).
   """
 
   def __init__(self, variant: str = "bert-base", *, pool: str | None = None,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, remat: str = "none",
-               rngs: nnx.Rngs, **overrides):
+               attention: str = "auto", rngs: nnx.Rngs, **overrides):
     spec = decode_variant(variant, **overrides)
     pool = pool or ("pooler" if spec.pooler else "mean")
     if pool not in POOLS:
@@ -148,7 +150,7 @@ class BertEncoder(nnx.Module):
     self.embed_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
     self.encoder = Encoder(spec.depth, d, spec.heads, spec.mlp_dim, norm="post", final_norm=False,
                            ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
-                           attn_dropout=spec.attn_dropout, remat=remat, **kw)
+                           attn_dropout=spec.attn_dropout, remat=remat, attention=attention, **kw)
     self.pooler = dense(d, d, ("embed", None), **kw) if spec.pooler else None
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None,
@@ -239,12 +241,13 @@ class ClipTextEncoder(nnx.Module):
   Args:
     dtype: compute dtype; param_dtype: parameter dtype.
     remat: "none", "dots" or "full", as in `BertEncoder`.
+    attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
     rngs: parameter and dropout keys.
     **fields: any `ClipTextSpec` field.
   """
 
   def __init__(self, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs, **fields):
+               remat: str = "none", attention: str = "auto", rngs: nnx.Rngs, **fields):
     known = {f.name for f in dataclasses.fields(ClipTextSpec)}
     bad = sorted(set(fields) - known)
     if bad:
@@ -260,7 +263,7 @@ class ClipTextEncoder(nnx.Module):
     self.embed_dropout = nnx.Dropout(spec.dropout, rngs=rngs)
     self.encoder = Encoder(spec.depth, spec.hidden, spec.heads, spec.mlp_dim, norm="pre",
                            final_norm=True, ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
-                           attn_dropout=spec.attn_dropout, remat=remat, **kw)
+                           attn_dropout=spec.attn_dropout, remat=remat, attention=attention, **kw)
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
                deterministic: bool = True, return_hidden: bool = False):
@@ -320,6 +323,7 @@ class RnnTextEncoder(nnx.Module):
       MAP pooling without its MLP; it starts as a linear map of the mean, and each head can learn
       to take one word whatever the sentence around it).
     pool_heads: heads of the attention pool; D must divide by it.
+    attention: attention kernel of the attention pool: auto | xla | cudnn | reference, see `MultiHeadAttention`.
     pad_id: padding id; the default mask is `ids != pad_id`.
     dropout: dropout on embeddings and between layers.
     embed_skip: add a linear map of each token's embedding to the RNN's output for that token
@@ -331,7 +335,7 @@ class RnnTextEncoder(nnx.Module):
   def __init__(self, vocab_size: int, features: int = 128, hidden: int = 128, *,
                cell: str = "lstm", bidirectional: bool = True, num_layers: int = 1,
                pool: str = "last", pool_heads: int = 4, pad_id: int = 0, dropout: float = 0.0,
-               embed_skip: bool = False,
+               embed_skip: bool = False, attention: str = "auto",
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if cell not in ("lstm", "gru"):
       raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
@@ -369,7 +373,8 @@ class RnnTextEncoder(nnx.Module):
     # A zero probe: every head starts with uniform weights (value and out maps of the masked mean).
     self.probe = (nnx.Param(part(nnx.initializers.zeros_init(), (None, None, "embed"))(
         rngs.params(), (1, 1, d), param_dtype)) if pool == "attention" else None)
-    self.attend = (MultiHeadAttention(pool_heads, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attend = (MultiHeadAttention(pool_heads, d, attention=attention, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
                    if pool == "attention" else None)
 
   def _zero_carry(self, batch: int):
@@ -412,13 +417,3 @@ class RnnTextEncoder(nnx.Module):
     pooled = jnp.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D), 0 for empty rows
     return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled.astype(self.dtype))
 
-
-@ENCODERS.register("minilm")
-def pretrained_minilm(*, pool: str = "mean", dtype: Dtype = jnp.float32,
-                      param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
-                      **overrides) -> BertEncoder:
-  """The pretrained all-MiniLM-L6-v2 `BertEncoder` (mean pooling); see `mmjax.transfer.minilm`."""
-  from mmjax.transfer.minilm import load_minilm  # noqa: PLC0415 (the transfer package imports this one)
-
-  model, _ = load_minilm(pool=pool, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **overrides)
-  return model

@@ -137,13 +137,14 @@ class ViT(nnx.Module):
     dtype: compute dtype; param_dtype: parameter dtype.
     remat: what each encoder block keeps for the backward pass: "none", "dots" or "full" (see
       `mmjax.layers.REMAT_POLICIES`): less memory, the same outputs and gradients.
+    attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
     rngs: parameter and dropout keys.
     **overrides: any `ViTSpec` field; ints are accepted for `patch` and `image_size`.
   """
 
   def __init__(self, variant: str | None = "B/16", *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, remat: str = "none", rngs: nnx.Rngs,
-               **overrides):
+               param_dtype: Dtype = jnp.float32, remat: str = "none", attention: str = "auto",
+               rngs: nnx.Rngs, **overrides):
     fields = {f.name for f in dataclasses.fields(ViTSpec)}
     bad = sorted(set(overrides) - fields)
     if bad:
@@ -173,7 +174,8 @@ class ViT(nnx.Module):
     self.dropout = nnx.Dropout(spec.dropout, rngs=rngs)
     self.encoder = Encoder(spec.depth, d, spec.heads, spec.mlp_dim, norm="pre", final_norm=True,
                            ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
-                           attn_dropout=spec.attn_dropout, remat=remat, **kw)
+                           attn_dropout=spec.attn_dropout, remat=remat, attention=attention,
+                           **kw)
     self.pooler = dense(d, d, ("embed", None), **kw) if spec.pooler else None
     self.head = dense(d, spec.num_classes, ("embed", None), **kw) if spec.num_classes else None
 
@@ -400,27 +402,9 @@ def grid_coords(h: int, w: int, freqs: int = 0) -> np.ndarray:
   return np.stack(out, axis=-1).astype(np.float32)
 
 
-def pixel_fourier_features(x: jax.Array, freqs: int) -> jax.Array:
-  """(..., C) pixel values -> (..., C (1 + 2 freqs)): the values, then sin(pi k v) and then
-  cos(pi k v) for k = 1..freqs, each block in (C, k) order (SmallCNN's `pixel_freqs`)."""
-  k = jnp.pi * jnp.arange(1, freqs + 1, dtype=x.dtype)  # (K,)
-  v = (x[..., None] * k).reshape(*x.shape[:-1], -1)  # (..., C K)
-  return jnp.concatenate([x, jnp.sin(v), jnp.cos(v)], axis=-1)
-
-
-def relative_position_index(h: int, w: int, r: int) -> np.ndarray:
-  """(h*w, h*w) int: the index of (dy, dx) = (cell j - cell i) in a (2r-1) x (2r-1) table,
-  row-major, for an h x w grid with cells in row-major order."""
-  if h > r or w > r:
-    raise ValueError(f"rel_pos: a {h}x{w} grid needs rel_pos >= {max(h, w)}, got {r}")
-  ys, xs = np.divmod(np.arange(h * w), w)
-  dy, dx = ys[None] - ys[:, None], xs[None] - xs[:, None]
-  return (dy + r - 1) * (2 * r - 1) + (dx + r - 1)
-
-
 @ENCODERS.register("small_cnn")
 class SmallCNN(nnx.Module):
-  """A few stride-2 convs for small images (e.g. Sort-of-CLEVR 75x75 -> a 5x5 grid).
+  """A few stride-2 convs for small images (e.g. 75x75 -> a 5x5 grid with four of them).
 
   Attributes:
     layers: `ConvNorm`s, each 3x3 (by default) with stride 2, followed by the activation.
@@ -443,30 +427,23 @@ class SmallCNN(nnx.Module):
       coordinates this lets every cell see every other once per image, which relational questions
       need, at a cost shared by all questions about the image.
     num_heads, mlp_ratio: of those layers.
-    rel_pos: R > 0 gives each of those layers a learned relative-position bias (Swin, Liu et al.
-      2021): one attention-logit offset per head for every (dy, dx) between two cells, for grids
-      of up to R x R cells, initialised to zero. It lets a head weigh cells by where they are
-      relative to the attending cell (e.g. near or far), independently of their content.
     in_channels: image channels C.
-    pixel_freqs: K > 0 appends sin(pi k v) and cos(pi k v) of every pixel value v (in [0, 1]),
-      k = 1..K, to the image before the first conv (C (1 + 2K) input channels), so that units of
-      the first layer can respond to a band of values. Without them a pixel's first-layer features are a
-      linear function of its colour followed by a ReLU whose threshold a following norm sets at
-      the (background's) mean, and a colour that is a convex combination of others relative to
-      the background (Sort-of-CLEVR's orange between red and yellow, gray among red, green and
-      blue against white) gets no unit that fires for it and not for them.
     act: activation after each conv.
     dtype, param_dtype: compute and parameter dtypes.
     remat: rematerialisation of the Transformer layers ("none", "dots" or "full"; see `ViT`).
+    attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
     rngs: parameter keys.
+
+  Subclasses may override `input_features` to give the first conv per-pixel features computed
+  from the image (its input channels are sized from that method's output).
   """
 
   def __init__(self, features: int = 64, *, channels: tuple[int, ...] = (24, 24, 24, 24),
                kernel_size: int = 3, norm: str = "batch", norm_groups: int = 8,
                coords: bool = False, coord_freqs: int = 0, depth: int = 0, num_heads: int = 4,
-               mlp_ratio: int = 2, rel_pos: int = 0, in_channels: int = 3, pixel_freqs: int = 0,
-               act: str = "relu", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs):
+               mlp_ratio: int = 2, in_channels: int = 3, act: str = "relu",
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, remat: str = "none",
+               attention: str = "auto", rngs: nnx.Rngs):
     if not channels:
       raise ValueError("channels: expected at least one conv layer")
     if depth < 0:
@@ -474,32 +451,27 @@ class SmallCNN(nnx.Module):
     if coord_freqs < 0 or (coord_freqs and not coords):
       raise ValueError(f"coord_freqs: expected a non-negative int, and coords=True when > 0; "
                        f"got coord_freqs={coord_freqs!r}, coords={coords!r}")
-    if pixel_freqs < 0:
-      raise ValueError(f"pixel_freqs: expected a non-negative int, got {pixel_freqs!r}")
     self.in_channels, self.coords, self.coord_freqs = in_channels, coords, coord_freqs
-    self.pixel_freqs = pixel_freqs
     self.act = activation(act)
     kw = dict(norm=norm, groups=norm_groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    cins = (in_channels * (1 + 2 * pixel_freqs),) + tuple(channels[:-1])
+    pixel = jax.ShapeDtypeStruct((1, 1, 1, in_channels), jnp.float32)
+    cins = (jax.eval_shape(self.input_features, pixel).shape[-1],) + tuple(channels[:-1])
     self.layers = nnx.List([ConvNorm(ci, co, kernel_size, 2, **kw)
                             for ci, co in zip(cins, channels)])
     self.proj = dense(channels[-1] + 2 * coords + 4 * coord_freqs, features, (None, "embed"),
                       rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.encoder = (Encoder(depth, features, num_heads, mlp_ratio * features, remat=remat,
-                            rngs=rngs, dtype=dtype, param_dtype=param_dtype) if depth else None)
-    if rel_pos < 0 or (rel_pos and not depth):
-      raise ValueError(f"rel_pos: expected a non-negative int, and depth > 0 when > 0; got "
-                       f"rel_pos={rel_pos!r}, depth={depth!r}")
-    self.rel_pos = rel_pos
-    self.rel_bias = (nnx.Param(jnp.zeros((depth, num_heads, (2 * rel_pos - 1) ** 2), param_dtype))
-                     if rel_pos else None)
+                            attention=attention, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                    if depth else None)
+
+  def input_features(self, images: jax.Array) -> jax.Array:
+    """images (B, H, W, C) -> what the first conv reads, (B, H, W, C'): the images themselves."""
+    return images
 
   def __call__(self, images: jax.Array, *, deterministic: bool = True) -> EncoderOutput:
     """images (B, H, W, C) float -> tokens (B, h*w, features), grid row-major, pooled mean."""
     check_images(images, self.in_channels)
-    x = sharding.constrain(images, ("batch", None, None, None))
-    if self.pixel_freqs:
-      x = pixel_fourier_features(x, self.pixel_freqs)  # (B, H, W, C (1 + 2K))
+    x = self.input_features(sharding.constrain(images, ("batch", None, None, None)))
     for layer in self.layers:
       x = self.act(layer(x, deterministic))  # (B, h, w, C)
     b, h, w, _ = x.shape
@@ -510,9 +482,6 @@ class SmallCNN(nnx.Module):
     tokens = self.proj(x.reshape(b, h * w, x.shape[-1]))  # (B, h*w, D)
     tokens = sharding.constrain(tokens, ("batch", "length", "embed"))
     if self.encoder is not None:
-      bias = None
-      if self.rel_bias is not None:
-        bias = list(self.rel_bias[...][:, :, relative_position_index(h, w, self.rel_pos)][:, None])
-      tokens = self.encoder(tokens, deterministic=deterministic, bias=bias)
+      tokens = self.encoder(tokens, deterministic=deterministic)
     return EncoderOutput(tokens=tokens, mask=jnp.ones((b, h * w), bool),
                          pooled=mean_pool(tokens))

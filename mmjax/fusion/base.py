@@ -33,7 +33,10 @@ from mmjax import sharding
 from mmjax.layers.common import Dtype, part
 from mmjax.registry import Registry
 
-FUSIONS = Registry("fusion")
+FUSIONS = Registry("fusion", modules=(
+    "mmjax.fusion.bottleneck", "mmjax.fusion.cross_attention", "mmjax.fusion.film", "mmjax.fusion.gated",
+    "mmjax.fusion.late", "mmjax.fusion.lmf", "mmjax.fusion.relation", "mmjax.fusion.single_stream",
+    "mmjax.fusion.tfn"))
 
 normal02 = nnx.initializers.normal(0.02)
 

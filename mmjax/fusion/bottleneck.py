@@ -35,12 +35,15 @@ class BottleneckFusion(FusionBlock):
     layers: name -> `depth` pre-LN EncoderBlocks (modality-specific weights).
     norm: name -> final LayerNorm.
     fusion_layer: index of the first layer that uses the bottleneck.
+
+  Args:
+    attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
   """
 
   def __init__(self, modalities: Mapping[str, int], features: int, *, depth: int = 2,
                num_heads: int = 4, mlp_dim: int | None = None, num_bottleneck: int = 4,
                fusion_layer: int = 0, act: str = "gelu", dropout: float = 0.0,
-               attn_dropout: float = 0.0, dtype: Dtype = jnp.float32,
+               attn_dropout: float = 0.0, attention: str = "auto", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(modalities, features, dtype=dtype, param_dtype=param_dtype)
     if num_bottleneck < 1:
@@ -54,7 +57,8 @@ class BottleneckFusion(FusionBlock):
                               param_dtype=param_dtype)
     self.layers = nnx.Dict({m: nnx.List([
         EncoderBlock(features, num_heads, mlp_dim or 4 * features, act=act, dropout=dropout,
-                     attn_dropout=attn_dropout, **kw) for _ in range(depth)]) for m in self.names})
+                     attn_dropout=attn_dropout, attention=attention, **kw) for _ in range(depth)])
+        for m in self.names})
     self.norm = nnx.Dict({m: layer_norm(features, **kw) for m in self.names})
 
   def fuse(self, x: FusionInputs, *, deterministic: bool) -> FusionOutput:

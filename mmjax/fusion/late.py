@@ -1,5 +1,4 @@
-"""Late fusion: per-modality masked-mean pooling (or flattening) and projection, then concat +
-MLP, mean or sum."""
+"""Late fusion: per-modality masked-mean pooling and projection, then concat + MLP, mean or sum."""
 
 from __future__ import annotations
 
@@ -19,49 +18,39 @@ from mmjax.layers.common import Dtype
 class ConcatFusion(FusionBlock):
   """Late fusion by concatenation: pool each modality, project it, concatenate, then an MLP.
 
-  An absent modality's projected vector is replaced by a learned "missing" embedding. A modality
-  named in `flatten` is not pooled: its N_m tokens are concatenated (N_m * D_m features, padded
-  tokens as zeros) before the projection, so the MLP sees where each feature is, as in the
-  CNN+MLP baseline of Santoro et al. 2017, which flattens the CNN's feature map.
+  An absent modality's projected vector is replaced by a learned "missing" embedding. Subclasses
+  change how a modality is summarised before its projection by overriding `summarize` and
+  `summary_dim` (e.g. flattening a fixed-size grid instead of pooling it).
 
   Attributes:
-    proj: name -> dense (D_m, or N_m * D_m if flattened, -> features).
+    proj: name -> dense (summary_dim(m, D_m) -> features).
     missing: name -> learned (features,) used when the modality is absent.
     mlp: (M * features -> mlp_dim -> features).
-    flatten: name -> N_m for the flattened modalities.
   """
 
   def __init__(self, modalities: Mapping[str, int], features: int, *, mlp_dim: int | None = None,
-               act: str = "gelu", dropout: float = 0.0, flatten: Mapping[str, int] | None = None,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               act: str = "gelu", dropout: float = 0.0, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(modalities, features, dtype=dtype, param_dtype=param_dtype)
-    flatten = dict(flatten or {})
-    for m, n in flatten.items():
-      if m not in self.names:
-        raise ValueError(f"flatten: {m!r} is not one of the modalities {list(self.names)}")
-      if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"flatten[{m!r}]: expected the modality's token count (a positive int), got {n!r}")
-    self.flatten = flatten
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.proj = nnx.Dict({m: dense(d * flatten.get(m, 1), features, ("embed", "mlp"), **kw)
+    self.proj = nnx.Dict({m: dense(self.summary_dim(m, d), features, ("embed", "mlp"), **kw)
                           for m, d in self.modality_dims})
     self.missing = nnx.Dict({m: learned((features,), ("embed",), rngs=rngs, param_dtype=param_dtype)
                              for m in self.names})
     width = len(self.names) * features
     self.mlp = Mlp(width, mlp_dim or 2 * features, out_features=features, act=act, dropout=dropout, **kw)
 
-  def _summary(self, m: str, x: FusionInputs) -> jax.Array:
-    """Modality m's (B, D_m) masked mean, or its (B, N_m * D_m) flattened tokens."""
-    if m not in self.flatten:
-      return masked_mean(x.tokens[m], x.masks[m])
-    tokens = x.tokens[m]  # (B, N_m, D_m), zero where masked
-    if tokens.shape[1] != self.flatten[m]:
-      raise ValueError(f"flatten[{m!r}]: built for {self.flatten[m]} tokens, got {m} tokens of shape "
-                       f"{tokens.shape} (B, N, D)")
-    return tokens.reshape(tokens.shape[0], -1)
+  def summary_dim(self, m: str, d: int) -> int:
+    """Width of modality m's summary, given its token width d: d (the masked mean)."""
+    del m
+    return d
+
+  def summarize(self, m: str, x: FusionInputs) -> jax.Array:
+    """Modality m's (B, summary_dim) summary: the masked mean of its tokens."""
+    return masked_mean(x.tokens[m], x.masks[m])
 
   def fuse(self, x: FusionInputs, *, deterministic: bool) -> FusionOutput:
-    parts = [select(x.present[m], self.proj[m](self._summary(m, x)), self.missing[m][...])
+    parts = [select(x.present[m], self.proj[m](self.summarize(m, x)), self.missing[m][...])
              for m in self.names]  # M x (B, F)
     pooled = self.mlp(jnp.concatenate(parts, axis=-1), deterministic=deterministic)
     return FusionOutput(pooled, None, {})

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mmjax import sharding
 from mmjax.layers.common import Dtype, dense
+
+log = logging.getLogger(__name__)
 
 
 def make_attention_mask(q_mask: jax.Array | None, kv_mask: jax.Array | None, causal: bool = False,
@@ -40,20 +46,33 @@ def _default_platform() -> str:
   return device if isinstance(device, str) else device.platform
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
-                    mask: jax.Array | None, scale: float) -> jax.Array:
-  """`jax.nn.dot_product_attention` (B, L, H, Dh) with cuDNN's fused kernel on a GPU in bf16/f16.
+# What `MultiHeadAttention(attention=...)` takes: the kernel that computes softmax(q k^T) v.
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "reference")
+_FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's fused attention takes no float32
+_logged: set[tuple[str, str]] = set()
 
-  JAX picks XLA's unfused attention unless asked (`implementation=None` means "xla"); cuDNN's
-  flash attention is tried first on GPUs and XLA's is used where cuDNN rejects the shapes or
-  dtypes (it raises while tracing). On CPU and TPU this is XLA's.
-  """
-  if _default_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return padded_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
-    except (ValueError, NotImplementedError, TypeError, RuntimeError):
-      pass
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+def check_attention(attention: str) -> str:
+  """Returns `attention`, or raises a ValueError listing `ATTENTION_KERNELS`."""
+  if attention not in ATTENTION_KERNELS:
+    raise ValueError(f"attention: expected one of {ATTENTION_KERNELS}, got {attention!r}")
+  return attention
+
+
+def cudnn_unavailable(dtype) -> str | None:
+  """Why cuDNN's fused attention cannot run here for `dtype`, or None when it can be tried."""
+  platform = _default_platform()
+  if platform != "gpu":
+    return f"cuDNN's fused attention needs a GPU; the default platform is {platform!r}"
+  if jnp.dtype(dtype) not in _FUSED_DTYPES:
+    return f"cuDNN's fused attention takes bfloat16 or float16, got {jnp.dtype(dtype).name}"
+  return None
+
+
+def _log_choice(kernel: str, why: str) -> None:
+  if (kernel, why) not in _logged:
+    _logged.add((kernel, why))
+    log.info("attention='auto' picked %r (%s)", kernel, why)
 
 
 def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None,
@@ -81,16 +100,32 @@ def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Arra
 class MultiHeadAttention(nnx.Module):
   """Multi-head dot-product attention with HF-compatible separate query/key/value/out projections.
 
+  `attention` picks the kernel for softmax(scale * q k^T + bias) v:
+    "xla": `jax.nn.dot_product_attention(implementation="xla")`, on every platform;
+    "cudnn": cuDNN's fused kernel (a GPU and bfloat16/float16 only; anything else raises a
+      ValueError naming `attention=`, never a silent fallback);
+    "reference": explicit einsum and softmax, the only kernel that computes the weights;
+    "auto": cuDNN on a GPU in bfloat16/float16 where it takes the shapes, else XLA, and the
+      reference kernel while dropout on the weights runs. Logs once (INFO) what it picked.
+  Whatever the kernel, a call that returns or records the weights (`return_weights`,
+  `record_weights`) runs the reference kernel: the fused ones do not produce them. Every kernel
+  takes float32 logits and softmax; XLA's and the reference kernel agree to float32 rounding.
+
   Attributes:
     num_heads: number of heads; `qkv_features` must divide by it.
     query, key, value: projections (D_in -> H*Dh), kernels named ('embed', 'heads').
     out: projection (H*Dh -> D_out), kernel named ('heads', 'embed').
     scale: logits = scale * q.k, with scale = qk_scale / sqrt(Dh) (qk_scale 1: the usual).
+    attention: the kernel name (above).
+    record_weights: when True, each call also sows its weights (B, H, Lq, Lk) as
+      `nnx.Intermediate` "attention_weights", which `nnx.capture(model, nnx.Intermediate)`
+      collects; `record_attention(model)` switches it on for a whole model.
   """
 
   def __init__(self, num_heads: int, in_features: int, *, kv_features: int | None = None,
                qkv_features: int | None = None, out_features: int | None = None,
                use_bias: bool = True, dropout: float = 0.0, qk_scale: float = 1.0,
+               attention: str = "auto", record_weights: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     qkv_features = qkv_features or in_features
     if qkv_features % num_heads:
@@ -99,6 +134,12 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads, self.head_dim = num_heads, qkv_features // num_heads
     if not qk_scale > 0:
       raise ValueError(f"qk_scale: expected a positive float, got {qk_scale!r}")
+    self.attention = check_attention(attention)
+    if attention in ("xla", "cudnn") and dropout > 0:
+      raise ValueError(f"attention={attention!r}: the fused kernels have no dropout on the weights, "
+                       f"got dropout={dropout} (use attention='auto' or 'reference', or no "
+                       "attention dropout)")
+    self.record_weights = record_weights
     self.scale = float(qk_scale) * self.head_dim ** -0.5  # logits = scale * q.k
     self.dtype = dtype
     kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
@@ -130,10 +171,11 @@ class MultiHeadAttention(nnx.Module):
     queries' rows (one image, several questions): keys and values are projected once per row
     and the r query rows attend to them as one group; same result as repeating the context.
 
-    `mask` is boolean, broadcastable to (B, H, Lq, Lk); True means attend. With `decode=True`
-    (self-attention only) `x` holds the next token(s), keys/values are appended to the cache
-    and a causal mask over the filled cache is applied. Returns (B, Lq, D_out), and the attention
-    weights (B, H, Lq, Lk) too when `return_weights`.
+    `mask` is boolean, broadcastable to (B, H, Lq, Lk); True means attend. `bias`, broadcastable
+    to (B, H, Lq, Lk), is added to the logits. With `decode=True` (self-attention only) `x` holds
+    the next token(s), keys/values are appended to the cache and a causal mask over the filled
+    cache is applied. Returns (B, Lq, D_out), and the attention weights (B, H, Lq, Lk) too when
+    `return_weights` (computed by the reference kernel).
     """
     kv_in = x if context is None else context
     q = self._heads(self.query(x))
@@ -171,18 +213,56 @@ class MultiHeadAttention(nnx.Module):
 
       mask = None if mask is None else group(mask)
       bias = None if bias is None else group(bias)
-    if return_weights or (not deterministic and self.dropout.rate > 0):  # else the fused path
-      out, w = self._explicit(q, k, v, mask, bias, deterministic)
-    else:
-      out, w = fused_attention(q, k, v, bias=bias, mask=mask, scale=self.scale), None
+    weights = return_weights or self.record_weights
+    kernel = self._kernel(q.dtype, weights, not deterministic and self.dropout.rate > 0)
+    with jax.named_scope(f"attention_{kernel}"):  # the kernel that ran, in the HLO's op names
+      if kernel == "reference":
+        out, w = self._reference(q, k, v, mask, bias, deterministic)
+      elif kernel == "cudnn":
+        out, w = padded_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                  implementation="cudnn"), None
+      elif kernel == "auto_cudnn":  # cuDNN where it takes the shapes (it raises while tracing)
+        try:
+          out = padded_attention(q, k, v, bias=bias, mask=mask, scale=self.scale, implementation="cudnn")
+          _log_choice("cudnn", f"{q.dtype.name} on a GPU")
+        except (ValueError, NotImplementedError, TypeError, RuntimeError) as e:
+          _log_choice("xla", f"cuDNN rejected the call: {e}")
+          out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                             implementation="xla")
+        w = None
+      else:
+        out, w = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                              implementation="xla"), None
     if r != 1:
       out = out.reshape(B, Lq, *out.shape[2:])
       if w is not None:  # (B / r, H, r * Lq, Lk) -> (B, H, Lq, Lk)
         w = w.reshape(B // r, w.shape[1], r, Lq, Lk).swapaxes(1, 2).reshape(B, -1, Lq, Lk)
+    if self.record_weights:
+      self.sow(nnx.Intermediate, "attention_weights", w)
     out = self.out(out.reshape(out.shape[:2] + (-1,)))
     return (out, w) if return_weights else out
 
-  def _explicit(self, q, k, v, mask, bias, deterministic):
+  def _kernel(self, dtype, weights: bool, dropout: bool) -> str:
+    """The kernel of this call: "reference", "xla", "cudnn" or "auto_cudnn" (cuDNN, else XLA)."""
+    if self.attention == "reference" or weights:
+      if self.attention == "auto":
+        _log_choice("reference", "the attention weights are asked for")
+      return "reference"
+    if dropout:  # only "auto" gets here: the fused kernels refuse dropout at construction
+      _log_choice("reference", "dropout on the attention weights")
+      return "reference"
+    if self.attention == "cudnn":
+      why = cudnn_unavailable(dtype)
+      if why is not None:
+        raise ValueError(f"attention='cudnn': {why} (use attention='auto' or 'xla')")
+      return "cudnn"
+    if self.attention == "auto":
+      if cudnn_unavailable(dtype) is None:
+        return "auto_cudnn"
+      _log_choice("xla", f"{jnp.dtype(dtype).name} on {_default_platform()}")
+    return "xla"
+
+  def _reference(self, q, k, v, mask, bias, deterministic):
     scale = jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
     if bias is not None:
@@ -192,3 +272,27 @@ class MultiHeadAttention(nnx.Module):
     w = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     wd = self.dropout(w, deterministic=deterministic)
     return jnp.einsum("bhqk,bkhd->bqhd", wd, v), w
+
+
+@contextlib.contextmanager
+def record_attention(module: nnx.Module) -> Iterator[nnx.Module]:
+  """Within the block, every `MultiHeadAttention` in `module` records its weights.
+
+  Each call then sows (B, H, Lq, Lk) as `nnx.Intermediate` "attention_weights" (computed by the
+  reference kernel), collected by `nnx.capture` and keyed by the modules' paths:
+
+    with record_attention(model):
+      out, recorded = nnx.capture(model, nnx.Intermediate)(x)
+
+  Restores the flags on exit. Inside a traced function the module must belong to the trace
+  (passed through `nnx.jit`, or `nnx.merge`d inside it), as for any change of a module.
+  """
+  layers = [m for _, m in nnx.iter_graph(module) if isinstance(m, MultiHeadAttention)]
+  before = [m.record_weights for m in layers]
+  for m in layers:
+    m.record_weights = True
+  try:
+    yield module
+  finally:
+    for m, flag in zip(layers, before):
+      m.record_weights = flag

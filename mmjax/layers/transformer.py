@@ -49,7 +49,7 @@ class Mlp(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-  """Transformer encoder block.
+  """Transformer encoder block; `attention` picks the attention kernel (see `MultiHeadAttention`).
 
   Attributes:
     norm: "pre" (ViT: x + f(LN(x))) or "post" (BERT: LN(x + f(x))).
@@ -58,13 +58,13 @@ class EncoderBlock(nnx.Module):
 
   def __init__(self, features: int, num_heads: int, mlp_dim: int, *, norm: str = "pre",
                act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
-               ln_eps: float = 1e-6, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               ln_eps: float = 1e-6, attention: str = "auto", dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if norm not in ("pre", "post"):
       raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm = norm
-    self.attn = MultiHeadAttention(num_heads, features, dropout=attn_dropout, **kw)
+    self.attn = MultiHeadAttention(num_heads, features, dropout=attn_dropout, attention=attention, **kw)
     self.attn_norm = layer_norm(features, eps=ln_eps, **kw)
     self.mlp = Mlp(features, mlp_dim, act=act, dropout=dropout, **kw)
     self.mlp_norm = layer_norm(features, eps=ln_eps, **kw)
@@ -87,16 +87,19 @@ class EncoderBlock(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-  """Pre-LN decoder block: causal self-attention (KV-cacheable), cross-attention, MLP."""
+  """Pre-LN decoder block: causal self-attention (KV-cacheable), cross-attention, MLP.
+
+  `attention` picks both attentions' kernel (see `MultiHeadAttention`)."""
 
   def __init__(self, features: int, num_heads: int, mlp_dim: int, *,
                context_features: int | None = None, act: str = "gelu", dropout: float = 0.0,
-               ln_eps: float = 1e-6, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               ln_eps: float = 1e-6, attention: str = "auto", dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.self_attn = MultiHeadAttention(num_heads, features, **kw)
+    self.self_attn = MultiHeadAttention(num_heads, features, attention=attention, **kw)
     self.self_norm = layer_norm(features, eps=ln_eps, **kw)
-    self.cross_attn = MultiHeadAttention(num_heads, features, kv_features=context_features, **kw)
+    self.cross_attn = MultiHeadAttention(num_heads, features, kv_features=context_features,
+                                         attention=attention, **kw)
     self.cross_norm = layer_norm(features, eps=ln_eps, **kw)
     self.mlp = Mlp(features, mlp_dim, act=act, dropout=dropout, **kw)
     self.mlp_norm = layer_norm(features, eps=ln_eps, **kw)
@@ -135,6 +138,7 @@ class Encoder(nnx.Module):
 
   `remat` ("none", "dots" or "full", see `REMAT_POLICIES`) picks what each block keeps for the
   backward pass; outputs and gradients are the same under all three, to float32 rounding.
+  `block_kw` go to every `EncoderBlock` (act, dropout, attn_dropout, attention, dtype, ...).
   """
 
   def __init__(self, depth: int, features: int, num_heads: int, mlp_dim: int, *,

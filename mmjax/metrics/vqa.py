@@ -157,7 +157,7 @@ def majority_answers(train_answers, train_types, types) -> np.ndarray:
   Args:
     train_answers: int answers of the training questions, any shape.
     train_types: int (>= 0) type of each training question, shaped like `train_answers` (e.g.
-      Sort-of-CLEVR's subtype).
+      a question template's subtype).
     types: int types of the questions to answer, any shape.
 
   Returns:

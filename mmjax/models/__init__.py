@@ -1,10 +1,10 @@
-"""Task models composed of encoders + fusion + heads; importing registers them in `MODELS`.
+"""Task models composed of encoders + fusion + heads, registered in `MODELS` by the modules below.
 
-"vqa" (VQAModel), "dual_encoder" (CLIP/SigLIP), "classifier" (MultimodalClassifier); the
-captioners `ShowAndTell` and `TransformerCaptioner` with `decoding.generate`.
+"vqa" (`vqa.VQAModel`), "dual_encoder" (`dual_encoder.DualEncoder`, CLIP/SigLIP), "classifier"
+(`classifier.MultimodalClassifier`); the captioners `captioner.ShowAndTell` and
+`captioner.TransformerCaptioner` with `decoding.generate`.
 """
 
-from mmjax.models import captioner, classifier, decoding, dual_encoder, vqa
 from mmjax.models.vqa import MODELS
 
-__all__ = ["MODELS", "captioner", "classifier", "decoding", "dual_encoder", "vqa"]
+__all__ = ["MODELS"]

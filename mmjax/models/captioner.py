@@ -196,6 +196,7 @@ class TransformerCaptioner(_CaptionerBase):
     max_len: longest caption (input tokens in training, generated tokens in decoding).
     tie_embeddings: logits through `Embed.attend` instead of a separate head.
     act, dropout, ln_eps: as in `DecoderBlock`.
+    attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
   """
 
   def __init__(self, vocab_size: int, *, encoder: nnx.Module | str,
@@ -203,7 +204,8 @@ class TransformerCaptioner(_CaptionerBase):
                features: int = 256, depth: int = 2, num_heads: int = 4,
                mlp_dim: int | None = None, max_len: int = 64, tie_embeddings: bool = True,
                act: str = "gelu", dropout: float = 0.0, ln_eps: float = 1e-6,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               attention: str = "auto", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.max_len = vocab_size, max_len
     self.encoder = _build_encoder(encoder, encoder_kwargs, rngs)
@@ -212,7 +214,7 @@ class TransformerCaptioner(_CaptionerBase):
     self.layers = nnx.List([
         DecoderBlock(features, num_heads, mlp_dim or 4 * features,
                      context_features=encoder_features or features, act=act, dropout=dropout,
-                     ln_eps=ln_eps, **kw)
+                     ln_eps=ln_eps, attention=attention, **kw)
         for _ in range(depth)
     ])
     self.final_norm = layer_norm(features, eps=ln_eps, **kw)

@@ -3,8 +3,8 @@
 The LXMERT recipe of the seed article is `fusion="cross_attention"`; Santoro et al.'s relation
 network is `fusion="relation"`. Several questions may share one image (`question_ids` of shape
 (B, Q, L)): the image is encoded once and its tokens reach the fusion block as inputs shared by
-the Q questions (about 3x faster on Sort-of-CLEVR's 20 questions per image than encoding the
-image per question); cross-attention also projects them once per image instead of per question.
+the Q questions (about 3x faster with 20 questions per image than encoding the image per
+question); cross-attention also projects them once per image instead of per question.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mmjax.encoders import ENCODERS, EncoderOutput
@@ -21,7 +20,8 @@ from mmjax.fusion import build_fusion, modality_dropout
 from mmjax.layers.common import Dtype, activation, dense, layer_norm
 from mmjax.registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry("model", modules=("mmjax.models.classifier", "mmjax.models.dual_encoder",
+                                   "mmjax.models.vqa"))
 
 
 def build_encoder(spec: Mapping[str, Any], *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.Module:
@@ -82,28 +82,20 @@ class VQAModel(nnx.Module):
     modality_dropout: probability of dropping a whole modality per example in training.
     question_tokens: "all" passes every question token to the fusion block; "pooled" passes the
       text encoder's pooled vector as a single token, so per-question fusion work does not grow
-      with the question length (about 20x less on Sort-of-CLEVR's questions).
-    unique_questions: U > 0 encodes each distinct question of a call once (at most U of them)
-      and gathers its output for every copy: Sort-of-CLEVR has 108 distinct training questions,
-      so a step of 32 images x 20 questions encodes <= 108 instead of 640. The result equals
-      encoding every question (identical ids and masks give identical outputs), except that
-      copies share one dropout mask in training. When a call has more than U distinct questions
-      it encodes them all (one `cond`: never truncated). 0: always encode every question. With
-      a batch sharded over devices the distinct questions are gathered and encoded on each
-      device, so use it where one device (or few) holds the batch.
+      with the question length (about 20x less for 20-token questions).
+
+  Subclasses may override `encode_questions` to change how the question stream is encoded
+  (e.g. each distinct question once), as long as every row gets its own output.
   """
 
   def __init__(self, *, vision: Mapping[str, Any], text: Mapping[str, Any], fusion: str,
                features: int, num_answers: int, image_shape: tuple[int, int, int],
                question_len: int, fusion_kwargs: Mapping[str, Any] | None = None,
                head_hidden: int = 256, head_dropout: float = 0.0, modality_dropout: float = 0.0,
-               question_tokens: str = "all", unique_questions: int = 0, dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               question_tokens: str = "all", dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if question_tokens not in ("all", "pooled"):
       raise ValueError(f"question_tokens: expected 'all' or 'pooled', got {question_tokens!r}")
-    if not isinstance(unique_questions, (int, np.integer)) or unique_questions < 0:
-      raise ValueError(f"unique_questions: expected an int >= 0, got {unique_questions!r}")
-    self.question_tokens, self.unique_questions = question_tokens, int(unique_questions)
+    self.question_tokens = question_tokens
     self.vision = build_encoder(vision, rngs=rngs, dtype=dtype)
     self.text = build_encoder(text, rngs=rngs, dtype=dtype)
     self.image_shape, self.question_len = tuple(image_shape), int(question_len)
@@ -143,7 +135,7 @@ class VQAModel(nnx.Module):
       keep = jnp.asarray(presence["image"]).astype(bool).reshape(-1, 1, 1, 1)
       images = jnp.where(keep, images, jnp.zeros((), images.dtype))
     img: EncoderOutput = self.vision(images, deterministic=deterministic)
-    txt = self._encode_questions(q_ids.reshape(B * Q, L), q_mask.reshape(B * Q, L), deterministic)
+    txt = self.encode_questions(q_ids.reshape(B * Q, L), q_mask.reshape(B * Q, L), deterministic)
     rep = lambda x: jnp.repeat(x, Q, axis=0)  # per image -> per question
     pres = None
     if presence is not None:
@@ -161,22 +153,6 @@ class VQAModel(nnx.Module):
     logits = logits.reshape(B, -1) if single else logits.reshape(B, Q, -1)
     return logits, {"fusion": fused.aux, "image_pooled": img.pooled, "text_pooled": txt.pooled}
 
-  def _encode_questions(self, ids: jax.Array, mask: jax.Array, deterministic: bool) -> EncoderOutput:
-    """ids, mask (N, L) -> the text encoder's output for every row (see `unique_questions`)."""
-    n, u = ids.shape[0], self.unique_questions
-    encode = lambda text, i, m: text(i, m, deterministic=deterministic)
-    if not u or u >= n:
-      return encode(self.text, ids, mask)
-    # One int per token holds both the id and whether it is masked, so rows are equal iff both are.
-    key = jnp.where(mask, ids, -1 - ids)
-    rows, inverse = jnp.unique(key, axis=0, size=n, fill_value=0, return_inverse=True)
-    inverse = inverse.reshape(n)
-    distinct = inverse.max() + 1
-
-    def few(text, rows, inverse):  # rows past `distinct` repeat row 0: valid input, never read
-      r = jnp.where(jnp.arange(u)[:, None] < distinct, rows[:u], rows[:1])
-      out = encode(text, jnp.where(r >= 0, r, -1 - r), r >= 0)
-      return jax.tree.map(lambda x: x[inverse], out)
-
-    return nnx.cond(distinct <= u, few, lambda text, rows, inverse: encode(text, ids, mask),
-                    self.text, rows, inverse)
+  def encode_questions(self, ids: jax.Array, mask: jax.Array, deterministic: bool) -> EncoderOutput:
+    """ids, mask (N, L) -> the text encoder's output for every row."""
+    return self.text(ids, mask, deterministic=deterministic)

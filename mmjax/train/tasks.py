@@ -10,8 +10,7 @@ from flax import nnx
 
 from mmjax.registry import Registry
 
-TASKS = Registry("task", modules=("mmjax.tasks.av_digits", "mmjax.tasks.caption", "mmjax.tasks.clip",
-                                  "mmjax.tasks.vqa"))
+TASKS = Registry("task", modules=("mmjax.tasks.av_digits", "mmjax.tasks.caption", "mmjax.tasks.clip"))
 
 
 class Task(Protocol):

@@ -2,7 +2,8 @@
 
 The package ships the sentence-transformers folder (BERT layout, 6 layers, 384 wide, plus the
 word-piece tokenizer files). Its sentence embedding is the mean of the last hidden states over real
-tokens, L2-normalised; `encode_sentences` computes exactly that.
+tokens, L2-normalised; `encode_sentences` computes exactly that. The encoder is registered in
+`ENCODERS` as "minilm" (a config's `{"name": "minilm"}` text encoder).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmjax.encoders.base import masked_mean
+from mmjax.encoders.base import ENCODERS, masked_mean
 from mmjax.encoders.text import BertEncoder
 from mmjax.layers.common import Dtype
 from mmjax.transfer.bert import load_bert
@@ -46,6 +47,15 @@ def load_tokenizer(folder: str | None = None) -> Any:
   return AutoTokenizer.from_pretrained(folder or minilm_path(), local_files_only=True)
 
 
+@ENCODERS.register("minilm")
+def pretrained_minilm(*, pool: str = "mean", dtype: Dtype = jnp.float32,
+                      param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
+                      **overrides) -> BertEncoder:
+  """The pretrained all-MiniLM-L6-v2 `BertEncoder` (mean pooling), the text encoder "minilm"."""
+  folder = minilm_path()
+  return load_bert(folder, pool=pool, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **overrides)
+
+
 def load_minilm(*, pool: str = "mean", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                 rngs: nnx.Rngs | None = None, **overrides) -> tuple[BertEncoder, Any]:
   """(all-MiniLM-L6-v2 as a `BertEncoder` with `pool` pooling, its HF tokenizer).
@@ -53,9 +63,8 @@ def load_minilm(*, pool: str = "mean", dtype: Dtype = jnp.float32, param_dtype: 
   `overrides` are `BertSpec` fields such as dropout; the pooler (unused by sentence-transformers)
   is loaded too, so pool="pooler" is available.
   """
-  folder = minilm_path()
-  model = load_bert(folder, pool=pool, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **overrides)
-  return model, load_tokenizer(folder)
+  model = pretrained_minilm(pool=pool, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **overrides)
+  return model, load_tokenizer()
 
 
 @nnx.jit

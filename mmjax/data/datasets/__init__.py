@@ -12,15 +12,15 @@ import fcntl
 import importlib
 import os
 import pathlib
+import pkgutil
 from typing import Any
 
 from mmjax.data import tokenizer as tokenizer_lib
 
-_MODULES = {
-  "sort_of_clevr": "mmjax.data.datasets.sort_of_clevr",
-  "shapes_captions": "mmjax.data.datasets.shapes_captions",
-  "av_digits": "mmjax.data.datasets.av_digits",
-}
+
+def names() -> list[str]:
+  """The embedded data sets: this package's modules, found without importing them."""
+  return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -35,9 +35,9 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
 def load(name: str, split: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
   """Random-access source of split `split` of embedded data set `name` (built if missing)."""
-  if name not in _MODULES:
-    raise KeyError(f"unknown embedded data set {name!r}; known: {', '.join(sorted(_MODULES))}")
-  return importlib.import_module(_MODULES[name]).load(split, data_dir=data_dir, **kwargs)
+  if name not in names():
+    raise KeyError(f"unknown embedded data set {name!r}; known: {', '.join(names())}")
+  return importlib.import_module(f"{__name__}.{name}").load(split, data_dir=data_dir, **kwargs)
 
 
 def sized_config(config_cls: type, splits: tuple[str, ...], num_images: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Shapes captions: Sort-of-CLEVR scenes with English captions built from the scene graph.
+"""Shapes captions: scenes of coloured shapes with English captions built from the scene graph.
 
 Scenes come from `mmjax.data.scenes` (six objects with unique colours, squares and circles,
 75x75), drawn with this data set's own seeds. Each image has `CAPTIONS_PER_IMAGE` reference
@@ -13,8 +13,8 @@ captions, one of each kind below (in this order), each from a template picked at
 - closest:  a random object and its nearest other object (unique by construction).
 
 An object is "<colour> <shape>", after "a" or "an" as English wants; "left"/"top" mean
-centre x/y < image_size / 2, as in Sort-of-CLEVR. Captions are lower case without final
-punctuation. Splits: train 9,800 and test 200 images.
+centre x/y < image_size / 2. Captions are lower case without final punctuation. Splits:
+train 9,800 and test 200 images.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@
                         "text.tokenize(32, 'path/to/tokenizer.json', key='question')")
   example = preprocess(example, np.random.default_rng(0))
 
-Ops are listed by `pp.PP_OPS.names()`; see `registry` for the string syntax and error handling.
+Ops are listed by `pp.PP_OPS.names()` (registered by the modules `audio`, `image`, `multimodal`, `text`
+and `registry`); see `registry` for the string syntax and error handling.
 """
 
-from mmjax.data.pp import audio, image, multimodal, text  # noqa: F401  (registers the ops)
 from mmjax.data.pp.multimodal import mixup
 from mmjax.data.pp.registry import (
     PP_OPS,

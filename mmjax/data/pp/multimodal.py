@@ -1,9 +1,8 @@
 """Augmentations across modalities that keep labels true, and batch-level mixup.
 
 A mirror changes what "left" and "right" mean, so flipping an image alone would make some
-labels wrong. `mm.sort_of_clevr_flip` recomputes the answers that a mirror changes from the
-mirrored scene metadata; `mm.caption_flip` swaps the words "left" and "right" in the captions
-flipped with their image. `mixup` mixes whole batches, every modality with the same lambda.
+labels wrong: `mm.caption_flip` swaps the words "left" and "right" in the captions flipped with
+their image. `mixup` mixes whole batches, every modality with the same lambda.
 """
 
 from __future__ import annotations
@@ -15,75 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmjax.data.pp.image import get_image
-from mmjax.data.pp.registry import Example, bad, field, register
+from mmjax.data.pp.registry import Example, field, register
 from mmjax.data.pp.text import get_texts
-
-_SOC_FIELDS = ("answers", "subtypes", "question_colors", "colors", "xs")
-
-
-def _soc():
-  """The Sort-of-CLEVR module, imported on first use (it pulls in TFDS)."""
-  from mmjax.data.datasets import sort_of_clevr
-  return sort_of_clevr
-
-
-@register("mm.sort_of_clevr_flip")
-@dataclasses.dataclass
-class SortOfClevrFlip:
-  """Mirrors a Sort-of-CLEVR image left-right with probability p, keeping every answer true.
-
-  The mirrored scene has x' = W - 1 - x. Answers of "is the <colour> object on the left?"
-  questions are recomputed from x' (yes iff x' < W / 2, the data set's rule; an object on the
-  centre column stays "left"); shape, top/bottom, count, closest and furthest answers do not
-  change under a mirror. The `xs` metadata is mirrored too, so later ops see the flipped scene.
-  Records without the metadata, with an unknown question subtype, or whose stored position
-  answers disagree with their own metadata are refused with a `BadExample`.
-
-  Attributes:
-    p: probability of flipping.
-    key: the (W, W, 3) image field (decoded).
-  """
-
-  p: float = 0.5
-  key: str = "image"
-
-  @staticmethod
-  def _position_answers(xs: np.ndarray, qcolors: np.ndarray, colors: np.ndarray,
-                        width: int) -> np.ndarray:
-    """Answer of "on the left?" for each question colour, from object centres `xs`."""
-    obj = np.argmax(colors[None, :] == qcolors[:, None], axis=1)  # (Q,) object of each question
-    return np.where(xs[obj] < width / 2, _soc().YES, _soc().NO)
-
-  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
-    image = get_image(example, self.key)
-    if rng.random() >= self.p:
-      return example
-    missing = [f for f in _SOC_FIELDS if f not in example]
-    if missing:
-      raise bad(example, missing[0], f"cannot relabel a flipped Sort-of-CLEVR record without "
-                f"its metadata; missing fields {missing}")
-    soc = _soc()
-    answers, subtypes, qcolors, colors, xs = (np.asarray(example[f]) for f in _SOC_FIELDS)
-    width = image.shape[1]
-    if not (answers.shape == subtypes.shape == qcolors.shape and colors.shape == xs.shape):
-      raise bad(example, "answers", "answers/subtypes/question_colors or colors/xs disagree in "
-                f"length: {answers.shape}, {subtypes.shape}, {qcolors.shape}; {colors.shape}, {xs.shape}")
-    unknown = sorted(set(subtypes.tolist()) - set(range(len(soc.SUBTYPES))))
-    if unknown:
-      raise bad(example, "subtypes", f"unknown question subtypes {unknown}; cannot relabel")
-    if not np.isin(qcolors, colors).all():
-      raise bad(example, "question_colors", "a question names a colour absent from the scene")
-    horizontal = subtypes == soc.SUBTYPES.index("horizontal")
-    before = self._position_answers(xs, qcolors, colors, width)
-    if (answers[horizontal] != before[horizontal]).any():
-      raise bad(example, "answers", "left/right answers disagree with the scene metadata; "
-                "refusing to relabel")
-    flipped_xs = (width - 1 - xs).astype(xs.dtype)
-    after = self._position_answers(flipped_xs, qcolors, colors, width)
-    new_answers = np.where(horizontal, after, answers).astype(answers.dtype)
-    return {**example, self.key: np.ascontiguousarray(image[:, ::-1]), "answers": new_answers,
-            "xs": flipped_xs}
-
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)(most|ward|wards)?\b", re.IGNORECASE)
 
@@ -110,7 +42,7 @@ class CaptionFlip:
 
   Exact for captions whose left/right words describe relations a mirror reverses: one object
   left of another, or an object in the left half. An object on the centre column stays in the
-  "left" half under the rule x < W / 2 (shapes captions, Sort-of-CLEVR), so when the record has
+  "left" half under the rule x < W / 2 (as in `mmjax.data.scenes`), so when the record has
   scene metadata (`xs_key`) and some object sits on the centre column, the example is left
   unflipped; otherwise the metadata is mirrored with the image.
 

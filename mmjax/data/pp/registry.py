@@ -30,7 +30,8 @@ from mmjax.registry import Registry
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
-PP_OPS = Registry("pp op")
+PP_OPS = Registry("pp op", modules=("mmjax.data.pp.audio", "mmjax.data.pp.image", "mmjax.data.pp.multimodal",
+                                    "mmjax.data.pp.text"))
 NAMESPACES = ("image", "text", "audio", "mm")
 RECORD_ID_FIELDS = ("id", "index", "_index", "image_id", "question_id", "file_name")
 

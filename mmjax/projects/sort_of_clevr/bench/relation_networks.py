@@ -1,15 +1,15 @@
 """The Relation Networks table (Santoro et al. 2017) on the embedded Sort-of-CLEVR, English questions.
 
-Each model is `configs/vqa_sort_of_clevr.py` with its `fusion` set, trained by the trainer
+Each model is the project's config (`configs/vqa.py`) with its `fusion` set, trained by the trainer
 (`mmjax.train.trainer.train`) in a fresh workdir under a wall-clock budget (`train.max_minutes`:
 training stops at the first logging step past `--minutes`, compiles included, then evaluates and
 saves), with the test set evaluated every `train.eval_every` steps. The learning-rate schedule
 runs over the config's `train.steps` (or `--steps`): a run cut by the budget stops before its
 schedule ends.
 
-  python bench/sort_of_clevr.py --minutes 30 --out bench/sort_of_clevr        # the five models
-  python bench/sort_of_clevr.py --models relation,film --minutes 10 --size small
-  python bench/sort_of_clevr.py --set optim.lr=3e-4 --set data.batch_size=64  # config overrides
+  python -m mmjax.projects.sort_of_clevr.bench.relation_networks --minutes 30   # the five models
+  python -m mmjax.projects.sort_of_clevr.bench.relation_networks --models relation,film --size small
+  python -m mmjax.projects.sort_of_clevr.bench.relation_networks --set optim.lr=3e-4  # overrides
 
 Prints three markdown tables (relational / non-relational / paraphrase test accuracy with steps,
 time, throughput and the paper's figures; accuracy per question subtype; non-relational accuracy
@@ -19,10 +19,10 @@ against minutes, one panel per model: which colours a model has learned to find)
 workdir per model under `runs/` (metrics.jsonl, TensorBoard events, the final checkpoint). Each
 model's workdir is emptied before its run.
 
-The models (Santoro et al.'s names in brackets):
-- concat: late fusion [CNN+MLP]: as in the paper, the CNN's 5x5 feature map flattened and
+The models (Santoro et al.'s names in brackets), each a `fusion` argument of the config:
+- flat_concat: late fusion [CNN+MLP]: as in the paper, the CNN's 5x5 feature map flattened and
   concatenated with the question vector into an MLP (no Transformer over the grid: one more
-  stride-2 conv, `model.vision.depth=0`, the concat block's `flatten`; `MODEL_OVERRIDES`);
+  stride-2 conv, `model.vision.depth=0`, the project's flattened concat; `MODEL_OVERRIDES`);
 - relation: a relation network over the CNN's cells conditioned on the question [CNN+RN], on a
   5x5 grid (one more stride-2 conv, as in the paper; `MODEL_OVERRIDES`);
 - film: the question FiLM-modulates the image cells;
@@ -42,34 +42,30 @@ from typing import Any
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+from mmjax.data.datasets.sort_of_clevr import KINDS, SUBTYPES
+from mmjax.data.scenes import COLORS
+from mmjax.fusion import FUSIONS
+from mmjax.train import trainer
+from mmjax.train.config import load_config
 
-from mmjax.data.datasets.sort_of_clevr import KINDS, SUBTYPES  # noqa: E402
-from mmjax.data.scenes import COLORS  # noqa: E402
-from mmjax.train.config import load_config  # noqa: E402
-
-MODELS = ("concat", "relation", "film", "cross_attention", "single_stream")
-LABELS = {"concat": "late fusion (CNN+MLP)", "relation": "relation network (CNN+RN)",
+MODELS = ("flat_concat", "relation", "film", "cross_attention", "single_stream")
+LABELS = {"flat_concat": "late fusion (CNN+MLP)", "concat": "late fusion, mean-pooled",
+          "relation": "relation network (CNN+RN)",
           "film": "FiLM", "cross_attention": "two-stream cross-attention",
           "single_stream": "single-stream"}
 # Santoro et al. 2017, Sort-of-CLEVR: CNN+RN above 94% on both kinds; CNN+MLP 63% on relational
 # questions while reaching the RN's level on non-relational ones.
-PAPER = {"concat": {"relational": "63%", "non_relational": "> 94%"},
+PAPER = {"flat_concat": {"relational": "63%", "non_relational": "> 94%"},
          "relation": {"relational": "> 94%", "non_relational": "> 94%"}}
-CONFIG = ROOT / "configs" / "vqa_sort_of_clevr.py"
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vqa.py"
 # Per-model overrides, applied before --set. A relation network's cost grows with the square of
 # its objects: on the default 10x10 grid (101 objects with the "missing" one, 10,201 pairs per
-# question) a step took 64x the late-fusion step (bench/step_time.py, 2026-11-30); a fourth
-# stride-2 conv gives the paper's 5x5 grid (676 pairs), 6.5x.
-# The paper's CNN+MLP sees the flattened feature map of the same 5x5 grid, without the config's
-# Transformer layers over it (with them, and mean pooling, "late fusion" answered 70.9% of the
-# relational questions and 70.3% of the non-relational ones: the grid Transformer relates the
-# objects, the pooling loses where they are; 2026-11-30).
+# question) a step took 64x the late-fusion step; a fourth stride-2 conv gives the paper's 5x5
+# grid (676 pairs), 6.5x. The paper's CNN+MLP sees the flattened feature map of the same 5x5
+# grid, without the config's Transformer layers over it (see the project README).
 MODEL_OVERRIDES = {"relation": ["model.vision.channels=(32,32,32,32)"],
-                   "concat": ["model.vision.channels=(32,32,32,32)", "model.vision.depth=0",
-                              'model.fusion_kwargs={"flatten": {"image": 25}}']}
+                   "flat_concat": ["model.vision.channels=(32,32,32,32)", "model.vision.depth=0",
+                                   'model.fusion_kwargs={"flatten": {"image": 25}}']}
 
 
 def make_config(config_file: pathlib.Path, arg: str, *, minutes: float | None, steps: int | None,
@@ -94,8 +90,6 @@ def model_config(name: str, args: argparse.Namespace):
 
 def train_run(cfg, workdir: pathlib.Path) -> dict[str, Any]:
   """Trains `cfg` in an emptied `workdir`; the final metrics, wall time and the eval curve rows."""
-  from mmjax.train import trainer  # noqa: PLC0415 (after sys.path is set)
-
   if workdir.exists():
     shutil.rmtree(workdir)
   t0 = time.time()
@@ -109,8 +103,6 @@ def train_run(cfg, workdir: pathlib.Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  import mmjax.tasks  # noqa: F401,PLC0415 (registers the tasks)
-
   out = pathlib.Path(args.out)
   results: dict[str, Any] = {"size": args.size, "minutes_budget": args.minutes, "models": {}}
   for name in args.models:
@@ -221,7 +213,7 @@ def plot_colours(results: dict[str, Any], path: pathlib.Path) -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default=",".join(MODELS),
-                 help=f"comma-separated fusion names (default: {','.join(MODELS)})")
+                 help=f"comma-separated fusion arguments of the config (default: {','.join(MODELS)})")
   p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget per model")
   p.add_argument("--size", default="default", choices=("tiny", "small", "default"),
                  help="the config's size argument")
@@ -230,17 +222,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--eval-every", type=int, default=None, help="default: the config's")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override such as optim.lr=3e-4 (repeatable)")
-  p.add_argument("--out", default="bench/sort_of_clevr_out",
+  p.add_argument("--out", default="workdirs/relation_networks",
                  help="output folder; models already in its results.json at the same --size and "
                       "--minutes keep their rows unless rerun")
   args = p.parse_args(argv)
-  from mmjax.fusion import FUSIONS  # noqa: PLC0415
   args.models = [m for m in args.models.split(",") if m]
-  bad = [m for m in args.models if m not in FUSIONS.names()]
-  if bad or not args.models:
-    p.error(f"--models: unknown {bad}; expected names from {FUSIONS.names()}")
   if args.minutes <= 0:
     p.error(f"--minutes: expected > 0, got {args.minutes}")
+  bad = [m for m in args.models if model_config(m, args).model.fusion not in FUSIONS]
+  if bad or not args.models:
+    p.error(f"--models: unknown {bad}; expected {', '.join(MODELS)} or names from {FUSIONS.names()}")
   return args
 
 

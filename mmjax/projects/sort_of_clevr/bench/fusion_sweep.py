@@ -1,11 +1,12 @@
 """Fusion sweep: every fusion block on Sort-of-CLEVR (image + question) and AV digits (image + audio).
 
-For each task, fusion block and modality-dropout rate, the task's config (`configs/
-vqa_sort_of_clevr.py`, `configs/av_digits.py`) with that `fusion` and `model.modality_dropout` is
-trained by the trainer under a wall-clock budget (`train.max_minutes`, as `bench/sort_of_clevr.py`
-does), then its final checkpoint is evaluated on the test split three times: with every modality,
-and with each modality marked absent for every example (the model's `presence=` masks, so the
-fusion block sees a missing modality, not a blank one). Reported per run:
+For each task, fusion block and modality-dropout rate, the task's config (the project's
+`configs/vqa.py`, the zoo's `configs/av_digits.py`) with that `fusion` and
+`model.modality_dropout` is trained by the trainer under a wall-clock budget
+(`train.max_minutes`, as `relation_networks.py` does), then its final checkpoint is evaluated
+on the test split three times: with every modality, and with each modality marked absent for
+every example (the model's `presence=` masks, so the fusion block sees a missing modality, not a
+blank one). Reported per run:
 
 - parameters; FLOPs of one train step per training example, from XLA's cost analysis of the
   lowered train step (`lowered.cost_analysis()`, no compile); training examples/s (median of
@@ -13,9 +14,9 @@ fusion block sees a missing modality, not a blank one). Reported per run:
   AV-digits example is one image + utterance pair;
 - test accuracy with both modalities and with each one absent.
 
-  python bench/fusion_sweep.py --minutes 5 --out bench/fusion_sweep_out        # everything
-  python bench/fusion_sweep.py --tasks av_digits --fusions concat,film,gated --dropouts 0,0.3
-  python bench/fusion_sweep.py --set optim.lr=3e-4                              # config overrides
+  python -m mmjax.projects.sort_of_clevr.bench.fusion_sweep --minutes 5         # everything
+  python -m mmjax.projects.sort_of_clevr.bench.fusion_sweep --tasks av_digits --fusions concat,film
+  python -m mmjax.projects.sort_of_clevr.bench.fusion_sweep --set optim.lr=3e-4  # config overrides
 
 Prints one markdown table and writes `results.json`, `table.md`, `sweep.png` (grouped bars of the
 three accuracies per fusion block; one panel per task and dropout rate) and the runs' workdirs
@@ -33,17 +34,18 @@ import pathlib
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 
-BENCH = pathlib.Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:
-  sys.path.insert(0, str(BENCH))
+from mmjax.fusion import FUSIONS
+from mmjax.predict import restore_params
+from mmjax.projects.sort_of_clevr.bench import relation_networks as rn
+from mmjax.train.trainer import Setup, evaluate
 
-import sort_of_clevr as soc  # noqa: E402  (bench/sort_of_clevr.py: config and training helpers)
-
+ROOT = pathlib.Path(__file__).resolve().parents[4]  # the repository: the zoo's configs/
 TASKS = {
-    "sort_of_clevr": {"config": soc.CONFIG, "modalities": ("image", "text"), "fusion_kwargs": {}},
-    "av_digits": {"config": soc.ROOT / "configs" / "av_digits.py", "modalities": ("image", "audio"),
+    "sort_of_clevr": {"config": rn.CONFIG, "modalities": ("image", "text"), "fusion_kwargs": {}},
+    "av_digits": {"config": ROOT / "configs" / "av_digits.py", "modalities": ("image", "audio"),
                   "fusion_kwargs": {"relation": {"query": "audio"}, "film": {"condition": "audio"}}},
 }
 
@@ -61,18 +63,13 @@ class WithPresence:
     self.model, self.names, self.present = model, names, present
 
   def __call__(self, *args, **kwargs):
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
     b = jax.tree.leaves(args[0])[0].shape[0]  # images (B, ...) or a dict of (B, ...) inputs
-    presence = {m: jnp.broadcast_to(self.present[i], (b,)) for i, m in enumerate(self.names)}
+    presence = {m: jax.numpy.broadcast_to(self.present[i], (b,)) for i, m in enumerate(self.names)}
     return self.model(*args, presence=presence, **kwargs)
 
 
 def train_flops_per_example(setup, cfg) -> float:
   """FLOPs of one train step / global batch size, from the lowered (not compiled) step."""
-  import jax  # noqa: PLC0415
-
   bs = int(cfg.data.batch_size)
   local = next(iter(setup.task.dataset("train", train=True, batch_size=bs, shard_index=0, shard_count=1)))
   batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=setup.batch_sharding(v))
@@ -85,11 +82,6 @@ def train_flops_per_example(setup, cfg) -> float:
 
 def absent_accuracies(cfg, workdir: pathlib.Path, step: int, names: tuple[str, ...]) -> dict[str, Any]:
   """Test accuracy of the checkpoint of `step` with all modalities and with each one absent."""
-  import jax  # noqa: PLC0415
-
-  from mmjax.predict import restore_params  # noqa: PLC0415
-  from mmjax.train.trainer import Setup, evaluate  # noqa: PLC0415
-
   setup = Setup(cfg)
   state, _ = restore_params(setup, workdir, step)
   eval_step = jax.jit(lambda st, b, present: setup.task.eval_fn(WithPresence(setup.model(st), names, present), b))
@@ -102,21 +94,19 @@ def absent_accuracies(cfg, workdir: pathlib.Path, step: int, names: tuple[str, .
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  import mmjax.tasks  # noqa: F401,PLC0415 (registers the tasks)
-
   out = pathlib.Path(args.out)
   results: dict[str, Any] = {"size": args.size, "minutes_budget": args.minutes, "runs": []}
   for task in args.tasks:
     spec = TASKS[task]
     for fusion in args.fusions:
       for rate in args.dropouts:
-        cfg = soc.make_config(spec["config"], f"size={args.size},fusion={fusion}", minutes=args.minutes,
+        cfg = rn.make_config(spec["config"], f"size={args.size},fusion={fusion}", minutes=args.minutes,
                               steps=args.steps, eval_every=args.eval_every, overrides=args.set)
         if not cfg.model.fusion_kwargs:
           cfg.model.fusion_kwargs = spec["fusion_kwargs"].get(fusion, {})
         cfg.model.modality_dropout = float(rate)
         workdir = out / "runs" / task / f"{fusion}_md{rate:g}"
-        r = soc.train_run(cfg, workdir)
+        r = rn.train_run(cfg, workdir)
         r.update(absent_accuracies(cfg, workdir, r["steps"], spec["modalities"]))
         r.update(task=task, fusion=fusion, modality_dropout=float(rate), modalities=spec["modalities"],
                  params=int(r["final"]["num_params"]))
@@ -173,8 +163,6 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  from mmjax.fusion import FUSIONS  # noqa: PLC0415
-
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {list(TASKS)}")
   p.add_argument("--fusions", default=",".join(FUSIONS.names()), help="comma-separated fusion names")
@@ -186,13 +174,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--eval-every", type=int, default=None, help="default: the config's")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override for every run, such as optim.lr=3e-4 (repeatable)")
-  p.add_argument("--out", default="bench/fusion_sweep_out",
+  p.add_argument("--out", default="workdirs/fusion_sweep",
                  help="output folder; runs already in its results.json at the same --size and "
                       "--minutes keep their rows unless redone")
   args = p.parse_args(argv)
   args.tasks = [t for t in args.tasks.split(",") if t]
   args.fusions = [f for f in args.fusions.split(",") if f]
-  bad = [t for t in args.tasks if t not in TASKS] + [f for f in args.fusions if f not in FUSIONS.names()]
+  bad = [t for t in args.tasks if t not in TASKS] + [f for f in args.fusions if f not in FUSIONS]
   if bad or not args.tasks or not args.fusions:
     p.error(f"unknown task or fusion {bad}; tasks: {list(TASKS)}, fusions: {FUSIONS.names()}")
   try:
@@ -211,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   results = run(args)
-  kept = soc.kept_results(out, results)
+  kept = rn.kept_results(out, results)
   key = lambda r: (r["task"], r["fusion"], r["modality_dropout"])  # noqa: E731
   if kept:  # the runs not redone stay
     redone = {key(r) for r in results["runs"]}

@@ -1,8 +1,9 @@
 """Cross-modal transfer on Sort-of-CLEVR VQA: a pretrained question encoder (MiniLM) or none.
 
-  python train.py --config configs/vqa_transfer.py:transfer=finetune --workdir workdirs/vqa-ft
-  python train.py --config configs/vqa_transfer.py:transfer=lora,size=small --workdir /tmp/l
-  python bench/transfer.py --steps 2000      # every variant, one table
+  C=mmjax/projects/sort_of_clevr/configs/transfer.py
+  python train.py --config $C:transfer=finetune --workdir workdirs/vqa-ft
+  python train.py --config $C:transfer=lora,size=small --workdir /tmp/l
+  python -m mmjax.projects.sort_of_clevr.bench.transfer --steps 2000  # every variant, one table
 
 Args (after the colon):
   transfer = finetune (MiniLM trained at `text_lr`, the rest at optim.lr: the seed article's
@@ -12,19 +13,16 @@ Args (after the colon):
                        Dense layers trained at optim.lr)
            | scratch  (the `scratch` encoder, randomly initialised, on the data set's own
                        tokenizer, whose vocabulary has never seen the paraphrase split's words)
-  scratch = rnn | bert (bert-tiny); size, fusion as in configs/vqa_sort_of_clevr.py (fusion
-  empty = its default); text_lr; lora_rank.
+  scratch = rnn | bert (bert-tiny); size, fusion as in configs/vqa.py (fusion empty = its
+  default); text_lr; lora_rank.
 
-Everything else is configs/vqa_sort_of_clevr.py's, except the question length: the shortest that
-truncates no question of any split with the variant's tokenizer: 20 for MiniLM's (it needs 18),
-32 for the data set's own WordPiece (the paraphrase split's unseen words split into pieces). The
-pipeline warns if a question is cut. Padding costs time, not accuracy: MiniLM at 32 instead of
-20 takes 1.86 instead of 1.21 s per frozen step (bench/step_time.py, 2026-11-30).
+Everything else is configs/vqa.py's, except the question length: the shortest that truncates no
+question of any split with the variant's tokenizer: 20 for MiniLM's (it needs 18), 32 for the
+data set's own WordPiece (the paraphrase split's unseen words split into pieces). The pipeline
+warns if a question is cut. Padding costs time, not accuracy.
 """
 
-import importlib.util
-import os
-
+from mmjax.projects.sort_of_clevr.configs import vqa
 from mmjax.train.config import parse_arg
 
 TRANSFERS = ("finetune", "frozen", "lora", "scratch")
@@ -33,15 +31,6 @@ MAX_LEN = {"minilm": 20, "scratch": 32}  # tokenizer -> question length (see abo
 TEXT = r"text/.*"
 LORA_TARGETS = r"^text/encoder/layers/\d+/(attn/(query|key|value|out)|mlp/fc[12])$"
 LORA_PARAMS = r"text/.*/lora_[ab]"
-
-
-def _base_get_config():
-  """configs/vqa_sort_of_clevr.py's get_config (config files are loaded by path, not package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqa_sort_of_clevr.py")
-  spec = importlib.util.spec_from_file_location("vqa_sort_of_clevr_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
 
 
 def get_config(arg=None):
@@ -53,7 +42,7 @@ def get_config(arg=None):
     raise ValueError(f"scratch: expected 'rnn' or 'bert', got {arg.scratch!r}")
   text = arg.scratch if arg.transfer == "scratch" else "minilm"
   base = f"size={arg.size},text={text}" + (f",fusion={arg.fusion}" if arg.fusion else "")
-  c = _base_get_config()(base)
+  c = vqa.get_config(base)
   variant = f"scratch_{arg.scratch}" if arg.transfer == "scratch" else arg.transfer
   c.name = f"vqa-transfer-{variant}-{arg.size}"
 

@@ -1,10 +1,10 @@
 """Cross-modal transfer: does pretrained language knowledge carry over to unseen wordings?
 
-  python bench/transfer.py [--steps 2000] [--size default] [--variants finetune,frozen,lora,scratch_rnn]
-  python bench/transfer.py --steps 3 --size tiny          # smoke run, seconds
+  python -m mmjax.projects.sort_of_clevr.bench.transfer [--steps 2000] [--size default]
+  python -m mmjax.projects.sort_of_clevr.bench.transfer --steps 3 --size tiny   # smoke run, seconds
 
-VQA on Sort-of-CLEVR (configs/vqa_transfer.py over configs/vqa_sort_of_clevr.py), one training
-run per question encoder:
+VQA on Sort-of-CLEVR (the project's configs/transfer.py over configs/vqa.py), one training run
+(`mmjax.train.trainer.train`) per question encoder:
   finetune     pretrained all-MiniLM-L6-v2 trained at a small learning rate (the seed's recipe)
   frozen       pretrained MiniLM fixed
   lora         pretrained MiniLM fixed, LoRA adapters trained
@@ -17,15 +17,14 @@ and subtype. Prints markdown tables and writes them with the raw numbers (JSON) 
 evaluation included): a variant resumed from a checkpoint counts only its resumed part, and
 variants run side by side share the cores, so compare step costs with bench/step_time.py:
 
-  python bench/step_time.py --rounds 3 --steps 2 --config configs/vqa_transfer.py:transfer=scratch \\
-      --config configs/vqa_transfer.py:transfer=frozen --config configs/vqa_transfer.py:transfer=lora \\
-      --config configs/vqa_transfer.py:transfer=finetune
+  C=mmjax/projects/sort_of_clevr/configs/transfer.py
+  python bench/step_time.py --rounds 3 --steps 2 --config $C:transfer=scratch \\
+      --config $C:transfer=frozen --config $C:transfer=lora --config $C:transfer=finetune
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -36,13 +35,12 @@ import time
 
 import jax
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+from mmjax.data.datasets.sort_of_clevr import SUBTYPES
+from mmjax.train import config as config_lib
+from mmjax.train import trainer
 
-from mmjax.data.datasets.sort_of_clevr import SUBTYPES  # noqa: E402
-CONFIG = ROOT / "configs" / "vqa_transfer.py"
-VARIANTS = {  # name -> configs/vqa_transfer.py arguments
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "transfer.py"
+VARIANTS = {  # name -> configs/transfer.py arguments
     "finetune": "transfer=finetune",
     "frozen": "transfer=frozen",
     "lora": "transfer=lora",
@@ -58,11 +56,8 @@ def load_config(variant: str, size: str, steps: int | None, fusion: str, max_min
 
   `max_minutes` replaces the base config's wall-clock cap (30 minutes at size=default): 0, the
   default here, runs every variant to its last step, so that all are compared at equal steps."""
-  spec = importlib.util.spec_from_file_location("vqa_transfer_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   arg = f"{VARIANTS[variant]},size={size}" + (f",fusion={fusion}" if fusion else "")
-  c = module.get_config(arg)
+  c = config_lib.load_config(f"{CONFIG}:{arg}")
   if steps is not None:
     c.train.steps = steps
     c.optim.warmup_steps = max(steps // 20, 1)
@@ -76,9 +71,6 @@ def load_config(variant: str, size: str, steps: int | None, fusion: str, max_min
 def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fusion: str,
                 max_minutes: float = 0.0) -> dict:
   """Trains one variant in `workdir` (resuming if it holds checkpoints) and returns its scores."""
-  import mmjax.tasks  # noqa: F401, PLC0415  (registers the tasks)
-  from mmjax.train import trainer  # noqa: PLC0415
-
   config = load_config(variant, size, steps, fusion, max_minutes)
   t0 = time.perf_counter()
   final = trainer.train(config, workdir, progress=False)
@@ -154,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--workdir", default=None,
                  help="one folder per variant below it (a folder with checkpoints resumes); "
                       "default a fresh temporary folder")
-  p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"),
+  p.add_argument("--out-dir", default="workdirs/transfer",
                  help="where transfer.md, transfer.json and transfer.png go")
   args = p.parse_args(argv)
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -37,6 +37,15 @@ def get_config(arg=None):
   # `AvDigitsConfig` fields of a subset to build, or None for the full data set.
   c.data.subset = TINY_SUBSET if arg.size == "tiny" else None
 
+  # Record -> model inputs and label; `mmjax.predict` runs pp_eval on a request, so a wav is
+  # prepared as the data set prepared its records (16 kHz, silence 40 dB below the loudest frame
+  # trimmed, 1 s), which leaves the records' own samples unchanged.
+  c.input = ml_collections.ConfigDict()
+  c.input.pp_eval = ("image.decode(1)|image.value_range(0, 1)|audio.load(sr=16000)|audio.resample(16000)|"
+                     "audio.trim(top_db=40)|audio.pad_or_crop(samples=16000)|cast('int32', 'label')|"
+                     "keep('image', 'audio', 'audio_len', 'label')")
+  c.input.pp_train = c.input.pp_eval
+
   c.model = ml_collections.ConfigDict()
   c.model.image = {"name": "small_cnn", "features": width, "channels": (32, 64), "norm": "layer",
                    "in_channels": 1}

@@ -32,6 +32,16 @@ def get_config(arg=None):
   # Images per split (train, test); None = the full 9,800 / 200.
   c.data.num_images = (64, 16) if arg.size == "tiny" else None
 
+  # Record -> model inputs and targets (training: one of the five captions at random; evaluation:
+  # all five); `mmjax.predict` runs pp_eval on a request. Captions are cut to data.max_len tokens.
+  tokenize = ("text.tokenize(" + c.data.get_ref("max_len").to_str() +
+              ", key='captions', outkey='caption_ids', mask_key='caption_mask')")
+  c.input = ml_collections.ConfigDict()
+  c.input.pp_train = ("image.decode|image.value_range(0, 1)|choice('captions')|" + tokenize +
+                      "|keep('image', 'caption_ids', 'caption_mask')")
+  c.input.pp_eval = ("image.decode|image.value_range(0, 1)|" + tokenize +
+                     "|keep('image', 'caption_ids', 'caption_mask')")
+
   c.model = ml_collections.ConfigDict()
   c.model.image = {"name": "small_cnn", "features": width, "channels": (32, 64, 64, 64),
                    "norm": "layer", "coords": True}

@@ -16,16 +16,16 @@ The workdir is what `mmjax.train.trainer.train` writes: `config.json` and Orbax 
 Only the parameters and model state are restored (not the optimizer state), onto the shardings
 the config's mesh gives them, so a checkpoint saved on any mesh loads on any device count.
 
-Each task kind gets one function, compiled ahead of time on first use for a fixed batch
-(`batch_size`, by default the number of devices the batch is split over) and fixed question
-length (the config's `data.max_len`): requests are padded to that shape, so serving never
-retraces or recompiles. VQA preprocessing matches the VQA task's training pipeline: RGB uint8
-pixels scaled to [0, 1], questions tokenized with `[CLS] ... [SEP]`, truncated and padded to
-`max_len`. Captioning decodes inside the compiled function (greedy or beam search, one
-compilation per method). Audio-visual classification prepares a wav as
-`mmjax.data.datasets.av_digits` made its records: resampled to 16 kHz, leading and trailing
-silence trimmed (40 dB), cropped or zero-padded to 1 s; the log-mel front end runs inside the
-model. Calling a method of another task kind is a ValueError.
+Each task owns its predict functions: its `predictor` attribute names the `Predictor` subclass
+that `from_workdir` builds (`answer` for VQA, `caption`, `classify`, ...). What they share is
+here. A request is read into the form of a record of the task's data set (an image file's bytes
+or a uint8 array, the question string, a wav path or waveform) and preprocessed by the training
+config's eval pp string `config.input.pp_eval` (with `mmjax.data.pp.Preprocess.partial`, which
+skips the label ops a request has no fields for): the very ops that made the evaluation batches,
+so serving preprocessing equals training preprocessing by construction. Each model function is
+compiled ahead of time on first use for a fixed batch (`batch_size`, by default the number of
+devices the batch is split over): requests are padded to that shape, so serving never retraces
+or recompiles.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import sys
 from typing import Any, Callable, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -46,9 +45,8 @@ from PIL import Image
 from mmjax import sharding
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, jax.Array]
-
-# Pixel range the VQA task's training pipeline maps uint8 pixels 0 and 255 to.
-VQA_VALUE_RANGE = (0.0, 1.0)
+WavInput = Union[str, os.PathLike, np.ndarray, jax.Array]
+_PIL_MODES = ("L", "RGB", "RGBA")  # PIL modes whose arrays image.decode takes as they are
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,107 +111,100 @@ def restore_params(setup, workdir: str | os.PathLike, step: int | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Raw inputs.
+# Raw inputs, read into the form of a record's field (preprocessing is the config's pp string).
 # ---------------------------------------------------------------------------------------------
-def load_image(image: ImageInput, size_hw: tuple[int, int], *, resize: bool = False,
-               field: str = "image", channels: int = 3) -> np.ndarray:
-  """A path, PIL image or (H, W, C) uint8 array -> (H, W, C) uint8 of size `size_hw`.
+def read_image(image: ImageInput, *, field: str = "image", channels: int = 3) -> bytes | np.ndarray:
+  """A path, PIL image or uint8 array -> an image field as records hold it (file bytes or array).
 
-  C is `channels`: 3 (RGB) or 1 (grey; an (H, W) array is accepted too). A path or PIL image in
-  another mode (grey, RGBA, palette, RGB) is converted to RGB or to grey ("L"). A size other than
-  `size_hw` is an error naming the expected H×W, unless `resize` (bilinear, via PIL).
+  C is `channels`: 3 (RGB) or 1 (grey; an (H, W) array is accepted too); the pp string's
+  `image.decode` converts a file's or PIL image's mode. A missing file is a FileNotFoundError,
+  anything but a path, a PIL image or an (H, W, C) uint8 array a TypeError, both naming `field`.
   """
   if channels not in (1, 3):
     raise ValueError(f"channels: expected 1 (grey) or 3 (RGB), got {channels}")
-  mode, kind = ("RGB", "RGB") if channels == 3 else ("L", "grey")
   if isinstance(image, (str, os.PathLike)):
     path = os.fspath(image)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{field}: no image file at {path!r}")
-    with Image.open(path) as img:
-      array = np.asarray(img.convert(mode))
-  elif isinstance(image, Image.Image):
-    array = np.asarray(image.convert(mode))
-  elif isinstance(image, (np.ndarray, jax.Array)):
+    with open(path, "rb") as f:
+      return f.read()
+  if isinstance(image, Image.Image):
+    return np.asarray(image if image.mode in _PIL_MODES else image.convert("RGBA"))
+  if isinstance(image, (np.ndarray, jax.Array)):
     array = np.asarray(image)
     if channels == 1 and array.ndim == 2:
       array = array[..., None]
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != channels:
+      kind = "RGB" if channels == 3 else "grey"
       raise TypeError(f"{field}: expected an (H, W, {channels}) uint8 {kind} array (pixel values "
                       f"0..255), got {array.dtype} {array.shape}")
-  else:
-    raise TypeError(f"{field}: expected a file path, a PIL image or an (H, W, {channels}) uint8 "
-                    f"array, got {type(image).__name__}")
-  h, w = size_hw
-  if array.shape[:2] != (h, w):
-    if not resize:
-      raise ValueError(f"{field}: expected {h}×{w} pixels (H×W), got {array.shape[0]}×{array.shape[1]}; "
-                       "pass resize=True (--resize) to resize it")
-    grey = channels == 1 and array.ndim == 3
-    array = np.asarray(Image.fromarray(array[..., 0] if grey else array).resize((w, h), Image.BILINEAR))
-  return array.reshape(h, w, channels)
+    return array
+  raise TypeError(f"{field}: expected a file path, a PIL image or an (H, W, {channels}) uint8 "
+                  f"array, got {type(image).__name__}")
 
 
-def check_question(question: Any, field: str = "question") -> str:
-  """A non-empty question string, stripped."""
-  if not isinstance(question, str):
-    raise TypeError(f"{field}: expected a str, got {type(question).__name__}")
-  if not question.strip():
-    raise ValueError(f"{field}: expected a non-empty question, got {question!r}")
-  return question.strip()
+def check_text(text: Any, field: str = "question") -> str:
+  """`text` itself if it is a non-blank str (a question, a caption); else a TypeError or
+  ValueError naming `field`."""
+  if not isinstance(text, str):
+    raise TypeError(f"{field}: expected a str, got {type(text).__name__}")
+  if not text.strip():
+    raise ValueError(f"{field}: expected a non-empty text, got {text!r}")
+  return text
 
 
-WavInput = Union[str, os.PathLike, np.ndarray]
+def read_wav(wav: WavInput, *, field: str = "wav") -> str | np.ndarray:
+  """A wav file path or a mono (T,) float waveform -> an audio field for the pp string's `audio.load`.
 
-
-def load_wav(wav: WavInput, *, field: str = "wav") -> tuple[np.ndarray, int]:
-  """A wav file path or a mono (T,) waveform at 16 kHz -> (16000,) float32 and its spoken samples.
-
-  Prepared as `mmjax.data.datasets.av_digits` prepares its records: resampled to 16 kHz (files
-  carry their rate), leading and trailing silence trimmed (frames 40 dB below the loudest), cut
-  to 1 s and zero-padded. A missing file is a FileNotFoundError; an empty, unreadable or silent
-  one a ValueError naming `field`.
+  A missing file is a FileNotFoundError; a waveform that is not mono float a TypeError; an empty
+  one, or one with NaN or Inf, a ValueError; each naming `field`.
   """
-  import soundfile  # pylint: disable=g-import-not-at-top
-
-  from mmjax.data import pp  # pylint: disable=g-import-not-at-top
-  from mmjax.data.datasets import av_digits  # pylint: disable=g-import-not-at-top
-
-  rate = av_digits.SAMPLE_RATE
   if isinstance(wav, (str, os.PathLike)):
     path = os.fspath(wav)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{field}: no audio file at {path!r}")
-    try:
-      wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as e:
-      raise ValueError(f"{field}: cannot read audio file {path!r} ({e})") from None
-    wave = wave.mean(axis=1)
-  elif isinstance(wav, (np.ndarray, jax.Array)):
+    return path
+  if isinstance(wav, (np.ndarray, jax.Array)):
     wave = np.asarray(wav)
     if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
-      raise TypeError(f"{field}: expected a mono (T,) float waveform at {rate} Hz, got "
-                      f"{wave.dtype} {wave.shape}")
-  else:
-    raise TypeError(f"{field}: expected a wav file path or a (T,) float waveform, got {type(wav).__name__}")
-  if wave.shape[0] == 0:
-    raise ValueError(f"{field}: the audio is empty (zero samples)")
-  if not np.all(np.isfinite(wave)):
-    raise ValueError(f"{field}: the audio contains NaN or Inf")
-  prepare = pp.parse(f"audio.resample({av_digits.SAMPLE_RATE})|audio.trim(top_db={av_digits.TRIM_DB})|"
-                     f"audio.pad_or_crop(samples={av_digits.NUM_SAMPLES})")
-  out = prepare({"audio": wave.astype(np.float32), "audio_sr": np.int32(rate)}, np.random.default_rng(0))
-  length = int(out["audio_len"])
-  if length == 0 or not np.any(out["audio"]):
-    raise ValueError(f"{field}: the audio is silent (all samples zero)")
-  return out["audio"], length
+      raise TypeError(f"{field}: expected a mono (T,) float waveform, got {wave.dtype} {wave.shape}")
+    if wave.shape[0] == 0:
+      raise ValueError(f"{field}: the audio is empty (zero samples)")
+    if not np.all(np.isfinite(wave)):
+      raise ValueError(f"{field}: the audio contains NaN or Inf")
+    return wave
+  raise TypeError(f"{field}: expected a wav file path or a (T,) float waveform, got {type(wav).__name__}")
+
+
+def request_names(name: str, n: int) -> list[str]:
+  """How errors name the `name` field of n requests: "image" for one, "images[i]" for several."""
+  return [name] if n == 1 else [f"{name}s[{i}]" for i in range(n)]
+
+
+def check_batch(items: Any, what: str, method: str) -> list:
+  """`items` as a non-empty list (one bare request is a TypeError naming `method` and `what`)."""
+  if isinstance(items, (str, bytes, os.PathLike, Image.Image, np.ndarray, jax.Array)) or not len(items):
+    raise TypeError(f"{method}: {what}: expected a non-empty sequence (use the single-request "
+                    "method for one)")
+  return list(items)
+
+
+def top_classes(probs: np.ndarray, names: Sequence[str], key: str) -> list[dict[str, Any]]:
+  """Probability rows (N, K) -> [{key: the best name, 'probabilities': {name: p}, best first}]."""
+  out = []
+  for p in probs:
+    order = np.argsort(-p, kind="stable")
+    out.append({key: names[order[0]], "probabilities": {names[i]: float(p[i]) for i in order}})
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The predictor.
 # ---------------------------------------------------------------------------------------------
 class Predictor:
-  """Serves a trained model on raw inputs, with one compiled function per task kind.
+  """Serves a trained model on raw inputs: reads requests, preprocesses, runs compiled functions.
+
+  A task's subclass (its `predictor` attribute) adds the task's predict functions.
 
   Attributes:
     setup: the `mmjax.train.trainer.Setup` of the training config (mesh, task, shardings).
@@ -222,7 +213,7 @@ class Predictor:
     state: {'params', 'model_state'} on the setup's shardings.
     step: the checkpoint step served (None when built from a state in memory).
     batch_size: the fixed batch every compiled function runs on.
-    kind: the kind of task served: "vqa", "caption" or "classify" (None for another model).
+    request_fields: the command line's flags one request needs (e.g. image and question).
 
   Args:
     setup: as above.
@@ -232,12 +223,10 @@ class Predictor:
       is split over.
   """
 
+  request_fields: tuple[str, ...] = ()
+
   def __init__(self, setup, state: dict[str, Any], *, step: int | None = None,
                batch_size: int | None = None):
-    from mmjax.models.captioner import ShowAndTell, TransformerCaptioner  # pylint: disable=g-import-not-at-top
-    from mmjax.models.classifier import MultimodalClassifier  # pylint: disable=g-import-not-at-top
-    from mmjax.models.vqa import VQAModel  # pylint: disable=g-import-not-at-top
-
     self.setup, self.config, self.task = setup, setup.config, setup.task
     self.step = step
     shards = _batch_shards(setup)
@@ -249,15 +238,14 @@ class Predictor:
     self.state = jax.device_put({k: state[k] for k in self._shardings}, self._shardings)
     self._input_sharding = setup.batch_sharding(np.zeros((self.batch_size,)))
     self._compiled: dict[str, Any] = {}
+    self._preprocess: dict[bool, Any] = {}
     self._model = None
-    kinds = ((VQAModel, "vqa"), ((ShowAndTell, TransformerCaptioner), "caption"),
-             (MultimodalClassifier, "classify"))
-    self.kind = next((kind for cls, kind in kinds if isinstance(self.model, cls)), None)
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None, *,
                    batch_size: int | None = None) -> "Predictor":
-    """Loads `workdir`'s config and checkpoint `step` (default: best by the task's metric, else latest)."""
+    """Loads `workdir`'s config and checkpoint `step` (default: best by the task's metric, else
+    latest), served by the task's `predictor` class (`Predictor` for a task without one)."""
     from mmjax.train.trainer import Setup  # pylint: disable=g-import-not-at-top
 
     if not os.path.isdir(os.fspath(workdir)):
@@ -265,8 +253,12 @@ class Predictor:
     config = load_workdir_config(workdir)
     checkpoint_dir(workdir)  # fail before building anything
     setup = Setup(config)
+    served = getattr(setup.task, "predictor", None) or Predictor
+    if not issubclass(served, cls):
+      raise TypeError(f"{cls.__name__}.from_workdir: the workdir's task {config.task!r} is served by "
+                      f"{served.__name__}")
     state, step = restore_params(setup, workdir, step)
-    return cls(setup, state, step=step, batch_size=batch_size)
+    return served(setup, state, step=step, batch_size=batch_size)
 
   # -- plumbing --------------------------------------------------------------------------------
   @property
@@ -276,9 +268,49 @@ class Predictor:
       self._model = self.setup.model(self.state)
     return self._model
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the model's input images (the task's)."""
+    return tuple(self.task.image_shape)
+
   def context(self):
     """The mesh and logical-axis rules the model runs under."""
     return self.setup.context()
+
+  def preprocess(self, records: Sequence[dict[str, Any]], *, resize: bool = False,
+                 image_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Requests in record form -> their preprocessed fields, stacked over requests.
+
+    Each request goes through the config's eval pp string (`config.input.pp_eval`, parsed by the
+    task) with `Preprocess.partial`: the ops that made the evaluation batches, less those of the
+    fields a request lacks (labels). An "image" whose size is not the model's is a ValueError
+    naming `image_names[i]`, unless `resize`: then `image.resize` to the model's size runs right
+    after `image.decode`.
+    """
+    fn = self._eval_preprocess(resize)
+    rng = np.random.default_rng(0)  # evaluation ops draw nothing
+    names = image_names or request_names("image", len(records))
+    outs = []
+    for name, record in zip(names, records):
+      out = fn.partial(record, rng)
+      if "image" in out and tuple(np.shape(out["image"])[:2]) != self.image_shape[:2]:
+        (h, w), got = self.image_shape[:2], np.shape(out["image"])
+        raise ValueError(f"{name}: expected {h}×{w} pixels (H×W), got {got[0]}×{got[1]}; pass "
+                         "resize=True (--resize) to resize it")
+      outs.append(out)
+    return {k: np.stack([np.asarray(o[k]) for o in outs]) for k in outs[0] if all(k in o for o in outs)}
+
+  def _eval_preprocess(self, resize: bool):
+    """The task's parse of the eval pp string, with `image.resize` after `image.decode` if `resize`."""
+    from mmjax.data.pp import registry  # pylint: disable=g-import-not-at-top
+
+    if resize not in self._preprocess:
+      specs = registry.split_ops(self.config.input.pp_eval)
+      if resize:
+        at = next((i + 1 for i, s in enumerate(specs) if s.startswith("image.decode")), 0)
+        specs.insert(at, "image.resize(({}, {}))".format(*self.image_shape[:2]))
+      self._preprocess[resize] = self.task.preprocess("|".join(specs))
+    return self._preprocess[resize]
 
   def run(self, name: str, fn: Callable, *inputs: np.ndarray) -> Any:
     """fn(model, *inputs) on up to `batch_size` rows, compiled once per `name`.
@@ -308,13 +340,12 @@ class Predictor:
       out = jax.device_get(self._compiled[name](self.state, *placed))
     return jax.tree.map(lambda y: y[:n], out)
 
-  def _require(self, kind: str, method: str) -> None:
-    if self.kind != kind:
-      raise ValueError(f"{method}: needs a {kind} task; this workdir's task is {self.config.task!r}")
-
-  def _batches(self, n: int):
-    """Slices of at most `batch_size` covering range(n)."""
-    return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+  def run_batches(self, name: str, fn: Callable, *inputs: np.ndarray) -> Any:
+    """`run` over any number of rows, `batch_size` at a time, outputs concatenated."""
+    n = len(inputs[0])
+    parts = [self.run(name, fn, *(x[i:i + self.batch_size] for x in inputs))
+             for i in range(0, n, self.batch_size)]
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
   def _pad(self, x: np.ndarray) -> np.ndarray:
     """x (n, ...) padded to the fixed batch by repeating its last row."""
@@ -322,166 +353,9 @@ class Predictor:
       return x
     return np.concatenate([x, np.repeat(x[-1:], self.batch_size - len(x), axis=0)])
 
-  # -- VQA -------------------------------------------------------------------------------------
-  @property
-  def answers(self) -> tuple[str, ...]:
-    """The answer vocabulary (index -> string)."""
-    self._require("vqa", "answers")
-    return tuple(self.task.answers)
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C) of the model's input images (the task's, else the model's)."""
-    return tuple(getattr(self.task, "image_shape", None) or self.model.image_shape)
-
-  def vqa_inputs(self, images: Sequence[ImageInput], questions: Sequence[str], *,
-                 resize: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw images and questions -> images (N, H, W, 3) float32, question ids and mask (N, L), as in training."""
-    from mmjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
-    self._require("vqa", "vqa_inputs")
-    if isinstance(questions, str):
-      raise TypeError("questions: expected a sequence of strings, got one str (use answer() for one question)")
-    if len(images) != len(questions):
-      raise ValueError(f"images and questions: expected the same number, got {len(images)} and {len(questions)}")
-    if not len(questions):
-      raise ValueError("questions: expected at least one question")
-    h, w, _ = self.image_shape
-    pixels = np.stack([load_image(im, (h, w), resize=resize, field=f"images[{i}]" if len(images) > 1 else "image")
-                       for i, im in enumerate(images)])
-    texts = [check_question(q, f"questions[{i}]" if len(questions) > 1 else "question")
-             for i, q in enumerate(questions)]
-    ids, mask = tokenizer_lib.encode(self.task.tokenizer, texts, int(self.config.data.max_len))
-    low, high = VQA_VALUE_RANGE
-    return pixels.astype(np.float32) * ((high - low) / 255.0) + low, ids, mask
-
-  def vqa_probabilities(self, images: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Preprocessed (N, ...) inputs -> answer probabilities (N, A), through the compiled function."""
-    self._require("vqa", "vqa_probabilities")
-    return np.concatenate([self.run("vqa", _vqa_probs, images[s], ids[s], mask[s])
-                           for s in self._batches(len(ids))])
-
-  def answer_batch(self, images: Sequence[ImageInput], questions: Sequence[str], *,
-                   resize: bool = False) -> list[dict[str, Any]]:
-    """Answers questions[i] about images[i]; see `answer`."""
-    probs = self.vqa_probabilities(*self.vqa_inputs(images, questions, resize=resize))
-    answers = self.answers
-    out = []
-    for p in probs:
-      order = np.argsort(-p, kind="stable")
-      out.append({"answer": answers[order[0]], "probabilities": {answers[i]: float(p[i]) for i in order}})
-    return out
-
-  def answer(self, image: ImageInput, question: str, *, resize: bool = False) -> dict[str, Any]:
-    """Answers `question` about `image`.
-
-    Args:
-      image: a file path, a PIL image or an (H, W, 3) uint8 RGB array of the training size.
-      question: the question text.
-      resize: resize an image of another size instead of raising.
-
-    Returns:
-      {'answer': the most probable answer, 'probabilities': {answer: p} over the whole answer
-      vocabulary, most probable first}.
-    """
-    return self.answer_batch([image], [question], resize=resize)[0]
-
-  # -- captioning ------------------------------------------------------------------------------
-  def _images(self, images: Sequence[ImageInput], resize: bool, method: str) -> np.ndarray:
-    """Raw images -> (N, H, W, C) float32 in [0, 1], as the training pipelines make them."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or not len(images):
-      raise TypeError(f"{method}: images: expected a non-empty sequence of images (use the "
-                      "single-image method for one)")
-    h, w, c = self.image_shape
-    return np.stack([load_image(im, (h, w), resize=resize, channels=c,
-                                field=f"images[{i}]" if len(images) > 1 else "image")
-                     for i, im in enumerate(images)]).astype(np.float32) / 255.0
-
-  def caption_batch(self, images: Sequence[ImageInput], *, method: str | None = None,
-                    resize: bool = False) -> list[dict[str, Any]]:
-    """Captions images[i]; see `caption`."""
-    from mmjax.models import decoding  # pylint: disable=g-import-not-at-top
-
-    self._require("caption", "caption")
-    method = method or self.config.eval.decode
-    if method not in decoding.METHODS:
-      raise ValueError(f"method: expected one of {decoding.METHODS}, got {method!r}")
-    pixels = self._images(images, resize, "caption")
-    fn = lambda model, x: tuple(self.task.generate(model, x, method)[:3])  # tokens, scores, log_probs
-    parts = [self.run(f"caption_{method}", fn, pixels[s]) for s in self._batches(len(pixels))]
-    tokens, scores, log_probs = (np.concatenate(p) for p in zip(*parts))
-    return [{"caption": c, "score": float(s), "log_prob": float(lp)}
-            for c, s, lp in zip(self.task.detokenize(tokens), scores, log_probs)]
-
-  def caption(self, image: ImageInput, *, method: str | None = None, resize: bool = False) -> dict[str, Any]:
-    """Captions `image`.
-
-    Args:
-      image: a file path, a PIL image or an (H, W, 3) uint8 RGB array of the training size.
-      method: "greedy" or "beam" (the config's `eval.beam_size` and `eval.length_penalty`);
-        default the config's `eval.decode`.
-      resize: resize an image of another size instead of raising.
-
-    Returns:
-      {'caption': the decoded caption, 'score': its length-normalised log-probability (the
-      search's ranking score), 'log_prob': its summed token log-probability, EOS included}.
-    """
-    return self.caption_batch([image], method=method, resize=resize)[0]
-
-  # -- audio-visual classification -------------------------------------------------------------
-  @property
-  def classes(self) -> tuple[str, ...]:
-    """The class names (index -> string)."""
-    self._require("classify", "classes")
-    return tuple(self.task.classes)
-
-  def classify_batch(self, images: Sequence[ImageInput], wavs: Sequence[WavInput], *,
-                     resize: bool = False) -> list[dict[str, Any]]:
-    """Classifies (images[i], wavs[i]); see `classify`."""
-    self._require("classify", "classify")
-    if isinstance(wavs, (str, os.PathLike, np.ndarray)) or len(wavs) != len(images):
-      raise ValueError(f"images and wavs: expected sequences of the same length, got {len(images)} "
-                       f"images and {'one wav' if isinstance(wavs, (str, os.PathLike, np.ndarray)) else len(wavs)}")
-    pixels = self._images(images, resize, "classify")
-    audio = [load_wav(w, field=f"wavs[{i}]" if len(wavs) > 1 else "wav") for i, w in enumerate(wavs)]
-    waves = np.stack([a for a, _ in audio])
-    lengths = np.array([n for _, n in audio], np.int32)
-    probs = np.concatenate([self.run("classify", _class_probs, pixels[s], waves[s], lengths[s])
-                            for s in self._batches(len(pixels))])
-    classes = self.classes
-    out = []
-    for p in probs:
-      order = np.argsort(-p, kind="stable")
-      out.append({"class": classes[order[0]], "label": int(order[0]),
-                  "probabilities": {classes[i]: float(p[i]) for i in order}})
-    return out
-
-  def classify(self, image: ImageInput, wav: WavInput, *, resize: bool = False) -> dict[str, Any]:
-    """Classifies an image with its audio (AV digits: a handwritten digit and its spoken name).
-
-    Args:
-      image: a file path, a PIL image or an (H, W) / (H, W, 1) uint8 grey array of the training
-        size (8×8 for AV digits; colour images are converted to grey).
-      wav: a wav file path, or a mono (T,) float waveform at 16 kHz (see `load_wav`).
-      resize: resize an image of another size instead of raising.
-
-    Returns:
-      {'class': the most probable class name, 'label': its index, 'probabilities': {name: p}
-      over every class, most probable first}.
-    """
-    return self.classify_batch([image], [wav], resize=resize)[0]
-
-
-def _vqa_probs(model, images: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
-  """Answer probabilities (B, A) of a VQA model."""
-  logits, _ = model(images, ids, mask)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-
-def _class_probs(model, images: jax.Array, audio: jax.Array, lengths: jax.Array) -> jax.Array:
-  """Class probabilities (B, C) of an image + audio classifier."""
-  logits, _ = model({"image": images, "audio": {"x": audio, "lengths": lengths}})
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  def predict(self, **request: Any) -> dict[str, Any]:
+    """One command-line request (`request_fields`, `resize`, ...) -> a JSON-able result."""
+    raise NotImplementedError(f"the task {self.config.task!r} serves no command-line requests")
 
 
 def _batch_shards(setup) -> int:
@@ -498,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """`python -m mmjax.predict --workdir W --image img.png [--question "..." | --wav a.wav] [--json]`."""
   parser = argparse.ArgumentParser(prog="python -m mmjax.predict", description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints/)")
-  parser.add_argument("--image", required=True, help="image file")
+  parser.add_argument("--image", default=None, help="image file")
   parser.add_argument("--question", default=None, help="question about the image (VQA)")
   parser.add_argument("--wav", default=None, help="audio file (audio-visual classification)")
   parser.add_argument("--beam", action="store_true", help="caption with beam search (default: the config's)")
@@ -507,33 +381,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--top", type=int, default=5, help="how many probabilities to print")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
+  # The class the tasks subclass: under `python -m`, this module's own classes are __main__'s.
+  from mmjax.predict import Predictor as served  # pylint: disable=g-import-not-at-top,import-self
   try:
-    predictor = Predictor.from_workdir(args.workdir, args.step)
-    needs = {"vqa": ("question", "--question"), "classify": ("wav", "--wav")}.get(predictor.kind)
-    if needs and getattr(args, needs[0]) is None:
-      raise ValueError(f"{needs[1]} is required for this workdir's task {predictor.config.task!r}")
-    if predictor.kind == "caption":
-      out = predictor.caption(args.image, method="beam" if args.beam else None, resize=args.resize)
-    elif predictor.kind == "classify":
-      out = predictor.classify(args.image, args.wav, resize=args.resize)
-    else:
-      out = predictor.answer(args.image, args.question, resize=args.resize)
-  except (FileNotFoundError, ValueError, TypeError) as e:
+    predictor = served.from_workdir(args.workdir, args.step)
+    missing = [f for f in predictor.request_fields if getattr(args, f) is None]
+    if missing:
+      raise ValueError(f"--{missing[0]} is required for this workdir's task {predictor.config.task!r}")
+    options = {"resize": args.resize, **({"beam": True} if args.beam else {})}
+    out = predictor.predict(**{f: getattr(args, f) for f in predictor.request_fields}, **options)
+  except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as e:
     parser.exit(2, f"error: {e}\n")
-  if predictor.kind == "caption":
-    if args.json:
-      print(json.dumps({**out, "step": predictor.step}))
-    else:
-      print(f"caption: {out['caption']}  (score {out['score']:.3f})")
-    return 0
-  key = "class" if predictor.kind == "classify" else "answer"
-  top = dict(list(out["probabilities"].items())[:max(args.top, 1)])
+  if "probabilities" in out:
+    out = {**out, "probabilities": dict(list(out["probabilities"].items())[:max(args.top, 1)])}
   if args.json:
-    print(json.dumps({key: out[key], "probabilities": top, "step": predictor.step}))
-  else:
-    print(f"{key}: {out[key]}")
-    for name, p in top.items():
-      print(f"  {name:>12s}  {p:.4f}")
+    print(json.dumps({**out, "step": predictor.step}))
+    return 0
+  for key, value in out.items():
+    if key == "probabilities":
+      for name, p in value.items():
+        print(f"  {name:>12s}  {p:.4f}")
+    else:
+      print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
   return 0
 
 

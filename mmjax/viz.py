@@ -216,6 +216,7 @@ def _layer_index(layer: int, depth: int) -> int:
 
 
 def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
+                         preprocess: str = "image.value_range(0, 1)",
                          grid_hw: tuple[int, int] | None = None, layer: int = -1,
                          head: int | str | None = None, resize: bool = False, alpha: float = 0.5, size_px: int = 320,
                          path: str | os.PathLike | None = None) -> Figure:
@@ -224,12 +225,14 @@ def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
   Args:
     source: a `mmjax.predict.Predictor` of a VQA workdir (preprocesses like training and titles
       the figure with the predicted answer), or a live `VQAModel`.
-    image: with a Predictor, anything `Predictor.answer` takes; with a model, an (H, W, 3) uint8
-      image (scaled to the VQA input range, `VQA_VALUE_RANGE`) or a float image already in the
-      model's input range.
+    image: with a Predictor, anything `Predictor.answer` takes (preprocessed by its config's eval
+      pp string); with a model, an (H, W, 3) uint8 image (preprocessed by `preprocess`) or a float
+      image already in the model's input range.
     question: a string (with a model, `tokenizer` is needed), or with a model a pair
       (ids (L,), mask (L,)).
     tokenizer: the question tokenizer, when `source` is a model and `question` a string.
+    preprocess: with a model, the pp string of its uint8 image (`mmjax.data.pp`), e.g. its training
+      config's `input.pp_eval` (ops on fields other than "image" are skipped).
     grid_hw: the image token grid (h, w); default inferred from the token count.
     layer: fusion layer whose attention is shown.
     head: one attention head (see `question_image_attention`); "all" draws every head's map side
@@ -241,7 +244,8 @@ def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
   Returns:
     The figure.
   """
-  from mmjax.predict import VQA_VALUE_RANGE, Predictor, check_question  # pylint: disable=g-import-not-at-top
+  from mmjax.data import pp  # pylint: disable=g-import-not-at-top
+  from mmjax.predict import Predictor, check_text  # pylint: disable=g-import-not-at-top
 
   fn = lambda model, im, i, m: question_image_attention(model, im, i, m, layer=layer, head=head)
   if isinstance(source, Predictor):
@@ -254,15 +258,15 @@ def vqa_attention_figure(source, image: Any, question: Any, *, tokenizer=None,
     model = source
     array = np.asarray(image)
     if array.dtype == np.uint8:
-      low, high = VQA_VALUE_RANGE
-      array = array.astype(np.float32) * ((high - low) / 255.0) + low
+      prepare = pp.parse(preprocess, tokenizer=tokenizer)
+      array = prepare.partial({"image": array}, np.random.default_rng(0))["image"]
     images = array[None].astype(np.float32)
     if isinstance(question, str):
       if tokenizer is None:
         raise ValueError("tokenizer: needed to encode a string question for a model source")
-      from mmjax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
-      ids, mask = tokenizer_lib.encode(tokenizer, [check_question(question)], model.question_len)
+      encode = pp.parse(f"text.tokenize({model.question_len}, key='question')", tokenizer=tokenizer)
+      out = encode({"question": check_text(question)}, np.random.default_rng(0))
+      ids, mask = out["question_ids"][None], out["question_mask"][None]
       title = f"Q: {question.strip()}"
     else:
       ids, mask = (np.asarray(a)[None] for a in question)

@@ -116,6 +116,17 @@ def test_batch_shapes_padding_and_errors():
     pipeline.make_pipeline([], batch_size=1, shard_index=0, shard_count=1)
 
 
+def test_split_pipeline_trains_endlessly_and_evaluates_once_padded():
+  """A task's splits: training is make_pipeline's endless shuffled stream, evaluation one padded
+  ordered pass."""
+  common = dict(batch_size=4, seed=3, shard_index=0, shard_count=1)
+  train = run(iter(pipeline.split_pipeline(source(), tag, train=True, **common)), 8)
+  assert same(train, run(iter(make(num_epochs=None, drop_remainder=True)), 8))  # past one epoch
+  evaluated = run(iter(pipeline.split_pipeline(source(), tag, train=False, worker_count=2, **common)))
+  assert np.concatenate([b["x"][b["valid"]] for b in evaluated]).tolist() == list(range(N))
+  assert len(evaluated) == 6 and evaluated[-1]["valid"].tolist() == [True, True, False, False]
+
+
 def test_skip_example_drops_only_that_example():
   from mmjax.data.pp.registry import BadExample, SkipExample
 

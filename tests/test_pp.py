@@ -278,6 +278,65 @@ def test_tokenize_refuses_empty_text(minilm_dir, text, where):
     f({"question_id": 42, "question": text}, RNG(0))
 
 
+def test_tokenize_takes_the_tokenizer_from_parse_and_caches_exactly(minilm_dir):
+  """A loaded tokenizer reaches text.tokenize through parse(..., tokenizer=); a path in the string
+  wins; the cache changes no id, forgets the oldest texts past its size and is not pickled."""
+  from mmjax.data import tokenizer as tokenizer_lib
+
+  tok = tokenizer_lib.load_tokenizer(minilm_dir)
+  texts = np.array(["what shape is the red object?", "is it on the left?", "what shape is the red object?"])
+  ref = pp.parse(f"text.tokenize(12, {minilm_dir!r}, key='q', cache_size=0)")({"q": texts}, RNG(0))
+  f = pp.parse("text.tokenize(12, key='q', cache_size=2)", tokenizer=tok)
+  assert f.ops[0].tokenizer is tok
+  for _ in range(2):  # the second call reads the cache
+    out = f({"q": texts}, RNG(0))
+    np.testing.assert_array_equal(out["q_ids"], ref["q_ids"])
+    np.testing.assert_array_equal(out["q_mask"], ref["q_mask"])
+  assert list(f.ops[0]._cache) == list(dict.fromkeys(texts))
+  f({"q": "a third sentence"}, RNG(0))
+  assert list(f.ops[0]._cache) == ["is it on the left?", "a third sentence"]
+  again = pickle.loads(pickle.dumps(f))
+  assert again.ops[0]._cache == {}
+  np.testing.assert_array_equal(again({"q": texts}, RNG(0))["q_ids"], ref["q_ids"])
+  assert pp.parse(f"text.tokenize(12, {minilm_dir!r})", tokenizer="unused").ops[0].path == minilm_dir
+  with pytest.raises(ValueError, match="no tokenizer"):
+    pp.parse("text.tokenize(12)")({"text": "hello"}, RNG(0))
+
+
+def test_rename_cast_choice():
+  f = pp.parse("rename(answers='answer', kinds='kind')|cast('int32', 'label', 'kind')")
+  out = f({"answers": np.arange(3), "kinds": [1, 2], "label": 7}, RNG(0))
+  assert set(out) == {"answer", "kind", "label"}
+  assert out["label"].dtype == out["kind"].dtype == np.int32 and out["label"] == 7
+  np.testing.assert_array_equal(out["answer"], np.arange(3))
+  with pytest.raises(KeyError, match="no field 'kinds'"):
+    f({"answers": 1}, RNG(0))
+  captions = [b"a", b"b", b"c", b"d", b"e"]
+  for seed in range(5):  # the one draw a caption pick makes, as the generator gives it
+    got = pp.parse("choice('captions')")({"captions": captions}, RNG(seed))["captions"]
+    assert got == captions[int(RNG(seed).integers(5))]
+  with pytest.raises(pp.BadExample, match="field 'captions': choice needs a non-empty sequence"):
+    pp.parse("choice('captions')")({"captions": []}, RNG(0))
+
+
+def test_partial_runs_the_ops_of_the_fields_present(minilm_dir):
+  """A request without labels goes through the same ops as a record: the label ops are skipped,
+  keep keeps what is there, and the fields present come out as the full record's do."""
+  f = pp.parse(f"image.decode|image.value_range(0, 1)|text.tokenize(8, {minilm_dir!r}, key='q')|"
+               "rename(answers='answer')|cast('int32', 'answer')|keep('image', 'q_ids', 'q_mask', 'answer')")
+  record = {"image": _png(_image()), "q": "what shape?", "answers": np.int64(3), "index": 9}
+  full = f(record, RNG(0))
+  assert set(full) == {"image", "q_ids", "q_mask", "answer"}
+  request = f.partial({"image": record["image"], "q": record["q"]}, RNG(0))
+  assert set(request) == {"image", "q_ids", "q_mask"}
+  for k in request:
+    np.testing.assert_array_equal(request[k], full[k])
+    assert request[k].dtype == full[k].dtype
+  assert set(f.partial({"q": "hi"}, RNG(0))) == {"q_ids", "q_mask"}  # no image: its ops skipped
+  with pytest.raises(KeyError, match="no field 'answers'"):
+    f({"image": record["image"], "q": "hi"}, RNG(0))  # a full run still needs every field
+
+
 # ---------------------------------------------------------------------------------------------
 # Audio ops.
 

@@ -22,7 +22,9 @@ WARMUP = 1_000  # requests before measuring: the one compilation, first-call all
 # Measured requests: one answer dict kept per request (~1 KB) shows as ~5 MB against the ~65 KB
 # serving retains in all, so 5,000 measure the growth per request as well as 10,000 would.
 MEASURED = 5_000
-GROWTH_BYTES = 256  # Python heap per measured request; serving retains ~13 B (jax's own caches)
+# Python heap per measured request: serving retains ~13 B (jax's own caches), and the replaced
+# entries of the questions' tokenizer cache (256 of them at most) count ~45 B more over 5,000.
+GROWTH_BYTES = 256
 RSS_BYTES = 16_384  # per measured request: device buffers, C++ heap (tracemalloc sees neither); noise 0-5 KB
 WORDS = ("red", "green", "blue", "orange", "gray", "yellow", "circle", "square")  # one token each
 

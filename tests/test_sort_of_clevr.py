@@ -36,6 +36,8 @@ from mmjax.train.config import load_config
 from mmjax.train.tasks import TASKS
 
 RNG = np.random.default_rng
+PROJECT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "mmjax" / "projects" / "sort_of_clevr"
+                     / "configs" / "vqa.py")
 
 SPEC_COLORS = {
   "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
@@ -442,17 +444,22 @@ def test_sized_config_names_the_sizes_and_rejects_a_wrong_count():
 
 @pytest.fixture(scope="module")
 def soc_data(tmp_path_factory):
-  config = soc.SortOfClevrConfig(
-    name="tiny", num_images=(("train", 10), ("test", 5), ("paraphrase", 3)))
-  return tmp_path_factory.mktemp("soc"), config
+  """A data folder for a 10 / 5 / 3 image Sort-of-CLEVR and its builder config."""
+  return tmp_path_factory.mktemp("soc"), soc.sized_config((10, 5, 3))
+
+
+def _soc_task(data_dir, *overrides):
+  """The project's task on a 10 / 5 / 3 image data set in `data_dir`, from its tiny config."""
+  config = load_config(f"{PROJECT_CONFIG}:size=tiny", [f"data.data_dir={data_dir}",
+                                                       "data.num_images=(10, 5, 3)", *overrides])
+  return config, TASKS.get(config.task)(config)
 
 
 def test_sort_of_clevr_batches(soc_data):
   data_dir, config = soc_data
-  data = soc_task.sort_of_clevr_pipeline("train", 4, data_dir=data_dir, config=config,
-                                         shard_index=0, shard_count=1, max_len=24)
-  assert data.answers == soc.ANSWERS
-  batch = next(iter(data.dataset))
+  _, task = _soc_task(data_dir, "data.max_len=24")
+  assert task.answers == soc.ANSWERS
+  batch = next(iter(task.dataset("train", train=True, batch_size=4, shard_index=0, shard_count=1)))
   shapes = {"image": ((4, 75, 75, 3), np.float32), "question_ids": ((4, 20, 24), np.int32),
             "question_mask": ((4, 20, 24), np.bool_), "answer": ((4, 20), np.int32),
             "kind": ((4, 20), np.int32), "subtype": ((4, 20), np.int32),
@@ -472,15 +479,16 @@ def test_sort_of_clevr_batches(soc_data):
     for q, ids, mask in zip(rec["questions"], batch["question_ids"][row],
                             batch["question_mask"][row]):
       assert mask[0] and not mask[-1]
-      text = data.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+      text = task.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
       assert text == q.decode().lower()
 
 
 def test_sort_of_clevr_eval_reads_each_image_once(soc_data):
-  data_dir, config = soc_data
-  data = soc_task.sort_of_clevr_pipeline("test", 2, data_dir=data_dir, config=config,
-                                         value_range=(-1.0, 1.0), shard_index=0, shard_count=1)
-  batches = [{k: np.asarray(v).copy() for k, v in b.items()} for b in data.dataset]
+  data_dir, _ = soc_data
+  config, task = _soc_task(data_dir)
+  config.input.pp_eval = config.input.pp_eval.replace("value_range(0, 1)", "value_range(-1, 1)")
+  batches = [{k: np.asarray(v).copy() for k, v in b.items()}
+             for b in task.dataset("test", train=False, batch_size=2, shard_index=0, shard_count=1)]
   assert [b["valid"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
   assert batches[0]["image"].min() == -1.0 and batches[0]["image"].max() == 1.0
   assert batches[0]["question_ids"].shape == (2, 20, 32)
@@ -690,10 +698,6 @@ def test_flat_concat_rejects_bad_flatten():
   with pytest.raises(ValueError, match=shape):
     build_fusion(FLAT, flatten={"image": 4}, **kw)({"image": (tokens["image"][:, :3], None),
                                                     "text": (tokens["text"], None)})
-
-
-PROJECT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "mmjax" / "projects" / "sort_of_clevr"
-                     / "configs" / "vqa.py")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import soundfile
 from mmjax import predict
 from mmjax.data.datasets import av_digits
 from mmjax.metrics.caption import CaptionMetrics, simple_tokenize
+from mmjax.tasks.av_digits import AvDigitsPredictor
+from mmjax.tasks.caption import CaptionPredictor
 from mmjax.train import trainer
 from mmjax.train.config import load_config
 
@@ -47,7 +49,7 @@ def test_caption_trains_and_eval_matches_predictor(caption_run):
     assert 0.0 <= final[f"test/{k}"] <= 1.0
   assert final["test/cider"] >= 0.0 and np.isfinite(final["test/nll"])
   p = predict.Predictor.from_workdir(workdir)
-  assert p.kind == "caption" and p.step == 8
+  assert isinstance(p, CaptionPredictor) and p.step == 8
   source = p.task.source("test")  # from config.data.data_dir: the test's own folder, not the cache
   records = sorted((source[i] for i in range(len(source))), key=lambda r: r["index"])
   out = p.caption_batch([r["image"] for r in records])
@@ -70,7 +72,7 @@ def test_caption_trains_and_eval_matches_predictor(caption_run):
     p.caption(np.zeros((32, 32, 3), np.uint8))
   with pytest.raises(FileNotFoundError, match="no image file"):
     p.caption(os.path.join(workdir, "missing.png"))
-  with pytest.raises(ValueError, match="classify: needs a classify task"):
+  with pytest.raises(AttributeError, match="classify"):  # each task serves its own functions
     p.classify(records[0]["image"], np.zeros(100, np.float32))
 
 
@@ -110,6 +112,22 @@ def test_clip_summarize_ranks_the_whole_split(clip_run):
   assert out["i2t_r@5"] == out["t2i_r@5"] == 1.0 and out["loss"] == 0.5
 
 
+def test_clip_predictor_embeds_as_the_model_does_on_the_eval_batch(clip_run):
+  workdir, _, _ = clip_run
+  p = predict.Predictor.from_workdir(workdir)
+  batch = next(iter(p.task.dataset("test", train=False, batch_size=4, shard_index=0, shard_count=1)))
+  source = p.task.source("test")  # evaluation reads records in order
+  records = [source[i] for i in range(4)]
+  images = p.embed_images([r["image"] for r in records])
+  texts = p.embed_texts([r["captions"][0].decode() for r in records])
+  both = lambda model, x, ids, mask: (model.embed("image", x)[0], model.embed("text", (ids, mask))[0])
+  ref_images, ref_texts = p.run("both", both, batch["image"], batch["caption_ids"][:, 0],
+                                batch["caption_mask"][:, 0])
+  np.testing.assert_allclose(images, ref_images, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(texts, ref_texts, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(images, axis=-1), 1.0, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------- av digits
 @pytest.fixture(scope="module")
 def av_run(tmp_path_factory, requires_espeak):
@@ -122,7 +140,7 @@ def test_av_digits_trains_and_classifies(av_run, tmp_path):
   for k in ("accuracy", "accuracy_image", "accuracy_audio"):
     assert 0.0 <= final[f"test/{k}"] <= 1.0
   p = predict.Predictor.from_workdir(workdir)
-  assert p.kind == "classify" and p.classes == av_digits.WORDS
+  assert isinstance(p, AvDigitsPredictor) and p.classes == av_digits.WORDS
   # Beats every constant answer on the test split (the most a model blind to both inputs gets;
   # the train split's majority class is one of them): measured 0.41 against 6 of 32 (10 steps: 0.19)
   source = p.task.source("test")
@@ -150,5 +168,5 @@ def test_av_digits_trains_and_classifies(av_run, tmp_path):
     p.classify(record["image"], str(tmp_path / "missing.wav"))
   with pytest.raises(ValueError, match="8×8"):
     p.classify(np.zeros((16, 16), np.uint8), audio)
-  with pytest.raises(ValueError, match="caption: needs a caption task"):
+  with pytest.raises(AttributeError, match="caption"):
     p.caption(record["image"])

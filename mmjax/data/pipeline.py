@@ -11,6 +11,8 @@ is reproducible and independent of worker count. The iterator is checkpointable:
 `it.get_state()` / `it.set_state(state)` resume exactly (also under `mp_prefetch`), and Grain's
 `grain.checkpoint.CheckpointSave`/`CheckpointRestore` save it with Orbax.
 
+Tasks parse `preprocess` from their config's pp strings (`config.input.pp_train` and
+`config.input.pp_eval`, `mmjax.data.pp.parse`) and build each split with `split_pipeline`.
 A preprocess raising `mmjax.data.pp.SkipExample` drops that example (logged); any other error
 propagates. Batches are dicts of numpy arrays; with `worker_count > 0` the leaves are Grain
 `SharedMemoryArray`s (numpy subclasses).
@@ -159,3 +161,26 @@ def make_pipeline(
       grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
     )
   return it
+
+
+def split_pipeline(
+  source: Any,
+  preprocess: Preprocess,
+  *,
+  train: bool,
+  batch_size: int,
+  seed: int,
+  shard_index: int,
+  shard_count: int,
+  worker_count: int = 0,
+) -> grain.IterDataset:
+  """A task's pipeline over one split, as `mmjax.train.tasks.Task.dataset` gives it.
+
+  Training shuffles, repeats forever and drops the last partial batch, preprocessing in
+  `worker_count` processes; evaluation reads each record once in order and zero-pads the last
+  batch (with a `valid` (B,) field), in this process.
+  """
+  mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True, worker_count=worker_count) if train
+          else dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
+  return make_pipeline(source, batch_size=batch_size, preprocess=preprocess, seed=seed,
+                       shard_index=shard_index, shard_count=shard_count, **mode)

@@ -1,13 +1,17 @@
 """Task glue for captioning shapes_captions: data pipeline, captioner, loss, BLEU/ROUGE-L/CIDEr-D.
 
-Training reads one of each image's five reference captions at random (teacher forcing, token
-cross-entropy). Evaluation decodes every test image greedily or with beam search inside the
-compiled eval step, returns the generated tokens and the reference token ids as per-example rows,
-and scores the detokenised captions with `mmjax.metrics.CaptionMetrics` (pycocoevalcap's BLEU,
-ROUGE-L and CIDEr-D, document frequencies over the whole split) in `summarize`.
+The input pipeline is the config's pp strings (`input.pp_train`, `input.pp_eval`, tokenised with
+the task's tokenizer): training reads one of each image's five reference captions at random
+(teacher forcing, token cross-entropy). Evaluation decodes every test image greedily or with beam
+search inside the compiled eval step, returns the generated tokens and the reference token ids as
+per-example rows, and scores the detokenised captions with `mmjax.metrics.CaptionMetrics`
+(pycocoevalcap's BLEU, ROUGE-L and CIDEr-D, document frequencies over the whole split) in
+`summarize`.
 """
 
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +19,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmjax import losses
-from mmjax.data import pipeline, scenes
-from mmjax.data import tokenizer as tokenizer_lib
+from mmjax import losses, predict
+from mmjax.data import pipeline, pp, scenes
 from mmjax.data.datasets import shapes_captions
 from mmjax.metrics.caption import CaptionMetrics, simple_tokenize
 from mmjax.models import decoding
@@ -28,40 +31,65 @@ CAPTIONERS = {"show_and_tell": ShowAndTell, "transformer": TransformerCaptioner}
 IMAGE_SHAPE = (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3)
 
 
-class CaptionPreprocess:
-  """shapes_captions record -> image (75, 75, 3) float32 in [0, 1] and caption token ids.
+class CaptionPredictor(predict.Predictor):
+  """Captions images, decoding inside the compiled function (one compilation per search method)."""
 
-  Training picks one reference at random: caption_ids / caption_mask (L,). Evaluation keeps all
-  of them: (K, L) with K = `shapes_captions.CAPTIONS_PER_IMAGE`. Ids are `[CLS] ... [SEP]`, padded.
+  request_fields = ("image",)
 
-  Attributes:
-    tokenizer: the captions' WordPiece tokenizer.
-    max_len: L.
-    training: pick one caption (True) or keep all (False).
-  """
+  def image_inputs(self, images: Sequence[predict.ImageInput], *, resize: bool = False,
+                   method: str = "caption") -> np.ndarray:
+    """Raw images -> (N, H, W, C) float32, by the config's eval pp string."""
+    images = predict.check_batch(images, "images", method)
+    names = predict.request_names("image", len(images))
+    records = [{"image": predict.read_image(im, field=n, channels=self.image_shape[-1])}
+               for im, n in zip(images, names)]
+    return self.preprocess(records, resize=resize, image_names=names)["image"]
 
-  def __init__(self, tokenizer, max_len: int, training: bool):
-    self.tokenizer, self.max_len, self.training = tokenizer, max_len, training
+  def caption_batch(self, images: Sequence[predict.ImageInput], *, method: str | None = None,
+                    resize: bool = False) -> list[dict[str, Any]]:
+    """Captions images[i]; see `caption`."""
+    method = method or self.config.eval.decode
+    if method not in decoding.METHODS:
+      raise ValueError(f"method: expected one of {decoding.METHODS}, got {method!r}")
+    pixels = self.image_inputs(images, resize=resize)
+    fn = lambda model, x: tuple(self.task.generate(model, x, method)[:3])  # tokens, scores, log_probs
+    tokens, scores, log_probs = self.run_batches(f"caption_{method}", fn, pixels)
+    return [{"caption": c, "score": float(s), "log_prob": float(lp)}
+            for c, s, lp in zip(self.task.detokenize(tokens), scores, log_probs)]
 
-  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-    image = np.asarray(example["image"])
-    if image.shape != IMAGE_SHAPE or image.dtype != np.uint8:
-      raise ValueError(f"field 'image' must be {IMAGE_SHAPE} uint8, got {image.shape} {image.dtype}")
-    captions = list(example["captions"])
-    if self.training:
-      captions = [captions[int(rng.integers(len(captions)))]]
-    ids, mask = tokenizer_lib.encode(self.tokenizer, captions, self.max_len)  # (K, L)
-    if self.training:
-      ids, mask = ids[0], mask[0]
-    return {"image": image.astype(np.float32) / 255.0, "caption_ids": ids, "caption_mask": mask}
+  def caption(self, image: predict.ImageInput, *, method: str | None = None,
+              resize: bool = False) -> dict[str, Any]:
+    """Captions `image`.
+
+    Args:
+      image: a file path, a PIL image or an (H, W, 3) uint8 RGB array of the training size.
+      method: "greedy" or "beam" (the config's `eval.beam_size` and `eval.length_penalty`);
+        default the config's `eval.decode`.
+      resize: resize an image of another size instead of raising.
+
+    Returns:
+      {'caption': the decoded caption, 'score': its length-normalised log-probability (the
+      search's ranking score), 'log_prob': its summed token log-probability, EOS included}.
+    """
+    return self.caption_batch([image], method=method, resize=resize)[0]
+
+  def predict(self, *, image, beam: bool = False, resize: bool = False) -> dict[str, Any]:
+    """The command line's request: `caption`."""
+    return self.caption(image, method="beam" if beam else None, resize=resize)
 
 
 @TASKS.register("caption_shapes")
 class ShapesCaptioning:
-  """Image captioning on shapes_captions; model "show_and_tell" or "transformer" by config."""
+  """Image captioning on shapes_captions; model "show_and_tell" or "transformer" by config.
+
+  Batches (the config's pp strings make them): image (B, 75, 75, 3) float32 in [0, 1];
+  caption_ids and caption_mask `[CLS] ... [SEP]`, padded to L = data.max_len: (B, L) for training
+  (one reference each), (B, K, L) for evaluation (all K = 5).
+  """
 
   best_metric = "test/cider"
   image_shape = IMAGE_SHAPE
+  predictor = CaptionPredictor
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -139,13 +167,14 @@ class ShapesCaptioning:
     d = self.config.data
     return shapes_captions.load(split, d.data_dir, config=shapes_captions.sized_config(d.num_images))
 
-  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
-    d = self.config.data
-    source = self.source(split)
-    mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else
-            dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
-    return pipeline.make_pipeline(
-        source, batch_size=batch_size, preprocess=CaptionPreprocess(self.tokenizer, int(d.max_len), train),
-        seed=int(self.config.seed), shard_index=shard_index, shard_count=shard_count,
-        worker_count=d.worker_count if train else 0, **mode)
+  def preprocess(self, pp_string: str) -> pp.Preprocess:
+    """A pp string of this task's records (the config's `input.pp_train` / `input.pp_eval`),
+    its text ops tokenising with the task's tokenizer."""
+    return pp.parse(pp_string, tokenizer=self.tokenizer)
 
+  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
+    i = self.config.input
+    return pipeline.split_pipeline(
+        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
+        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
+        shard_count=shard_count, worker_count=self.config.data.worker_count)

@@ -1,13 +1,16 @@
 """Task glue for CLIP on shapes_captions: image/caption pairs, contrastive loss, retrieval recall@K.
 
-Training pairs each image with one of its five captions at random; the loss is the dual encoder's
-(CLIP softmax or SigLIP sigmoid, by config) over the global batch. Evaluation embeds every test
-image and all five of its captions, returns the embeddings as per-example rows, and `summarize`
-ranks the whole split: image->text (an image's best-ranked own caption) and text->image recall@K
-(`mmjax.metrics.recall_at_k`).
+The input pipeline is the config's pp strings (`input.pp_train`, `input.pp_eval`, tokenised with
+the task's tokenizer): training pairs each image with one of its five captions at random; the loss
+is the dual encoder's (CLIP softmax or SigLIP sigmoid, by config) over the global batch.
+Evaluation embeds every test image and all five of its captions, returns the embeddings as
+per-example rows, and `summarize` ranks the whole split: image->text (an image's best-ranked own
+caption) and text->image recall@K (`mmjax.metrics.recall_at_k`).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,15 +18,44 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmjax.data import pipeline
+from mmjax import predict
+from mmjax.data import pipeline, pp
 from mmjax.data.datasets import shapes_captions
 from mmjax.metrics.retrieval import recall_at_k
 from mmjax.models.dual_encoder import DualEncoder
-from mmjax.tasks.caption import IMAGE_SHAPE, CaptionPreprocess
+from mmjax.tasks.caption import IMAGE_SHAPE
 from mmjax.train.tasks import TASKS
 
 RECALL_KS = (1, 5)
 
+
+class ClipPredictor(predict.Predictor):
+  """Embeds images and texts into the shared space (L2-normalised: dot products are cosines)."""
+
+  def image_inputs(self, images: Sequence[predict.ImageInput], *, resize: bool = False) -> np.ndarray:
+    """Raw images -> (N, H, W, C) float32, by the config's eval pp string."""
+    images = predict.check_batch(images, "images", "embed_images")
+    names = predict.request_names("image", len(images))
+    records = [{"image": predict.read_image(im, field=n)} for im, n in zip(images, names)]
+    return self.preprocess(records, resize=resize, image_names=names)["image"]
+
+  def text_inputs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> token ids and mask (N, L), tokenised by the config's eval pp string as captions."""
+    texts = predict.check_batch(texts, "texts", "embed_texts")
+    records = [{"captions": predict.check_text(t, n)}
+               for t, n in zip(texts, predict.request_names("text", len(texts)))]
+    out = self.preprocess(records)
+    return out["caption_ids"], out["caption_mask"]
+
+  def embed_images(self, images: Sequence[predict.ImageInput], *, resize: bool = False) -> np.ndarray:
+    """Image embeddings (N, E)."""
+    fn = lambda model, x: model.embed("image", x)[0]
+    return self.run_batches("embed_images", fn, self.image_inputs(images, resize=resize))
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """Text embeddings (N, E)."""
+    fn = lambda model, ids, mask: model.embed("text", (ids, mask))[0]
+    return self.run_batches("embed_texts", fn, *self.text_inputs(texts))
 
 @TASKS.register("clip_shapes")
 class ShapesCLIP:
@@ -31,6 +63,7 @@ class ShapesCLIP:
 
   best_metric = "test/rsum"
   image_shape = IMAGE_SHAPE
+  predictor = ClipPredictor
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -84,12 +117,14 @@ class ShapesCLIP:
     d = self.config.data
     return shapes_captions.load(split, d.data_dir, config=shapes_captions.sized_config(d.num_images))
 
+  def preprocess(self, pp_string: str) -> pp.Preprocess:
+    """A pp string of this task's records (the config's `input.pp_train` / `input.pp_eval`),
+    its text ops tokenising with the task's tokenizer."""
+    return pp.parse(pp_string, tokenizer=self.tokenizer)
+
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
-    d = self.config.data
-    source = self.source(split)
-    mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else
-            dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
-    return pipeline.make_pipeline(
-        source, batch_size=batch_size, preprocess=CaptionPreprocess(self.tokenizer, int(d.max_len), train),
-        seed=int(self.config.seed), shard_index=shard_index, shard_count=shard_count,
-        worker_count=d.worker_count if train else 0, **mode)
+    i = self.config.input
+    return pipeline.split_pipeline(
+        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
+        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
+        shard_count=shard_count, worker_count=self.config.data.worker_count)

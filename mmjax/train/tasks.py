@@ -19,6 +19,10 @@ class Task(Protocol):
   Attributes:
     eval_splits: data splits evaluated at intervals.
     best_metric: the eval metric used to keep the best checkpoint ("test/accuracy").
+
+  Served tasks also have `preprocess(pp_string)` (the parsed `config.input` pp string its
+  `dataset` uses), `predictor` (a `mmjax.predict.Predictor` subclass with the task's requests) and
+  `image_shape`: `mmjax.predict` preprocesses a request with `config.input.pp_eval`.
   """
 
   config: ml_collections.ConfigDict

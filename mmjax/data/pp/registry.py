@@ -5,12 +5,17 @@ arguments, e.g. `image.decode|image.resize(64)|image.value_range(-1, 1)|text.tok
 Ops live in one namespace per modality (`image.`, `text.`, `audio.`, `mm.` for ops that touch
 several modalities at once); a bare name such as `resize` resolves when exactly one namespace has
 it. The field ops `keep`, `drop`, `copy` and `flatten` (nested TFDS dicts to `outer/inner` keys)
-have no namespace. Arguments are parsed with `ast.literal_eval`, never `eval`.
+have no namespace, and so do `rename`, `cast` and `choice`. Arguments are parsed with
+`ast.literal_eval`, never `eval`; what a string cannot spell (a task's tokenizer) is passed to
+`parse` by name and reaches every op that takes an argument of that name and is not given it.
 
 Every op is a factory: called with the parsed arguments it returns a function
 `(example: dict, rng: np.random.Generator) -> dict` that runs in numpy on the host (inside Grain
 workers) and returns a new dict, leaving its input untouched. Ops read the field named by their
 `key=` argument and write the field named by `outkey=` (default: the same field).
+
+A serving request is a record without labels: `Preprocess.partial` runs the same chain on it,
+skipping the ops whose input fields it lacks (see `reads`).
 
 Bad data (corrupt bytes, empty text, a missing or empty audio file) raises `BadExample`, a
 ValueError whose message names the record (its `id`, `index` or `_index` field when present)
@@ -21,6 +26,7 @@ catch to drop and count the example; a wrong pp string or a wrong field type alw
 from __future__ import annotations
 
 import ast
+import inspect
 from typing import Any, Callable
 
 import numpy as np
@@ -82,6 +88,15 @@ def field(example: Example, key: str) -> Any:
   return example[key]
 
 
+def reads(op: Op) -> tuple[str, ...]:
+  """The fields `op` needs: its `reads()` when it defines one, else its `key` (and `text_keys`)."""
+  if hasattr(op, "reads"):
+    return tuple(op.reads())
+  keys = [op.key] if isinstance(getattr(op, "key", None), str) else []
+  text_keys = getattr(op, "text_keys", ())
+  return tuple(keys) + ((text_keys,) if isinstance(text_keys, str) else tuple(text_keys))
+
+
 class Preprocess:
   """A chain of pp ops run in order; picklable, so Grain can ship it to worker processes.
 
@@ -100,6 +115,25 @@ class Preprocess:
     try:
       for op in self.ops:
         example = op(example, rng)
+    except BadExample as e:
+      if self.skip_bad:
+        raise SkipExample(e) from e
+      raise
+    return example
+
+  def partial(self, example: Example, rng: np.random.Generator) -> Example:
+    """Runs the chain on a record that lacks some fields (a serving request has no labels).
+
+    An op runs when every field it `reads` is present, and is skipped otherwise; `keep` keeps the
+    fields present. The ops that run are the same objects as in `__call__`, so a request's fields
+    come out exactly as a full record's would.
+    """
+    try:
+      for op in self.ops:
+        if isinstance(op, Keep):
+          example = {k: example[k] for k in op.keys if k in example}
+        elif all(k in example for k in reads(op)):
+          example = op(example, rng)
     except BadExample as e:
       if self.skip_bad:
         raise SkipExample(e) from e
@@ -160,8 +194,11 @@ def resolve(name: str) -> str:
   raise ValueError(f"unknown pp op {name!r}; known ops: {', '.join(PP_OPS.names())}")
 
 
-def parse_op(spec: str) -> Op:
-  """Builds one op from a string like `image.resize(64, method="bicubic")`."""
+def parse_op(spec: str, context: dict[str, Any] | None = None) -> Op:
+  """Builds one op from a string like `image.resize(64, method="bicubic")`.
+
+  `context` values go to the op's arguments of the same name that the string leaves out.
+  """
   try:
     node = ast.parse(spec.strip(), mode="eval").body
   except SyntaxError as e:
@@ -176,22 +213,28 @@ def parse_op(spec: str) -> Op:
     name, args, kwargs = _dotted_name(node, spec), [], {}
   factory = PP_OPS.get(resolve(name))
   try:
+    if context:
+      signature = inspect.signature(factory)
+      given = signature.bind_partial(*args, **kwargs).arguments
+      kwargs.update({k: v for k, v in context.items() if k in signature.parameters and k not in given})
     return factory(*args, **kwargs)
   except TypeError as e:
     raise TypeError(f"pp op {spec!r}: {e}") from None
 
 
-def parse(pp: str, *, skip_bad: bool = False) -> Preprocess:
+def parse(pp: str, *, skip_bad: bool = False, **context: Any) -> Preprocess:
   """Composes a pp string into one `(example, rng) -> example` function.
 
   Args:
     pp: `|`-separated op calls; the empty string is the identity.
     skip_bad: re-raise `BadExample` as `SkipExample` so a pipeline can drop and count it.
+    **context: objects a pp string cannot spell, e.g. `tokenizer=` a task's tokenizer: each op
+      whose factory takes an argument of that name, and whose call leaves it out, receives it.
   Returns:
     A picklable `Preprocess`.
   """
   specs = split_ops(pp)
-  return Preprocess([parse_op(s) for s in specs], specs, skip_bad)
+  return Preprocess([parse_op(s, context) for s in specs], specs, skip_bad)
 
 
 @register("keep")
@@ -243,3 +286,47 @@ class Flatten:
       else:
         out[k] = v
     return out
+
+
+@register("rename")
+class Rename:
+  """Renames fields, `rename(old='new', ...)` (missing ones are an error)."""
+
+  def __init__(self, **names: str):
+    self.names = names
+
+  def reads(self) -> tuple[str, ...]:
+    return tuple(self.names)
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    out = {k: v for k, v in example.items() if k not in self.names}
+    out.update({new: field(example, old) for old, new in self.names.items()})
+    return out
+
+
+@register("cast")
+class Cast:
+  """Casts the named fields to numpy arrays of `dtype` (e.g. `cast('int32', 'label')`)."""
+
+  def __init__(self, dtype: str, *keys: str):
+    self.dtype, self.keys = np.dtype(dtype), keys
+
+  def reads(self) -> tuple[str, ...]:
+    return self.keys
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    return {**example, **{k: np.asarray(field(example, k), self.dtype) for k in self.keys}}
+
+
+@register("choice")
+class Choice:
+  """Replaces a sequence field by one of its elements drawn uniformly (e.g. one of five captions)."""
+
+  def __init__(self, key: str, outkey: str | None = None):
+    self.key, self.outkey = key, outkey
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    x = field(example, self.key)
+    if isinstance(x, (str, bytes)) or np.ndim(x) == 0 or not len(x):
+      raise bad(example, self.key, f"choice needs a non-empty sequence, got {type(x).__name__}")
+    return {**example, self.outkey or self.key: x[int(rng.integers(len(x)))]}

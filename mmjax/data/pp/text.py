@@ -8,6 +8,8 @@ in, (N, max_len) ids out.
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 import unicodedata
 from typing import Any
 
@@ -81,31 +83,67 @@ class Tokenize:
 
   Args:
     max_len: output length, special tokens included (>= 2).
-    tokenizer: a `tokenizer.json` or a pretrained tokenizer folder (e.g. a BERT/MiniLM one).
+    tokenizer: a `tokenizer.json` or a pretrained tokenizer folder (e.g. a BERT/MiniLM one), or
+      a loaded fast tokenizer, as a task passes its own through `parse(..., tokenizer=...)`
+      (without one, running the op is an error).
     key: text field; empty or whitespace-only text is a `BadExample`.
     outkey: ids field, default `{key}_ids`; int32 (max_len,), or (N, max_len) for N texts.
     mask_key: mask field, default `{key}_mask`; bool, True on real tokens, same shape.
+    cache_size: how many distinct texts' ids to remember (templated questions repeat); the
+      oldest are forgotten first; 0 turns the cache off.
   """
 
-  def __init__(self, max_len: int, tokenizer: str, key: str = "text", outkey: str | None = None,
-               mask_key: str | None = None):
+  def __init__(self, max_len: int, tokenizer: Any = None, key: str = "text", outkey: str | None = None,
+               mask_key: str | None = None, cache_size: int = 256):
     if max_len < 2:
       raise ValueError(f"text.tokenize: max_len must be >= 2 ([CLS] and [SEP]), got {max_len}")
-    self.max_len, self.path, self.key = max_len, tokenizer, key
+    self.max_len, self.key, self.cache_size = max_len, key, cache_size
     self.outkey = outkey or f"{key}_ids"
     self.mask_key = mask_key or f"{key}_mask"
-    self.tokenizer = _tokenizer_lib().load_tokenizer(tokenizer)
+    self.path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
+    self.tokenizer = _tokenizer_lib().load_tokenizer(tokenizer) if self.path else tokenizer
+    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    self._lock = threading.Lock()
+
+  def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, max_len) ids and mask of `texts`, through the cache."""
+    if not self.cache_size:
+      return _tokenizer_lib().encode(self.tokenizer, texts, self.max_len)
+    with self._lock:
+      found = {t: self._cache[t] for t in texts if t in self._cache}
+    missing = [t for t in dict.fromkeys(texts) if t not in found]
+    if missing:
+      ids, mask = _tokenizer_lib().encode(self.tokenizer, missing, self.max_len)
+      found.update(zip(missing, zip(ids, mask)))
+      with self._lock:
+        self._cache.update((t, found[t]) for t in missing)
+        while len(self._cache) > self.cache_size:
+          del self._cache[next(iter(self._cache))]
+    rows = [found[t] for t in texts]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
   def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    if self.tokenizer is None:
+      raise ValueError("text.tokenize: no tokenizer; name a tokenizer.json or folder in the pp "
+                       "string, or pass one to parse(..., tokenizer=...)")
     texts, scalar = get_texts(example, self.key)
     for i, s in enumerate(texts):
       if not s.strip():
         raise bad(example, self.key if scalar else f"{self.key}[{i}]",
                   "text is empty or whitespace-only")
-    ids, mask = _tokenizer_lib().encode(self.tokenizer, texts, self.max_len)  # (N, max_len)
+    ids, mask = self._encode(texts)  # (N, max_len)
     if scalar:
       ids, mask = ids[0], mask[0]
     return {**example, self.outkey: ids, self.mask_key: mask}
 
+  def __getstate__(self) -> dict:
+    """Pickles without the cache and its lock (Grain ships ops to worker processes)."""
+    return {**self.__dict__, "_cache": {}, "_lock": None}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def __repr__(self) -> str:
-    return f"text.tokenize(max_len={self.max_len}, tokenizer={self.path!r}, key={self.key!r})"
+    what = repr(os.fspath(self.path)) if self.path else type(self.tokenizer).__name__
+    return f"text.tokenize(max_len={self.max_len}, tokenizer={what}, key={self.key!r})"

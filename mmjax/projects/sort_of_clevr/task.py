@@ -1,23 +1,25 @@
-"""The Sort-of-CLEVR VQA task: its input pipeline, model, loss and per-kind accuracy.
+"""The Sort-of-CLEVR VQA task: its model, loss, per-kind accuracy and predictor.
 
 Registered in TASKS as "vqa_sort_of_clevr"; configs name it
 "mmjax.projects.sort_of_clevr.task:vqa_sort_of_clevr" (importing this module registers it, and
-the answer-keeping mirror `mm.sort_of_clevr_flip` among the pp ops).
+the answer-keeping mirror `mm.sort_of_clevr_flip` among the pp ops). The input pipeline is the
+config's pp strings (`input.pp_train`, `input.pp_eval`) over the data set's records, questions
+tokenised with the task's tokenizer; `VqaPredictor` answers questions about images with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Sequence
 
-import grain
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmjax import losses
-from mmjax.data import pipeline, scenes
+from mmjax import losses, predict
+from mmjax.data import pipeline, pp, scenes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.datasets import sort_of_clevr
 from mmjax.data.pp.image import get_image
@@ -28,133 +30,8 @@ from mmjax.train.tasks import TASKS
 
 
 # ---------------------------------------------------------------------------------------------
-# Input pipeline.
+# Augmentation.
 # ---------------------------------------------------------------------------------------------
-class SortOfClevrPreprocess:
-  """Sort-of-CLEVR record -> VQA example with all 20 questions of the image.
-
-  Output: image (75, 75, 3) float32 in `value_range`; question_ids (20, L) int32 and
-  question_mask (20, L) bool (`[CLS] ... [SEP]`, padded to L = `max_len`); answer, kind,
-  subtype, color (20,) int32 (indices into `sort_of_clevr.ANSWERS`, `KINDS`, `SUBTYPES` and
-  `scenes.COLORS`: the colour each question names).
-  Tokenized questions are cached (the data set has few distinct sentences).
-
-  Attributes:
-    tokenizer: the tokenizer of the questions.
-    max_len: L.
-    value_range: (low, high) that pixel values 0 and 255 map to.
-  """
-
-  def __init__(self, tokenizer, max_len: int = 32, value_range: tuple[float, float] = (0.0, 1.0)):
-    if max_len < 2:
-      raise ValueError(f"max_len must be >= 2, got {max_len}")
-    self.tokenizer = tokenizer
-    self.max_len = max_len
-    self.value_range = (float(value_range[0]), float(value_range[1]))
-    self._cache: dict[bytes | str, tuple[np.ndarray, np.ndarray]] = {}
-
-  def _encode(self, questions) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, L) ids and mask of `questions`, through the cache."""
-    missing = [q for q in dict.fromkeys(questions) if q not in self._cache]
-    if missing:
-      ids, mask = tokenizer_lib.encode(self.tokenizer, missing, self.max_len)
-      self._cache.update(zip(missing, zip(ids, mask)))
-    rows = [self._cache[q] for q in questions]
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
-
-  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-    del rng  # Deterministic.
-    image = example["image"]
-    if isinstance(image, bytes):
-      image = scenes.decode_png(image)
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-      raise ValueError(f"field 'image' must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    low, high = self.value_range
-    ids, mask = self._encode(list(example["questions"]))
-    return {
-      "image": (image.astype(np.float32) * ((high - low) / 255.0) + low),
-      "question_ids": ids,
-      "question_mask": mask,
-      "answer": np.asarray(example["answers"], np.int32),
-      "kind": np.asarray(example["kinds"], np.int32),
-      "subtype": np.asarray(example["subtypes"], np.int32),
-      "color": np.asarray(example["question_colors"], np.int32),
-    }
-
-  def __getstate__(self) -> dict:
-    """Pickles without the cache."""
-    return {**self.__dict__, "_cache": {}}
-
-
-class VqaData(NamedTuple):
-  """A VQA input pipeline with what a model needs to read it.
-
-  Attributes:
-    dataset: the Grain `IterDataset` of batches.
-    tokenizer: the question tokenizer.
-    answers: the answer vocabulary (index -> string).
-  """
-
-  dataset: grain.IterDataset
-  tokenizer: Any
-  answers: tuple[str, ...]
-
-
-def sort_of_clevr_pipeline(
-  split: str,
-  batch_size: int,
-  *,
-  data_dir: str | None = None,
-  config: Any = None,
-  max_len: int = 32,
-  value_range: tuple[float, float] = (0.0, 1.0),
-  seed: int = 0,
-  training: bool | None = None,
-  tokenizer: Any = None,
-  **kwargs: Any,
-) -> VqaData:
-  """Sort-of-CLEVR batches for VQA (the data set is built on first use).
-
-  Batches: image (B, 75, 75, 3) float32, question_ids (B, 20, L) int32, question_mask
-  (B, 20, L) bool, answer / kind / subtype / color (B, 20) int32. With the default L = 32 no
-  question of any split is truncated (train/test need 17 tokens, paraphrase 32).
-
-  Args:
-    split: 'train', 'test' or 'paraphrase'.
-    batch_size: images per batch on this host (each has 20 questions).
-    data_dir: data folder (default `$MMJAX_DATA_DIR` or `~/.cache/mmjax/datasets`).
-    config: a `SortOfClevrConfig` (e.g. fewer images), default the full data set.
-    max_len: L, question length in tokens.
-    value_range: pixel range.
-    seed: shuffle and preprocess seed.
-    training: default `split == 'train'`. Training shuffles, repeats forever and drops the
-      last partial batch; evaluation reads each image once in order and zero-pads the last
-      batch (with a `valid` (B,) field).
-    tokenizer: the question tokenizer (e.g. a pretrained text encoder's); default the data
-      set's own WordPiece, trained on the train questions.
-    **kwargs: overrides of `mmjax.data.pipeline.make_pipeline` arguments (worker_count,
-      shard_index, ...).
-
-  Returns:
-    `VqaData(dataset, tokenizer, answers)`.
-  """
-  source = sort_of_clevr.load(split, data_dir, config=config)
-  if tokenizer is None:
-    tokenizer = sort_of_clevr.load_tokenizer(data_dir, config=config)
-  training = split == "train" if training is None else training
-  mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if training else
-          dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
-  dataset = pipeline.make_pipeline(
-    source,
-    batch_size=batch_size,
-    preprocess=SortOfClevrPreprocess(tokenizer, max_len, value_range),
-    seed=seed,
-    **{**mode, **kwargs},
-  )
-  return VqaData(dataset, tokenizer, sort_of_clevr.ANSWERS)
-
-
 _FLIP_FIELDS = ("answers", "subtypes", "question_colors", "colors", "xs")
 
 
@@ -216,13 +93,85 @@ class SortOfClevrFlip:
 
 
 # ---------------------------------------------------------------------------------------------
+# Serving.
+# ---------------------------------------------------------------------------------------------
+def answer_probabilities(model, images: jax.Array, ids: jax.Array, mask: jax.Array) -> jax.Array:
+  """Answer probabilities (B, A) of a VQA model on images (B, H, W, 3) and questions (B, L)."""
+  logits, _ = model(images, ids, mask)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+class VqaPredictor(predict.Predictor):
+  """Answers questions about images."""
+
+  request_fields = ("image", "question")
+
+  @property
+  def answers(self) -> tuple[str, ...]:
+    """The answer vocabulary (index -> string)."""
+    return tuple(self.task.answers)
+
+  def vqa_inputs(self, images: Sequence[predict.ImageInput], questions: Sequence[str], *,
+                 resize: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw images and questions -> images (N, H, W, 3) float32, question ids and mask (N, L), by
+    the config's eval pp string."""
+    if isinstance(questions, str):
+      raise TypeError("questions: expected a sequence of strings, got one str (use answer() for one question)")
+    if len(images) != len(questions):
+      raise ValueError(f"images and questions: expected the same number, got {len(images)} and {len(questions)}")
+    if not len(questions):
+      raise ValueError("questions: expected at least one question")
+    image_names = predict.request_names("image", len(images))
+    records = [{"image": predict.read_image(im, field=n)} for im, n in zip(images, image_names)]
+    for record, q, n in zip(records, questions, predict.request_names("question", len(questions))):
+      record["questions"] = predict.check_text(q, n)
+    out = self.preprocess(records, resize=resize, image_names=image_names)
+    return out["image"], out["question_ids"], out["question_mask"]
+
+  def vqa_probabilities(self, images: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Preprocessed (N, ...) inputs -> answer probabilities (N, A), through the compiled function."""
+    return self.run_batches("vqa", answer_probabilities, images, ids, mask)
+
+  def answer_batch(self, images: Sequence[predict.ImageInput], questions: Sequence[str], *,
+                   resize: bool = False) -> list[dict[str, Any]]:
+    """Answers questions[i] about images[i]; see `answer`."""
+    probs = self.vqa_probabilities(*self.vqa_inputs(images, questions, resize=resize))
+    return predict.top_classes(probs, self.answers, "answer")
+
+  def answer(self, image: predict.ImageInput, question: str, *, resize: bool = False) -> dict[str, Any]:
+    """Answers `question` about `image`.
+
+    Args:
+      image: a file path, a PIL image or an (H, W, 3) uint8 RGB array of the training size.
+      question: the question text.
+      resize: resize an image of another size instead of raising.
+
+    Returns:
+      {'answer': the most probable answer, 'probabilities': {answer: p} over the whole answer
+      vocabulary, most probable first}.
+    """
+    return self.answer_batch([image], [question], resize=resize)[0]
+
+  def predict(self, *, image, question, resize: bool = False) -> dict[str, Any]:
+    """The command line's request: `answer`."""
+    return self.answer(image, question, resize=resize)
+
+
+# ---------------------------------------------------------------------------------------------
 # The task.
 # ---------------------------------------------------------------------------------------------
 @TASKS.register("vqa_sort_of_clevr")
 class SortOfClevrVQA:
-  """Sort-of-CLEVR: 20 questions per image, accuracy per kind (relational / non-relational)."""
+  """Sort-of-CLEVR: 20 questions per image, accuracy per kind (relational / non-relational).
+
+  Batches (the config's pp strings make them): image (B, 75, 75, 3) float32, question_ids and
+  question_mask (B, 20, L), answer, kind, subtype and color (B, 20) int32: indices into
+  `sort_of_clevr.ANSWERS`, `KINDS`, `SUBTYPES` and `scenes.COLORS` (the colour a question names).
+  """
 
   best_metric = "test/accuracy"
+  image_shape = (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3)
+  predictor = VqaPredictor
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -251,7 +200,7 @@ class SortOfClevrVQA:
       text["vocab_size"] = self.tokenizer.vocab_size
     return dict(vision=dict(m.vision), text=text, fusion=m.fusion,
                 fusion_kwargs=dict(m.fusion_kwargs), features=m.features,
-                num_answers=len(self.answers), image_shape=(75, 75, 3),
+                num_answers=len(self.answers), image_shape=self.image_shape,
                 question_len=self.config.data.max_len, head_hidden=m.head_hidden,
                 modality_dropout=m.modality_dropout,
                 question_tokens=m.get("question_tokens", "all"),
@@ -303,13 +252,17 @@ class SortOfClevrVQA:
     d = self.config.data
     return sort_of_clevr.load(split, d.data_dir, config=sort_of_clevr.sized_config(d.num_images))
 
+  def preprocess(self, pp_string: str) -> pp.Preprocess:
+    """A pp string of this task's records (the config's `input.pp_train` / `input.pp_eval`),
+    its text ops tokenising with the task's tokenizer."""
+    return pp.parse(pp_string, tokenizer=self.tokenizer)
+
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
-    d = self.config.data
-    return sort_of_clevr_pipeline(
-        split, batch_size, data_dir=d.data_dir, config=sort_of_clevr.sized_config(d.num_images),
-        max_len=d.max_len, seed=int(self.config.seed), training=train, shard_index=shard_index,
-        shard_count=shard_count, worker_count=d.worker_count if train else 0,
-        tokenizer=self.tokenizer).dataset
+    i = self.config.input
+    return pipeline.split_pipeline(
+        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
+        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
+        shard_count=shard_count, worker_count=self.config.data.worker_count)
 
 
 def _counts(correct, valid, batch) -> dict[str, Any]:

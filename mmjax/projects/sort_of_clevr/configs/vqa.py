@@ -51,6 +51,17 @@ def get_config(arg=None):
   # counts build a separate, smaller copy whose records equal the first ones of the full set.
   c.data.num_images = (64, 16, 16) if arg.size == "tiny" else None
 
+  # Record -> model inputs and labels, the same in training and evaluation; `mmjax.predict` runs
+  # pp_eval on a request. Questions are cut to data.max_len tokens.
+  image = "image.decode|image.value_range(0, 1)|"
+  questions = ("text.tokenize(" + c.data.get_ref("max_len").to_str() +
+               ", key='questions', outkey='question_ids', mask_key='question_mask')")
+  labels = ("|rename(answers='answer', kinds='kind', subtypes='subtype', question_colors='color')|"
+            "keep('image', 'question_ids', 'question_mask', 'answer', 'kind', 'subtype', 'color')")
+  c.input = ml_collections.ConfigDict()
+  c.input.pp_train = image + questions + labels
+  c.input.pp_eval = image + questions + labels
+
   c.model = ml_collections.ConfigDict()
   # Three stride-2 convs (a 10x10 grid) with sin/cos coordinates (attention can depend on offsets)
   # and sin/cos pixel values (so every colour, orange and gray included, can be singled out), then

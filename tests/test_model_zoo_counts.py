@@ -1,5 +1,5 @@
-"""The parameter counts stated in docs/model_zoo.md, README.md and bench/README.md's throughput
-tables equal those the code builds.
+"""The parameter counts stated in docs/model_zoo.md, README.md, the Sort-of-CLEVR project's README,
+docs/ and bench/README.md's throughput tables equal those the code builds.
 
 docs/model_zoo.py counts every config variant and backbone by abstract initialisation
 (`nnx.eval_shape`); the models read the tiny configs' data sets (their tokenizers have the full
@@ -40,12 +40,15 @@ def test_model_zoo_md_is_the_generated_block(counts):
 
 
 def test_readme_counts_are_generated(counts):
-  readme = (ROOT / "README.md").read_text(encoding="utf-8")
-  for fragment in model_zoo.readme_fragments(counts):
-    assert fragment in readme, fragment
-  stated = model_zoo.stated_counts(readme)
-  assert len(stated) >= 5  # the default VQA model and the four backbones
-  assert set(stated) <= {f"{n:,}" for n in counts.values()}, stated
+  stated = {}
+  for name in model_zoo.stating_files():
+    text = (ROOT / name).read_text(encoding="utf-8")
+    for fragment in model_zoo.fragments(counts).get(name, []):
+      assert fragment in text, (name, fragment)
+    stated[name] = model_zoo.stated_counts(text)
+    assert set(stated[name]) <= {f"{n:,}" for n in counts.values()}, (name, stated[name])
+  assert len(stated["README.md"]) >= 5  # the default VQA model and the four backbones
+  assert len(stated[model_zoo.PROJECT_README]) >= 1  # the default VQA model
 
 
 def test_check_names_each_disagreement(counts):
@@ -56,6 +59,10 @@ def test_check_names_each_disagreement(counts):
   assert problems[0].startswith("docs/model_zoo.md: the generated block differs")
   assert problems[1].startswith(f"README.md lacks 'ViT-B/16 + head {counts['vit_b16']:,};")
   assert problems[2] == f"README.md states {bert:,} parameters, which is no generated count"
+  vqa = counts["default_vqa"]  # also the project config's row, so only the phrases differ
+  problems = model_zoo.check(dict(counts, default_vqa=vqa + 1))
+  assert problems == [f"{name} lacks 'The default VQA model ({vqa + 1:,} parameters)'"
+                      for name in ("README.md", model_zoo.PROJECT_README)], problems
 
 
 def test_bench_throughput_counts_are_the_benchmarked_models():

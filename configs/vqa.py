@@ -18,6 +18,7 @@ Sort-of-CLEVR project's task supplies the data, the loss and the per-kind accura
 
 import ml_collections
 
+from mmjax.projects.sort_of_clevr.configs import vqa as sort_of_clevr
 from mmjax.train.config import parse_arg, standard_optim_and_train
 
 FUSION_KWARGS = {
@@ -36,26 +37,7 @@ def get_config(arg=None):
   c.seed = 0
   steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (6000, 32, 64)}[arg.size]
 
-  c.data = ml_collections.ConfigDict()
-  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.batch_size = bs  # images per step; each carries 20 questions
-  c.data.eval_batch_size = 50 if arg.size != "tiny" else 8
-  c.data.max_len = 32  # [CLS] question [SEP]: the longest (paraphrase) questions need 32 tokens
-  c.data.worker_count = 0
-  c.data.eval_splits = ("test", "paraphrase")
-  # Images per split (train, test, paraphrase); None = the full 9,800 / 200 / 200.
-  c.data.num_images = (64, 16, 16) if arg.size == "tiny" else None
-
-  # Record -> model inputs and labels, the same in training and evaluation (`mmjax.predict` runs
-  # pp_eval on a request); questions are cut to data.max_len tokens.
-  image = "image.decode|image.value_range(0, 1)|"
-  questions = ("text.tokenize(" + c.data.get_ref("max_len").to_str() +
-               ", key='questions', outkey='question_ids', mask_key='question_mask')")
-  labels = ("|rename(answers='answer', kinds='kind', subtypes='subtype', question_colors='color')|"
-            "keep('image', 'question_ids', 'question_mask', 'answer', 'kind', 'subtype', 'color')")
-  c.input = ml_collections.ConfigDict()
-  c.input.pp_train = image + questions + labels
-  c.input.pp_eval = image + questions + labels
+  sort_of_clevr.add_data(c, arg.size, bs)  # the data set's data and input sections, as the project's
 
   c.model = ml_collections.ConfigDict()
   # Four stride-2 convs give a 5x5 grid (the image stream is updated per question, so its length

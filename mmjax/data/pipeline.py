@@ -12,7 +12,8 @@ is reproducible and independent of worker count. The iterator is checkpointable:
 `grain.checkpoint.CheckpointSave`/`CheckpointRestore` save it with Orbax.
 
 Tasks parse `preprocess` from their config's pp strings (`config.input.pp_train` and
-`config.input.pp_eval`, `mmjax.data.pp.parse`) and build each split with `split_pipeline`.
+`config.input.pp_eval`, `mmjax.data.pp.parse`) and build each split with `split_pipeline`;
+`ConfigInput` does both for a task with a `source(split)`.
 A preprocess raising `mmjax.data.pp.SkipExample` drops that example (logged); any other error
 propagates. Batches are dicts of numpy arrays; with `worker_count > 0` the leaves are Grain
 `SharedMemoryArray`s (numpy subclasses).
@@ -28,6 +29,8 @@ import grain
 import jax
 import numpy as np
 from absl import flags, logging
+
+from mmjax.data import pp
 
 Preprocess = Callable[[dict, np.random.Generator], dict]
 
@@ -184,3 +187,23 @@ def split_pipeline(
           else dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))
   return make_pipeline(source, batch_size=batch_size, preprocess=preprocess, seed=seed,
                        shard_index=shard_index, shard_count=shard_count, **mode)
+
+
+class ConfigInput:
+  """A task's `preprocess` and `dataset` from its config: the records of `self.source(split)`
+  through `config.input.pp_train` / `pp_eval`, the text ops tokenising with `self.tokenizer`
+  (none: ops keep their own), over `split_pipeline` with `data.worker_count` workers."""
+
+  tokenizer = None
+
+  def preprocess(self, pp_string: str) -> Preprocess:
+    """The parsed pp string (the Predictor runs the config's `pp_eval` through this too)."""
+    context = {} if self.tokenizer is None else {"tokenizer": self.tokenizer}
+    return pp.parse(pp_string, **context)
+
+  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
+    i = self.config.input
+    return split_pipeline(
+        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
+        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
+        shard_count=shard_count, worker_count=self.config.data.worker_count)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import predict
-from mmjax.data import pipeline, pp
+from mmjax.data import pipeline
 from mmjax.data.datasets import av_digits
 from mmjax.metrics.classification import confusion_matrix
 from mmjax.models.classifier import MultimodalClassifier
@@ -108,7 +108,7 @@ class AvDigitsPredictor(predict.Predictor):
 
 
 @TASKS.register("av_digits")
-class AvDigitsClassification:
+class AvDigitsClassification(pipeline.ConfigInput):
   """Digit classification from a handwritten image and a spoken digit name (test voices unseen)."""
 
   best_metric = "test/accuracy"
@@ -171,14 +171,3 @@ class AvDigitsClassification:
   def source(self, split: str):
     """The raw records of `split` (random access; see `av_digits.load`)."""
     return av_digits.load(split, self.config.data.data_dir, config=self.builder_config())
-
-  def preprocess(self, pp_string: str) -> pp.Preprocess:
-    """A pp string of this task's records (the config's `input.pp_train` / `input.pp_eval`)."""
-    return pp.parse(pp_string)
-
-  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
-    i = self.config.input
-    return pipeline.split_pipeline(
-        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
-        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
-        shard_count=shard_count, worker_count=self.config.data.worker_count)

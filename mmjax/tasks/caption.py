@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import losses, predict
-from mmjax.data import pipeline, pp, scenes
+from mmjax.data import pipeline, scenes
 from mmjax.data.datasets import shapes_captions
 from mmjax.metrics.caption import CaptionMetrics, simple_tokenize
 from mmjax.models import decoding
@@ -79,7 +79,7 @@ class CaptionPredictor(predict.Predictor):
 
 
 @TASKS.register("caption_shapes")
-class ShapesCaptioning:
+class ShapesCaptioning(pipeline.ConfigInput):
   """Image captioning on shapes_captions; model "show_and_tell" or "transformer" by config.
 
   Batches (the config's pp strings make them): image (B, 75, 75, 3) float32 in [0, 1];
@@ -166,15 +166,3 @@ class ShapesCaptioning:
     """The raw records of `split` (random access; see `shapes_captions.load`)."""
     d = self.config.data
     return shapes_captions.load(split, d.data_dir, config=shapes_captions.sized_config(d.num_images))
-
-  def preprocess(self, pp_string: str) -> pp.Preprocess:
-    """A pp string of this task's records (the config's `input.pp_train` / `input.pp_eval`),
-    its text ops tokenising with the task's tokenizer."""
-    return pp.parse(pp_string, tokenizer=self.tokenizer)
-
-  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
-    i = self.config.input
-    return pipeline.split_pipeline(
-        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
-        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
-        shard_count=shard_count, worker_count=self.config.data.worker_count)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import predict
-from mmjax.data import pipeline, pp
+from mmjax.data import pipeline
 from mmjax.data.datasets import shapes_captions
 from mmjax.metrics.retrieval import recall_at_k
 from mmjax.models.dual_encoder import DualEncoder
@@ -58,7 +58,7 @@ class ClipPredictor(predict.Predictor):
     return self.run_batches("embed_texts", fn, *self.text_inputs(texts))
 
 @TASKS.register("clip_shapes")
-class ShapesCLIP:
+class ShapesCLIP(pipeline.ConfigInput):
   """Image-text contrastive learning on shapes_captions with towers "image" and "text"."""
 
   best_metric = "test/rsum"
@@ -116,15 +116,3 @@ class ShapesCLIP:
     """The raw records of `split` (random access; see `shapes_captions.load`)."""
     d = self.config.data
     return shapes_captions.load(split, d.data_dir, config=shapes_captions.sized_config(d.num_images))
-
-  def preprocess(self, pp_string: str) -> pp.Preprocess:
-    """A pp string of this task's records (the config's `input.pp_train` / `input.pp_eval`),
-    its text ops tokenising with the task's tokenizer."""
-    return pp.parse(pp_string, tokenizer=self.tokenizer)
-
-  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
-    i = self.config.input
-    return pipeline.split_pipeline(
-        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
-        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
-        shard_count=shard_count, worker_count=self.config.data.worker_count)

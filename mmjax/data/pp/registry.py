@@ -112,14 +112,7 @@ class Preprocess:
     self.skip_bad = skip_bad
 
   def __call__(self, example: Example, rng: np.random.Generator) -> Example:
-    try:
-      for op in self.ops:
-        example = op(example, rng)
-    except BadExample as e:
-      if self.skip_bad:
-        raise SkipExample(e) from e
-      raise
-    return example
+    return self._run(example, rng, partial=False)
 
   def partial(self, example: Example, rng: np.random.Generator) -> Example:
     """Runs the chain on a record that lacks some fields (a serving request has no labels).
@@ -128,11 +121,14 @@ class Preprocess:
     fields present. The ops that run are the same objects as in `__call__`, so a request's fields
     come out exactly as a full record's would.
     """
+    return self._run(example, rng, partial=True)
+
+  def _run(self, example: Example, rng: np.random.Generator, partial: bool) -> Example:
     try:
       for op in self.ops:
-        if isinstance(op, Keep):
+        if partial and isinstance(op, Keep):
           example = {k: example[k] for k in op.keys if k in example}
-        elif all(k in example for k in reads(op)):
+        elif not partial or all(k in example for k in reads(op)):
           example = op(example, rng)
     except BadExample as e:
       if self.skip_bad:

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax import losses, predict
-from mmjax.data import pipeline, pp, scenes
+from mmjax.data import pipeline, scenes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.datasets import sort_of_clevr
 from mmjax.data.pp.image import get_image
@@ -161,7 +161,7 @@ class VqaPredictor(predict.Predictor):
 # The task.
 # ---------------------------------------------------------------------------------------------
 @TASKS.register("vqa_sort_of_clevr")
-class SortOfClevrVQA:
+class SortOfClevrVQA(pipeline.ConfigInput):
   """Sort-of-CLEVR: 20 questions per image, accuracy per kind (relational / non-relational).
 
   Batches (the config's pp strings make them): image (B, 75, 75, 3) float32, question_ids and
@@ -251,18 +251,6 @@ class SortOfClevrVQA:
     """The raw records of `split` (random access; see `sort_of_clevr.load`)."""
     d = self.config.data
     return sort_of_clevr.load(split, d.data_dir, config=sort_of_clevr.sized_config(d.num_images))
-
-  def preprocess(self, pp_string: str) -> pp.Preprocess:
-    """A pp string of this task's records (the config's `input.pp_train` / `input.pp_eval`),
-    its text ops tokenising with the task's tokenizer."""
-    return pp.parse(pp_string, tokenizer=self.tokenizer)
-
-  def dataset(self, split, *, train, batch_size, shard_index, shard_count):
-    i = self.config.input
-    return pipeline.split_pipeline(
-        self.source(split), self.preprocess(i.pp_train if train else i.pp_eval), train=train,
-        batch_size=batch_size, seed=int(self.config.seed), shard_index=shard_index,
-        shard_count=shard_count, worker_count=self.config.data.worker_count)
 
 
 def _counts(correct, valid, batch) -> dict[str, Any]:

@@ -31,25 +31,19 @@ FUSION_KWARGS = {
 }
 
 
-def get_config(arg=None):
-  arg = parse_arg(arg, size="default", fusion="cross_attention", text="rnn")
-  c = ml_collections.ConfigDict()
-  c.task = "mmjax.projects.sort_of_clevr.task:vqa_sort_of_clevr"
-  c.name = f"vqa-{arg.fusion}-{arg.size}"
-  c.seed = 0
-  steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (6000, 32, 64)}[arg.size]
-
+def add_data(c: ml_collections.ConfigDict, size: str, bs: int) -> None:
+  """The data set's `data` and `input` sections (every config training on Sort-of-CLEVR VQA)."""
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.batch_size = bs  # images per step; each carries 20 questions
-  c.data.eval_batch_size = 50 if arg.size != "tiny" else 8
+  c.data.eval_batch_size = 50 if size != "tiny" else 8
   # Paraphrases need up to 32 tokens with [CLS], [SEP]; padding does not change the model's math.
   c.data.max_len = 32
   c.data.worker_count = 0
   c.data.eval_splits = ("test", "paraphrase")
   # Images per split (train, test, paraphrase); None = the full 9,800 / 200 / 200. Smaller
   # counts build a separate, smaller copy whose records equal the first ones of the full set.
-  c.data.num_images = (64, 16, 16) if arg.size == "tiny" else None
+  c.data.num_images = (64, 16, 16) if size == "tiny" else None
 
   # Record -> model inputs and labels, the same in training and evaluation; `mmjax.predict` runs
   # pp_eval on a request. Questions are cut to data.max_len tokens.
@@ -61,6 +55,17 @@ def get_config(arg=None):
   c.input = ml_collections.ConfigDict()
   c.input.pp_train = image + questions + labels
   c.input.pp_eval = image + questions + labels
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, size="default", fusion="cross_attention", text="rnn")
+  c = ml_collections.ConfigDict()
+  c.task = "mmjax.projects.sort_of_clevr.task:vqa_sort_of_clevr"
+  c.name = f"vqa-{arg.fusion}-{arg.size}"
+  c.seed = 0
+  steps, bs, width = {"tiny": (20, 8, 32), "small": (600, 32, 64), "default": (6000, 32, 64)}[arg.size]
+
+  add_data(c, arg.size, bs)
 
   c.model = ml_collections.ConfigDict()
   # Three stride-2 convs (a 10x10 grid) with sin/cos coordinates (attention can depend on offsets)

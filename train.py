@@ -5,45 +5,67 @@
       --config.optim.lr=3e-4 --workdir /tmp/vqa
 
 A workdir that already holds checkpoints is resumed from its latest step. On a multi-host TPU
-pod, run the same command on every host: `jax.distributed.initialize()` reads the environment.
+pod (or a SLURM, Open MPI or Kubernetes job), run the same command on every host: with
+--distributed=auto (the default) JAX's own cluster detection starts the distributed runtime, and
+one process trains alone where it finds no cluster; docs/tpu.md walks through a pod.
 """
 
 import json
 import logging
-import os
+import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.", required=True)
-flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: when the "
-                  "usual cluster environment variables are set).")
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':args'.",
-                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots: a local folder or a bucket URL (gs://...).", required=True)
+flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                  "Start the JAX distributed runtime: auto (when JAX's cluster detection finds a "
+                  "cluster of several processes: Cloud TPU VM, GKE, SLURM, Open MPI, Kubernetes), "
+                  "true (always: an error where there is none), false (never).", case_sensitive=False)
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, outside a cluster JAX "
+                    "detects (also read from JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+flags.DEFINE_string("config", None, "Config file, optionally with ':args'; then --config.KEY=VALUE "
+                    "overrides (mmjax.train.config.load_config: unknown keys are errors).")
 FLAGS = flags.FLAGS
+_CONFIG: list = []  # (spec, overrides) taken from the command line before absl parses the rest
 
-CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")
+
+def parse_flags(argv):
+  from mmjax.train.config import split_config_args
+
+  spec, overrides, rest = split_config_args(argv)
+  if spec is None:
+    sys.exit("train.py: --config is required (e.g. --config configs/vqa.py:size=tiny)")
+  _CONFIG[:] = [spec, overrides]
+  return FLAGS(rest)
 
 
 def main(argv):
   del argv
-  import jax
-
-  want = FLAGS.distributed
-  if want is None:
-    want = any(v in os.environ for v in CLUSTER_VARS)
-  if want:
-    jax.distributed.initialize()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  import jax
+
+  from mmjax.train import distributed
+
+  try:  # before anything else touches a JAX backend
+    distributed.start(FLAGS.distributed.lower(), coordinator_address=FLAGS.coordinator_address,
+                      num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  except distributed.StartError as e:
+    sys.exit(f"train.py: {e}")
 
   from mmjax.train import trainer
+  from mmjax.train.config import load_config
 
-  final = trainer.train(FLAGS.config, FLAGS.workdir)
+  try:
+    config = load_config(*_CONFIG)
+  except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+    sys.exit(f"train.py: config: {e}")
+  final = trainer.train(config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in final.items() if not k.startswith("train/")}, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -41,8 +41,9 @@ VOCAB, ANSWERS, IMAGE = 64, 16, (64, 64, 3)
 def model_fn(args, fusion_kwargs):
   def build(rngs):
     return VQAModel(
-        vision={"name": "small_cnn", "features": args.width, "channels": (32, 32, 32)},
-        text={"name": "rnn_text", "vocab_size": VOCAB, "features": args.width, "hidden": args.width // 2},
+        encoders={"image": {"name": "small_cnn", "features": args.width, "channels": (32, 32, 32)},
+                  "text": {"name": "rnn_text", "vocab_size": VOCAB, "features": args.width,
+                           "hidden": args.width // 2}},
         fusion="cross_attention", features=args.width, num_answers=ANSWERS, image_shape=IMAGE,
         question_len=args.question_len, head_hidden=2 * args.width, question_tokens="all",
         fusion_kwargs={"depth": 2, "num_heads": 4, "mlp_dim": 2 * args.width, **fusion_kwargs},

@@ -140,7 +140,7 @@ def build(name: str, size: Size, dtype) -> tuple[Callable[[nnx.Rngs], nnx.Module
     image = ViT(None, **size.vit, act="quick_gelu", ln_eps=1e-5, dtype=dtype, rngs=rngs)
     text = BertEncoder("bert-base", **t, act="quick_gelu", ln_eps=1e-5, pooler=False, pool="cls",
                        dropout=0.0, attn_dropout=0.0, dtype=dtype, rngs=rngs)
-    return DualEncoder(towers={"image": image, "text": text}, input_examples=examples,
+    return DualEncoder(encoders={"image": image, "text": text}, input_examples=examples,
                        embed_dim=size.embed, loss_type="clip", dtype=dtype, rngs=rngs)
 
   def loss(m, b, deterministic):

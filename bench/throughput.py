@@ -318,7 +318,7 @@ def clip_case(s: dict[str, int], attn: str | None) -> Case:
     examples = {"image": jax.ShapeDtypeStruct((1, s["image"], s["image"], 3), jnp.float32),
                 "text": (jax.ShapeDtypeStruct((1, s["seq"]), jnp.int32),
                          jax.ShapeDtypeStruct((1, s["seq"]), jnp.bool_))}
-    return DualEncoder(towers={"image": image, "text": text}, input_examples=examples,
+    return DualEncoder(encoders={"image": image, "text": text}, input_examples=examples,
                        embed_dim=s["proj"], loss_type="clip", rngs=rngs)
 
   def loss(m, b, det):

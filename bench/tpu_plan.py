@@ -63,17 +63,22 @@ def make_config(model: str, batch: int, mesh: dict[str, int], dtype: str = "bflo
   if model in ("vit_b16", "vit_l16"):
     c.task = "mmjax.train.plan_tasks:plan_image_classification"
     c.data.num_classes = 1000
-    c.model.vision = {"name": "vit", "variant": "B/16" if model == "vit_b16" else "L/16", "num_classes": 1000}
+    c.model.encoders = {"image": {"name": "vit", "variant": "B/16" if model == "vit_b16" else "L/16",
+                                  "num_classes": 1000}}
   elif model in _CLIP:
     c.task = "mmjax.train.plan_tasks:plan_clip"
     image, text, embed = _CLIP[model]
     c.data.max_len = 77
-    c.model.image, c.model.text, c.model.embed_dim = image, text, embed
+    c.model.name = "dual_encoder"
+    c.model.encoders = {"image": image, "text": text}
+    c.model.embed_dim, c.model.loss_type = embed, "clip"
   elif model == "lxmert_vqa":
     c.task = "mmjax.train.plan_tasks:plan_vqa"
     c.data.max_len, c.data.num_answers = 20, 3129
-    c.model.vision = {"name": "vit", "variant": vqa.get("vision_variant", "B/16")}
-    c.model.text = {"name": "bert", "variant": vqa.get("text_variant", "bert-base"), "max_len": 20}
+    c.model.name = "vqa"
+    c.model.encoders = {"image": {"name": "vit", "variant": vqa.get("vision_variant", "B/16")},
+                        "text": {"name": "bert", "variant": vqa.get("text_variant", "bert-base"),
+                                 "max_len": 20}}
     width = 768 if vqa.get("text_variant", "bert-base") == "bert-base" else 512
     c.model.fusion = "cross_attention"  # both streams attend to each other (LXMERT's X-layers)
     c.model.fusion_kwargs = {"depth": vqa.get("cross_layers", 5), "num_heads": width // 64,
@@ -93,7 +98,7 @@ def get_config(arg=None):
   arg = parse_arg(arg, model="vit_b16", batch=256, data=-1, fsdp=1, tensor=1, dtype="bfloat16", depth=0,
                   remat="none")
   c = make_config(arg.model, arg.batch, {"data": arg.data, "fsdp": arg.fsdp, "tensor": arg.tensor}, arg.dtype)
-  image = c.model.vision if "vision" in c.model else c.model.image
+  image = c.model.encoders.image
   if arg.depth:  # a shallower image encoder, for quick looks
     image.depth = arg.depth
   image.remat = arg.remat  # per-block jax.checkpoint policy of the image encoder: none | dots | full

@@ -47,12 +47,15 @@ def get_config(arg=None):
   c.input.pp_train = c.input.pp_eval
 
   c.model = ml_collections.ConfigDict()
-  c.model.image = {"name": "small_cnn", "features": width, "channels": (32, 64), "norm": "layer",
-                   "in_channels": 1}
-  # Waveform in, log-mel (40 bands, 25 ms / 10 ms) inside the model; the fixed normalisation is
-  # the log-mel mean and standard deviation measured on the training set (-31 dB, 16 dB).
-  c.model.audio = {"name": "audio_cnn", "features": width, "channels": (16, 32, 64), "n_mels": 40,
-                   "input_kind": "waveform", "feature_mean": -31.0, "feature_std": 16.0}
+  c.model.name = "classifier"  # mmjax.models.classifier.MultimodalClassifier
+  c.model.encoders = {
+      "image": {"name": "small_cnn", "features": width, "channels": (32, 64), "norm": "layer",
+                "in_channels": 1},
+      # Waveform in, log-mel (40 bands, 25 ms / 10 ms) inside the model; the fixed normalisation
+      # is the log-mel mean and standard deviation measured on the training set (-31 dB, 16 dB).
+      "audio": {"name": "audio_cnn", "features": width, "channels": (16, 32, 64), "n_mels": 40,
+                "input_kind": "waveform", "feature_mean": -31.0, "feature_std": 16.0},
+  }
   c.model.fusion = arg.fusion
   c.model.fusion_kwargs = {}
   c.model.features = width

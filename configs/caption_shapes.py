@@ -45,14 +45,18 @@ def get_config(arg=None):
                      "|keep('image', 'caption_ids', 'caption_mask')")
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = arg.model
-  c.model.encoder = {"name": "small_cnn", "features": width, "channels": (32, 64, 64, 64),
-                     "norm": "layer", "coords": True}
-  c.model.decoder = {
-      "transformer": {"features": width, "depth": 1 if arg.size == "tiny" else 2,
-                      "num_heads": 4, "max_len": 16, "dropout": 0.0},
-      "show_and_tell": {"features": width, "hidden": width, "dropout": 0.0},
-  }[arg.model]
+  # The decoder is the model: mmjax.models.captioner.TransformerCaptioner or ShowAndTell.
+  c.model.name = {"transformer": "transformer_captioner", "show_and_tell": "show_and_tell"}[arg.model]
+  c.model.encoders = {"image": {"name": "small_cnn", "features": width, "channels": (32, 64, 64, 64),
+                                "norm": "layer", "coords": True}}
+  c.model.features = width
+  c.model.dropout = 0.0
+  if arg.model == "transformer":
+    c.model.depth = 1 if arg.size == "tiny" else 2
+    c.model.num_heads = 4
+    c.model.max_len = 16  # positions: at least data.max_len
+  else:
+    c.model.hidden = width
 
   c.eval = ml_collections.ConfigDict()
   c.eval.decode = "greedy"  # or "beam"

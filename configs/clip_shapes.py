@@ -43,9 +43,12 @@ def get_config(arg=None):
                      "|keep('image', 'caption_ids', 'caption_mask')")
 
   c.model = ml_collections.ConfigDict()
-  c.model.image = {"name": "small_cnn", "features": width, "channels": (32, 64, 64, 64),
-                   "norm": "layer", "coords": True}
-  c.model.text = {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width}
+  c.model.name = "dual_encoder"  # mmjax.models.dual_encoder.DualEncoder
+  c.model.encoders = {  # the towers; vocab_size 0 takes the task's tokenizer's
+      "image": {"name": "small_cnn", "features": width, "channels": (32, 64, 64, 64),
+                "norm": "layer", "coords": True},
+      "text": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width},
+  }
   c.model.embed_dim = width
   c.model.loss_type = arg.loss
 

@@ -40,16 +40,20 @@ def get_config(arg=None):
   sort_of_clevr.add_data(c, arg.size, bs)  # the data set's data and input sections, as the project's
 
   c.model = ml_collections.ConfigDict()
-  # Four stride-2 convs give a 5x5 grid (the image stream is updated per question, so its length
-  # sets the cost); the cells' (x, y) make positions readable; self-attention relates the cells.
-  c.model.vision = {"name": "small_cnn", "features": width, "channels": (32, 32, 32, 32),
-                    "norm": "group", "norm_groups": 8, "coords": True, "depth": 2,
-                    "num_heads": 4, "mlp_ratio": 2}
-  # BERT's layout at a small width; vocab_size 0 takes the task's tokenizer's, max_len (positions)
-  # follows data.max_len; no pooler: the fusion reads every token.
-  c.model.text = {"name": "bert", "variant": "tiny", "vocab_size": 0, "hidden": width // 2,
-                  "depth": 2, "heads": 4, "mlp_dim": width, "max_len": c.data.get_ref("max_len"), "dropout": 0.0,
-                  "attn_dropout": 0.0, "pooler": False}
+  c.model.name = "vqa"  # mmjax.models.vqa.VQAModel
+  c.model.encoders = {
+      # Four stride-2 convs give a 5x5 grid (the image stream is updated per question, so its
+      # length sets the cost); the cells' (x, y) make positions readable; self-attention relates
+      # the cells.
+      "image": {"name": "small_cnn", "features": width, "channels": (32, 32, 32, 32),
+                "norm": "group", "norm_groups": 8, "coords": True, "depth": 2, "num_heads": 4,
+                "mlp_ratio": 2},
+      # BERT's layout at a small width; vocab_size 0 takes the task's tokenizer's, max_len
+      # (positions) follows data.max_len; no pooler: the fusion reads every token.
+      "text": {"name": "bert", "variant": "tiny", "vocab_size": 0, "hidden": width // 2, "depth": 2,
+               "heads": 4, "mlp_dim": width, "max_len": c.data.get_ref("max_len"), "dropout": 0.0,
+               "attn_dropout": 0.0, "pooler": False},
+  }
   c.model.question_tokens = "all"  # as LXMERT: the fusion reads every question token
   c.model.fusion = arg.fusion
   c.model.fusion_kwargs = FUSION_KWARGS.get(arg.fusion, {})

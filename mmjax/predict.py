@@ -7,18 +7,32 @@
   # {'caption': 'a red circle in the top left of the image', 'score': -1.9, 'log_prob': -1.9}
   Predictor.from_workdir("workdirs/av").classify("digit.png", "seven.wav")
   # {'class': 'seven', 'label': 7, 'probabilities': {'seven': 0.98, ...}}
+  clip = Predictor.from_workdir("workdirs/clip")                # a dual encoder (CLIP, SigLIP)
+  clip.zero_shot(["scene.png"], ["circle", "square"], template="a {}")
+  # [{'label': 'circle', 'probabilities': {'circle': 0.91, 'square': 0.09}}]
+  clip.retrieve(["a red circle"], ["a.png", "b.png", "c.png"], k=2)  # text -> image
+  # (indices (1, 2), scores (1, 2)): the best images first, by cosine similarity
 
   python -m mmjax.predict --workdir workdirs/vqa --image scene.png --question "..." [--json]
   python -m mmjax.predict --workdir workdirs/caption --image scene.png [--beam]
   python -m mmjax.predict --workdir workdirs/av --image digit.png --wav seven.wav
+  python -m mmjax.predict --workdir workdirs/clip --image scene.png --labels "circle,square"
+  python -m mmjax.predict --workdir workdirs/clip --text "a red circle" --gallery a.png b.png --top_k 1
+  python -m mmjax.predict --workdir workdirs/clip --image scene.png --gallery "a red circle" "two squares"
 
-The workdir is what `mmjax.train.trainer.train` writes: `config.json` and Orbax `checkpoints/`.
+The workdir is what `mmjax.train.trainer.train` writes: `config.json` and Orbax `checkpoints/`,
+in a local folder or a bucket (`--workdir gs://bucket/run`; image and wav paths may be URLs too).
 Only the parameters and model state are restored (not the optimizer state), onto the shardings
 the config's mesh gives them, so a checkpoint saved on any mesh loads on any device count.
 
 Each task owns its predict functions: its `predictor` attribute names the `Predictor` subclass
-that `from_workdir` builds (`answer` for VQA, `caption`, `classify`, ...). What they share is
-here. A request is read into the form of a record of the task's data set (an image file's bytes
+that `from_workdir` builds (`answer` for VQA, `caption`, `classify`, `zero_shot` and `retrieve`
+for a dual encoder, ...). What they share is here, with two predictors any task can name:
+`AnswerPredictor` (a VQA model over `task.answers`) and `ClassifyPredictor` (a classifier over
+`task.classes` of any of image, audio and text). On the command line each predictor takes the
+flags of its `request_fields` and `request_options`; another flag is an error naming it.
+
+A request is read into the form of a record of the task's data set (an image file's bytes
 or a uint8 array, the question string, a wav path or waveform) and preprocessed by the training
 config's eval pp string `config.input.pp_eval` (with `mmjax.data.pp.Preprocess.partial`, which
 skips the label ops a request has no fields for): the very ops that made the evaluation batches,
@@ -31,6 +45,7 @@ or recompiles.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -42,7 +57,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from mmjax import sharding
+from mmjax import io_paths, sharding
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, jax.Array]
 WavInput = Union[str, os.PathLike, np.ndarray, jax.Array]
@@ -63,20 +78,32 @@ def _tuples(x: Any) -> Any:
 
 def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The training config saved in `workdir/config.json`, with JSON lists turned back into tuples."""
-  path = os.path.join(os.fspath(workdir), "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no config.json (looked for {path!r}); "
-                            "is it a workdir written by mmjax.train.trainer.train?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  path = io_paths.as_path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no config.json (looked for "
+                            f"{os.fspath(path)!r}); is it a workdir written by mmjax.train.trainer.train?")
+  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
   """`workdir/checkpoints`; FileNotFoundError naming it when it does not exist."""
-  directory = os.path.join(os.fspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no checkpoint folder (looked for {directory!r})")
-  return directory
+  directory = io_paths.as_path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no checkpoint folder (looked for "
+                            f"{os.fspath(directory)!r})")
+  return os.fspath(directory)
+
+
+def workdir_setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+  """The trainer's `Setup` of a workdir's config, its task reading what the data decided
+  (tokenizer, answer vocabulary, classes) from `workdir` where the task keeps them there."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  from mmjax.train.trainer import Setup  # pylint: disable=g-import-not-at-top
+
+  if "workdir" in inspect.signature(Setup).parameters:
+    return Setup(config, workdir=workdir)
+  return Setup(config)
 
 
 def restore_params(setup, workdir: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], int]:
@@ -123,11 +150,16 @@ def read_image(image: ImageInput, *, field: str = "image", channels: int = 3) ->
   if channels not in (1, 3):
     raise ValueError(f"channels: expected 1 (grey) or 3 (RGB), got {channels}")
   if isinstance(image, (str, os.PathLike)):
-    path = os.fspath(image)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{field}: no image file at {path!r}")
-    with open(path, "rb") as f:
-      return f.read()
+    path = io_paths.as_path(image)
+    if not path.is_file():
+      raise FileNotFoundError(f"{field}: no image file at {os.fspath(image)!r}")
+    data = path.read_bytes()
+    try:  # the header only: a file that is not an image fails here, named, not deep in the pp ops
+      Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError) as e:
+      raise ValueError(f"{field}: {os.fspath(image)!r} is not an image file (PNG, JPEG, ...): "
+                       f"{e}") from None
+    return data
   if isinstance(image, Image.Image):
     return np.asarray(image if image.mode in _PIL_MODES else image.convert("RGBA"))
   if isinstance(image, (np.ndarray, jax.Array)):
@@ -154,16 +186,26 @@ def check_text(text: Any, field: str = "question") -> str:
 
 
 def read_wav(wav: WavInput, *, field: str = "wav") -> str | np.ndarray:
-  """A wav file path or a mono (T,) float waveform -> an audio field for the pp string's `audio.load`.
+  """A wav file path or a mono (T,) float waveform -> an audio field for the pp string's `audio.load`
+  (a bucket URL's file is read here, as bytes).
 
-  A missing file is a FileNotFoundError; a waveform that is not mono float a TypeError; an empty
-  one, or one with NaN or Inf, a ValueError; each naming `field`.
+  A missing file is a FileNotFoundError; a file that is not audio, or a waveform that is empty or
+  holds NaN or Inf, a ValueError; a waveform that is not mono float a TypeError; each naming
+  `field`.
   """
   if isinstance(wav, (str, os.PathLike)):
-    path = os.fspath(wav)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{field}: no audio file at {path!r}")
-    return path
+    import soundfile  # pylint: disable=g-import-not-at-top
+
+    path = io_paths.as_path(wav)
+    if not path.is_file():
+      raise FileNotFoundError(f"{field}: no audio file at {os.fspath(wav)!r}")
+    data = path.read_bytes() if io_paths.is_url(path) else None
+    try:  # the header only: a file that is not audio fails here, named, not deep in the pp ops
+      soundfile.info(io.BytesIO(data) if data is not None else os.fspath(wav))
+    except (soundfile.LibsndfileError, RuntimeError, ValueError) as e:
+      raise ValueError(f"{field}: {os.fspath(wav)!r} is not an audio file (WAV, FLAC, OGG): "
+                       f"{e}") from None
+    return data if data is not None else os.fspath(wav)
   if isinstance(wav, (np.ndarray, jax.Array)):
     wave = np.asarray(wav)
     if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
@@ -214,6 +256,7 @@ class Predictor:
     step: the checkpoint step served (None when built from a state in memory).
     batch_size: the fixed batch every compiled function runs on.
     request_fields: the command line's flags one request needs (e.g. image and question).
+    request_options: the other command-line flags `predict` takes (e.g. resize, beam).
 
   Args:
     setup: as above.
@@ -224,6 +267,7 @@ class Predictor:
   """
 
   request_fields: tuple[str, ...] = ()
+  request_options: tuple[str, ...] = ("resize",)
 
   def __init__(self, setup, state: dict[str, Any], *, step: int | None = None,
                batch_size: int | None = None):
@@ -245,15 +289,14 @@ class Predictor:
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None, *,
                    batch_size: int | None = None) -> "Predictor":
     """Loads `workdir`'s config and checkpoint `step` (default: best by the task's metric, else
-    latest), served by the task's `predictor` class (`Predictor` for a task without one)."""
-    from mmjax.train.trainer import Setup  # pylint: disable=g-import-not-at-top
-
-    if not os.path.isdir(os.fspath(workdir)):
+    latest), served by the task's `predictor` class (this class for a task without one, e.g.
+    `ClassifyPredictor.from_workdir(w)`)."""
+    if not io_paths.as_path(workdir).is_dir():
       raise FileNotFoundError(f"workdir {os.fspath(workdir)!r} does not exist")
     config = load_workdir_config(workdir)
     checkpoint_dir(workdir)  # fail before building anything
-    setup = Setup(config)
-    served = getattr(setup.task, "predictor", None) or Predictor
+    setup = workdir_setup(config, workdir)
+    served = getattr(setup.task, "predictor", None) or cls
     if not issubclass(served, cls):
       raise TypeError(f"{cls.__name__}.from_workdir: the workdir's task {config.task!r} is served by "
                       f"{served.__name__}")
@@ -358,6 +401,124 @@ class Predictor:
     raise NotImplementedError(f"the task {self.config.task!r} serves no command-line requests")
 
 
+class AnswerPredictor(Predictor):
+  """Answers questions about images with a VQA model (`model(images, ids, mask)` -> answer logits)
+  over the task's answer vocabulary `task.answers`.
+
+  A request is the record {"image": ..., <question field>: the question}, the field being the
+  task's `question_field` ("question" when it has none), whose eval pp string makes image,
+  question_ids and question_mask.
+  """
+
+  request_fields = ("image", "question")
+
+  @property
+  def answers(self) -> tuple[str, ...]:
+    """The answer vocabulary (index -> string)."""
+    return tuple(self.task.answers)
+
+  def answer_batch(self, images: Sequence[ImageInput], questions: Sequence[str], *,
+                   resize: bool = False) -> list[dict[str, Any]]:
+    """Answers questions[i] about images[i]; see `answer`."""
+    images = check_batch(images, "images", "answer_batch")
+    questions = check_batch(questions, "questions", "answer_batch")
+    if len(images) != len(questions):
+      raise ValueError(f"images and questions: expected the same number, got {len(images)} and "
+                       f"{len(questions)}")
+    key = getattr(self.task, "question_field", "question")
+    image_names = request_names("image", len(images))
+    question_names = request_names("question", len(questions))
+    records = [{"image": read_image(im, field=i, channels=self.image_shape[-1]), key: check_text(q, n)}
+               for im, q, i, n in zip(images, questions, image_names, question_names)]
+    x = self.preprocess(records, resize=resize, image_names=image_names)
+
+    def probabilities(model, images, ids, mask):
+      logits, _ = model(images, ids, mask)
+      return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    probs = self.run_batches("answer", probabilities, x["image"], x["question_ids"], x["question_mask"])
+    return top_classes(probs, self.answers, "answer")
+
+  def answer(self, image: ImageInput, question: str, *, resize: bool = False) -> dict[str, Any]:
+    """Answers `question` about `image` (a file path, PIL image or (H, W, C) uint8 array).
+
+    Returns {'answer': the most probable answer, 'probabilities': {answer: p} over the answer
+    vocabulary (softmax of the logits), most probable first}.
+    """
+    return self.answer_batch([image], [question], resize=resize)[0]
+
+  def predict(self, *, image, question, resize: bool = False) -> dict[str, Any]:
+    """The command line's request: `answer`."""
+    return self.answer(image, question, resize=bool(resize))
+
+
+class ClassifyPredictor(Predictor):
+  """Classifies requests of the task's modalities (`task.modalities`, some of image, audio and
+  text) with its classifier over `task.classes`; the task's `model_inputs(batch)` makes the
+  model's inputs from the eval pp string's output, as in evaluation.
+
+  A request is the record {"image": ..., "audio": ..., "text": ...} of the modalities; the
+  command line's flags are --image, --wav and --text.
+  """
+
+  FLAGS = {"image": "image", "audio": "wav", "text": "text"}  # modality -> command-line flag
+
+  @property
+  def request_fields(self) -> tuple[str, ...]:
+    return tuple(self.FLAGS[m] for m in self.task.modalities)
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    """The class names (index -> string)."""
+    return tuple(self.task.classes)
+
+  def classify_batch(self, *, images: Sequence[ImageInput] | None = None,
+                     wavs: Sequence[WavInput] | None = None, texts: Sequence[str] | None = None,
+                     resize: bool = False) -> list[dict[str, Any]]:
+    """Classifies request i of the given sequences (one per modality of the task); see `classify`."""
+    given = {"image": images, "audio": wavs, "text": texts}
+    args = {"image": "images", "audio": "wavs", "text": "texts"}
+    expected = [args[m] for m in self.task.modalities]
+    got = [args[m] for m, v in given.items() if v is not None]
+    if sorted(got) != sorted(expected):
+      raise TypeError(f"classify_batch: the task classifies {'+'.join(self.task.modalities)}: "
+                      f"expected {expected}, got {got}")
+    seqs = {m: check_batch(given[m], args[m], "classify_batch") for m in self.task.modalities}
+    n = len(next(iter(seqs.values())))
+    if any(len(v) != n for v in seqs.values()):
+      raise ValueError(f"{' and '.join(args[m] for m in seqs)}: expected the same number, got "
+                       f"{[len(v) for v in seqs.values()]}")
+    names = {m: request_names(self.FLAGS[m], n) for m in seqs}
+    read = {"image": lambda x, f: read_image(x, field=f, channels=self.image_shape[-1]),
+            "audio": lambda x, f: read_wav(x, field=f), "text": check_text}
+    records = [{m: read[m](seqs[m][i], names[m][i]) for m in seqs} for i in range(n)]
+    x = self.preprocess(records, resize=resize, image_names=names.get("image"))
+    keys = sorted(x)
+
+    def probabilities(model, *arrays):
+      logits, _ = model(self.task.model_inputs(dict(zip(keys, arrays))))
+      return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+    probs = self.run_batches("classify", probabilities, *(x[k] for k in keys))
+    return [{"class": o["class"], "label": self.classes.index(o["class"]),
+             "probabilities": o["probabilities"]} for o in top_classes(probs, self.classes, "class")]
+
+  def classify(self, *, image: ImageInput | None = None, wav: WavInput | None = None,
+               text: str | None = None, resize: bool = False) -> dict[str, Any]:
+    """Classifies one request: the task's modalities among `image` (a file path, PIL image or
+    uint8 array), `wav` (a wav file or a (T,) float waveform) and `text`.
+
+    Returns {'class': the most probable class name, 'label': its index, 'probabilities':
+    {name: p} over every class, most probable first}.
+    """
+    wrap = lambda v: None if v is None else [v]
+    return self.classify_batch(images=wrap(image), wavs=wrap(wav), texts=wrap(text), resize=resize)[0]
+
+  def predict(self, *, image=None, wav=None, text=None, resize: bool = False) -> dict[str, Any]:
+    """The command line's request: `classify`."""
+    return self.classify(image=image, wav=wav, text=text, resize=bool(resize))
+
+
 def _batch_shards(setup) -> int:
   """How many devices the batch axis is split over in `setup`'s mesh."""
   spec = sharding.logical_to_spec(("batch",), setup.rules, setup.mesh)[0]
@@ -368,28 +529,60 @@ def _batch_shards(setup) -> int:
 # ---------------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------------
+# The request flags: a task's predictor takes those of its `request_fields` and `request_options`.
+REQUEST_FLAGS = {
+    "image": dict(help="image file"),
+    "question": dict(help="question about the image (VQA)"),
+    "wav": dict(help="audio file"),
+    "text": dict(help="a text (dual encoder: to embed, or to retrieve --gallery images for)"),
+    "labels": dict(nargs="+", help="zero-shot class names for --image (dual encoder), "
+                   "comma-separated or one per argument"),
+    "template": dict(help='zero-shot prompt with {} for the label (default "a photo of {}")'),
+    "gallery": dict(nargs="+", help="retrieval gallery (dual encoder): image files for a --text "
+                    "query, texts for an --image query"),
+    "top_k": dict(type=int, help="how many gallery items to retrieve (default 5)"),
+    "beam": dict(action="store_true", help="caption with beam search (default: the config's)"),
+    "resize": dict(action="store_true", help="resize an image of another size"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m mmjax.predict --workdir W --image img.png [--question "..." | --wav a.wav] [--json]`."""
-  parser = argparse.ArgumentParser(prog="python -m mmjax.predict", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints/)")
-  parser.add_argument("--image", default=None, help="image file")
-  parser.add_argument("--question", default=None, help="question about the image (VQA)")
-  parser.add_argument("--wav", default=None, help="audio file (audio-visual classification)")
-  parser.add_argument("--beam", action="store_true", help="caption with beam search (default: the config's)")
+  """`python -m mmjax.predict --workdir W --image img.png [--question "..." | --wav a.wav | ...]`."""
+  parser = argparse.ArgumentParser(
+      prog="python -m mmjax.predict", description=__doc__.split("\n")[0],
+      epilog="Each task takes its own request flags: VQA --image --question; captioning --image "
+             "[--beam]; audio-visual classification --image --wav; a dual encoder (CLIP, SigLIP) "
+             "--image --labels (zero-shot), --text or --image with --gallery (retrieval), or "
+             "--image / --text alone (embedding).")
+  parser.add_argument("--workdir", required=True,
+                      help="training workdir (config.json + checkpoints/): a folder or a bucket URL")
+  for name, kwargs in REQUEST_FLAGS.items():
+    parser.add_argument(f"--{name}", default=None, **kwargs)
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
-  parser.add_argument("--resize", action="store_true", help="resize an image of another size")
   parser.add_argument("--top", type=int, default=5, help="how many probabilities to print")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
+  given = {f: getattr(args, f) for f in REQUEST_FLAGS if getattr(args, f) is not None}
+  if "labels" in given:  # "circle,square" or circle square
+    given["labels"] = [x.strip() for item in given["labels"] for x in item.split(",")]
   # The class the tasks subclass: under `python -m`, this module's own classes are __main__'s.
   from mmjax.predict import Predictor as served  # pylint: disable=g-import-not-at-top,import-self
   try:
     predictor = served.from_workdir(args.workdir, args.step)
-    missing = [f for f in predictor.request_fields if getattr(args, f) is None]
+    task = f"this workdir's task {predictor.config.task!r}"
+    if type(predictor).predict is served.predict:
+      raise NotImplementedError(f"{task} serves no command-line requests (its task class names no "
+                                "`predictor`)")
+    takes = predictor.request_fields + predictor.request_options
+    unknown = [f for f in given if f not in takes]
+    if unknown:
+      raise ValueError(f"--{unknown[0]}: not an option of {task} (served by "
+                       f"{type(predictor).__name__}, which takes "
+                       f"{', '.join('--' + f for f in takes) or 'no flags'})")
+    missing = [f for f in predictor.request_fields if f not in given]
     if missing:
-      raise ValueError(f"--{missing[0]} is required for this workdir's task {predictor.config.task!r}")
-    options = {"resize": args.resize, **({"beam": True} if args.beam else {})}
-    out = predictor.predict(**{f: getattr(args, f) for f in predictor.request_fields}, **options)
+      raise ValueError(f"--{missing[0]} is required for {task}")
+    out = predictor.predict(**given)
   except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as e:
     parser.exit(2, f"error: {e}\n")
   if "probabilities" in out:
@@ -401,6 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if key == "probabilities":
       for name, p in value.items():
         print(f"  {name:>12s}  {p:.4f}")
+    elif key == "results":  # retrieval: rank, gallery index, score, item
+      for r in value:
+        print(f"  #{r['rank']}  [{r['index']}]  {r['score']:.4f}  {r['item']}")
+    elif isinstance(value, list):
+      print(f"{key}: {json.dumps(value)}")
     else:
       print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
   return 0

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
@@ -62,6 +63,15 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
     logging.getLogger(__name__).warning("mesh %s uses %d of %d devices", dict(zip(names, sizes)), need, len(devices))
     devices = devices[:need]
   axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+  slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+  if slices > 1:  # multi-slice: jax.make_mesh refuses it; one axis spans the slices over the slower DCN
+    across = next((i for i, s in enumerate(sizes) if s % slices == 0), None)
+    if across is None:
+      raise ValueError(f"mesh shape {dict(zip(names, sizes))}: no axis divisible by the {slices} slices")
+    ici = [s // slices if i == across else s for i, s in enumerate(sizes)]
+    dcn = [slices if i == across else 1 for i in range(len(sizes))]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, tuple(names), axis_types=axis_types)
   return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types, devices=devices)
 
 

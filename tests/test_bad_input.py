@@ -270,7 +270,8 @@ def test_fusion_blocks(name, kind, data):
 def vqa_model():
   config = load_config(CONFIG + ":size=tiny")
   m = config.model
-  return VQAModel(vision=dict(m.vision, channels=(8, 8)), text=dict(m.text, vocab_size=40, features=8, hidden=8),
+  return VQAModel(encoders={"image": dict(m.encoders.image, channels=(8, 8)),
+                            "text": dict(m.encoders.text, vocab_size=40, features=8, hidden=8)},
                   fusion="film", fusion_kwargs={"condition": "text"}, features=8, num_answers=10,
                   image_shape=(75, 75, 3), question_len=16, head_hidden=8, rngs=nnx.Rngs(0))
 

@@ -154,16 +154,16 @@ def test_relation_network_and_cnn_mlp_run_on_the_papers_5x5_grid_and_set_wins(so
   for name, cells in (("relation", 25), ("flat_concat", 25), ("film", 100)):
     cfg = soc.model_config(name, soc.parse_args(["--models", name, "--size", "tiny", "--set", data]))
     models[name] = model = TASKS.get(cfg.task)(cfg).build_model(nnx.Rngs(0))
-    out = model.vision(jnp.zeros((1, *model.image_shape)), deterministic=True)
+    out = model.encoders["image"](jnp.zeros((1, *model.image_shape)), deterministic=True)
     assert out.tokens.shape[1] == cells, name
   # the paper's CNN+MLP: no Transformer over the grid, its 25 cells flattened into the MLP
-  assert models["film"].vision.encoder is not None  # film keeps the config's grid Transformer
+  assert models["film"].encoders["image"].encoder is not None  # film keeps the config's grid Transformer
   model = models["flat_concat"]
-  assert model.vision.encoder is None and dict(model.fusion.flatten) == {"image": 25}
+  assert model.encoders["image"].encoder is None and dict(model.fusion.flatten) == {"image": 25}
   logits, _ = model(jnp.zeros((2, *model.image_shape)), jnp.ones((2, 3, model.question_len), jnp.int32))
   assert logits.shape[:2] == (2, 3) and bool(jnp.isfinite(logits).all())
-  cfg = soc.model_config("relation", soc.parse_args(["--size", "tiny", "--set", "model.vision.channels=(8,8,8)"]))
-  assert tuple(cfg.model.vision.channels) == (8, 8, 8)
+  cfg = soc.model_config("relation", soc.parse_args(["--size", "tiny", "--set", "model.encoders.image.channels=(8,8,8)"]))
+  assert tuple(cfg.model.encoders.image.channels) == (8, 8, 8)
   with pytest.raises(SystemExit):
     soc.parse_args(["--models", "flat_concat,nope"])
 

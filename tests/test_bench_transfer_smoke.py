@@ -53,7 +53,7 @@ def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
   from mmjax.train.tasks import TASKS
   from mmjax.transfer.lora import apply_lora
 
-  config = bench.load_config(variant, "tiny", 2, "")
+  config = bench.variant_config(variant, "tiny", 2, "")
   task = TASKS.get(config.task)(config)
   assert task.tokenizer.convert_tokens_to_ids("[CLS]") == 101  # MiniLM's vocabulary
 
@@ -69,8 +69,8 @@ def test_minilm_variants_put_the_text_encoder_in_its_group(variant):
   for path, label in jax.tree_util.tree_leaves_with_path(
       optim.group_labels(params, config.optim.groups)):
     labels[optim.path_str(path).removesuffix("/value")] = label
-  text = {p: g for p, g in labels.items() if p.startswith("text/")}
-  rest = {p: g for p, g in labels.items() if not p.startswith("text/")}
+  text = {p: g for p, g in labels.items() if p.startswith("encoders/text/")}
+  rest = {p: g for p, g in labels.items() if not p.startswith("encoders/text/")}
   assert set(rest.values()) == {"default"} and rest
   groups = {g["name"]: g for g in config.optim.groups}
   if variant == "lora":
@@ -94,7 +94,7 @@ def test_minilm_question_length_truncates_no_question_of_any_split():
   from mmjax.data.datasets import sort_of_clevr
   from mmjax.transfer import minilm
 
-  config = bench.load_config("frozen", "tiny", 2, "")
+  config = bench.variant_config("frozen", "tiny", 2, "")
   tokenizer = minilm.load_tokenizer()
   for templates in (sort_of_clevr.TEMPLATES, sort_of_clevr.PARAPHRASE_TEMPLATES):
     questions = [t.format(color=c) for ts in templates.values() for t in ts for c in scenes.COLORS]
@@ -104,5 +104,5 @@ def test_minilm_question_length_truncates_no_question_of_any_split():
 
 def test_variants_run_all_their_steps_unless_a_cap_is_asked_for():
   """The default config stops at 30 minutes; the bench compares variants at equal steps."""
-  assert bench.load_config("scratch_rnn", "default", 800, "").train.max_minutes == 0
-  assert bench.load_config("scratch_rnn", "default", 800, "", 12.5).train.max_minutes == 12.5
+  assert bench.variant_config("scratch_rnn", "default", 800, "").train.max_minutes == 0
+  assert bench.variant_config("scratch_rnn", "default", 800, "", 12.5).train.max_minutes == 12.5

@@ -23,7 +23,8 @@ CAPTIONS = [[3, 7], [4, 8], [5, 7, 9], [6]]
 class TinyEncoder(nnx.Module):
   """4x4 patches of (B, 8, 8, 3) images -> 4 tokens; the last is masked where pixel (0, 0, 1) < 0."""
 
-  def __init__(self, features: int, *, rngs: nnx.Rngs):
+  def __init__(self, features: int, *, dtype=None, rngs: nnx.Rngs):
+    del dtype  # float32: built by name, encoders get the model's compute dtype
     self.patch = PatchEmbed(4, 3, features, rngs=rngs)
 
   def __call__(self, images, *, deterministic=True):
@@ -41,7 +42,8 @@ if "test_captioner_tiny" not in ENCODERS:
 def make(kind, encoder=None, cls=None, **kw):
   """The tiny captioner of `kind` ("transformer" or "lstm") used throughout."""
   encoder = encoder or TinyEncoder(ENC_D, rngs=nnx.Rngs(1))
-  common = dict(encoder=encoder, encoder_features=ENC_D, features=16, rngs=nnx.Rngs(0), **kw)
+  common = {"encoders": {"image": encoder}, "image_shape": (8, 8, 3), "features": 16,
+            "rngs": nnx.Rngs(0), **kw}
   if kind == "transformer":
     return (cls or TransformerCaptioner)(V, depth=2, num_heads=2, max_len=8, **common)
   return (cls or ShowAndTell)(V, **common)
@@ -215,14 +217,17 @@ def test_decoding_on_a_mesh_matches_one_device():
 
 
 def test_encoder_by_name_and_input_errors():
-  model = TransformerCaptioner(V, encoder="test_captioner_tiny", encoder_kwargs={"features": ENC_D},
-                               encoder_features=ENC_D, features=16, depth=2, num_heads=2,
+  model = TransformerCaptioner(V, encoders={"image": {"name": "test_captioner_tiny", "features": ENC_D}},
+                               image_shape=(8, 8, 3), features=16, depth=2, num_heads=2,
                                max_len=8, rngs=nnx.Rngs(0))
-  assert isinstance(model.encoder, TinyEncoder)
-  with pytest.raises(ValueError, match="encoder_kwargs"):
-    make("lstm", encoder_kwargs={"features": 4})
+  assert isinstance(model.encoders["image"], TinyEncoder)
+  assert model.layers[0].cross_attn.key.kernel.shape[0] == ENC_D  # the encoder's width, read off it
+  with pytest.raises(ValueError, match=r"encoders: expected one encoder spec per modality \['image'\]"):
+    make("lstm", encoders={"text": {"name": "test_captioner_tiny", "features": 4}})
   with pytest.raises(TypeError, match="encoder"):
     make("lstm", encoder=lambda x: x)
+  with pytest.raises(ValueError, match="image_shape"):
+    make("lstm", image_shape=(8, 8))
   with pytest.raises(ValueError, match="tokens"):
     model(images(0), np.zeros((4,), np.int32))
   with pytest.raises(TypeError, match="tokens"):

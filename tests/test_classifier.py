@@ -10,8 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
+from mmjax.models import MODELS
 from mmjax.models.classifier import MultimodalClassifier
-from mmjax.models.vqa import MODELS
 
 C, B, F, M = 4, 8, 16, 8  # classes, batch, audio frames, mel bands
 WEIGHTS = {"fused": 1.0, "image": 0.3, "audio": 0.5}
@@ -186,6 +186,11 @@ def test_bad_construction_and_inputs_are_rejected():
                                                 rngs=nnx.Rngs(0)))
   plain = nnx.eval_shape(lambda: MultimodalClassifier(**kw, rngs=nnx.Rngs(0)))
   assert len(plain.aux_heads) == 0 and plain.loss_weights == {"fused": 1.0}
+  # Built and fused image first whatever the dict's order (a ConfigDict sorts "audio" first).
+  assert plain.names == ("image", "audio") and list(ENCODERS) == ["image", "audio"]
+  backwards = {"audio": ENCODERS["audio"], "image": ENCODERS["image"]}
+  assert nnx.eval_shape(lambda: MultimodalClassifier(**{**kw, "encoders": backwards},
+                                                     rngs=nnx.Rngs(0))).names == ("image", "audio")
   inputs, _ = batch(0)
   with pytest.raises(ValueError, match=r"presence\['audio'\]: expected shape \(B,\) = \(8,\)"):
     plain(inputs, {"audio": jnp.ones(3, bool)})

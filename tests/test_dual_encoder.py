@@ -12,8 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import losses, sharding
 from mmjax.metrics.retrieval import recall_at_k
-from mmjax.models.dual_encoder import DualEncoder
-from mmjax.models.vqa import MODELS
+from mmjax.models import MODELS
+from mmjax.models.dual_encoder import DualEncoder, l2_normalize
 
 K, E, HW, L = 8, 8, 16, 4  # classes, embedding width, image side, text length
 TOWERS = {
@@ -37,7 +37,7 @@ def batch(labels, seed):
 
 def build(loss_type, seed=0):
   # "rbg" keys: the same model, with initialisers several times cheaper to compile on CPU.
-  return MODELS.build("dual_encoder", towers=TOWERS, input_examples=EXAMPLES, embed_dim=E,
+  return MODELS.build("dual_encoder", encoders=TOWERS, input_examples=EXAMPLES, embed_dim=E,
                       loss_type=loss_type, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
 
 
@@ -120,7 +120,7 @@ def test_embeddings_are_unit_norm_and_the_loss_is_mmjax_losses(loss_type):
 def test_gradients_reach_both_towers_and_the_temperature(trained, loss_type):
   g = trained["grads"]
   for tower in ("image", "text"):
-    leaves = jax.tree.leaves(g["towers"][tower]) + jax.tree.leaves(g["proj"][tower])
+    leaves = jax.tree.leaves(g["encoders"][tower]) + jax.tree.leaves(g["proj"][tower])
     assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
     assert max(float(jnp.abs(x).max()) for x in leaves) > 0, tower
   assert float(jnp.abs(g["log_scale"][...])) > 0
@@ -153,11 +153,11 @@ def test_sharded_loss_equals_one_device():
 
 def test_bad_construction_and_inputs_are_rejected():
   with pytest.raises(ValueError, match="exactly two"):
-    DualEncoder(towers={"image": TOWERS["image"]}, input_examples=EXAMPLES, embed_dim=E, rngs=nnx.Rngs(0))
+    DualEncoder(encoders={"image": TOWERS["image"]}, input_examples=EXAMPLES, embed_dim=E, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="loss_type"):
-    DualEncoder(towers=TOWERS, input_examples=EXAMPLES, embed_dim=E, loss_type="nce", rngs=nnx.Rngs(0))
+    DualEncoder(encoders=TOWERS, input_examples=EXAMPLES, embed_dim=E, loss_type="nce", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="input_examples"):
-    DualEncoder(towers=TOWERS, input_examples={"image": EXAMPLES["image"]}, embed_dim=E, rngs=nnx.Rngs(0))
+    DualEncoder(encoders=TOWERS, input_examples={"image": EXAMPLES["image"]}, embed_dim=E, rngs=nnx.Rngs(0))
   model = nnx.eval_shape(lambda: build("clip"))
   with pytest.raises(ValueError, match="missing embeddings of tower"):
     model.loss({"image": jnp.zeros((2, E))})
@@ -165,3 +165,32 @@ def test_bad_construction_and_inputs_are_rejected():
     model({"audio": jnp.zeros((2, 3))})
   with pytest.raises(ValueError, match=r"a: expected embeddings of shape \(N, 8\)"):
     model.similarity(jnp.zeros((2, 3)), jnp.zeros((2, E)))
+
+
+def test_without_projection_the_towers_output_the_shared_space():
+  """projection=False: no projection parameters, and the embeddings are the towers' own pooled
+  vectors normalised (as SigLIP's towers with their heads); a tower of another width is refused."""
+  towers = {"image": dict(TOWERS["image"], features=E), "text": dict(TOWERS["text"], hidden=E)}  # pooled: E
+  model = DualEncoder(encoders=towers, input_examples=EXAMPLES, embed_dim=E, projection=False,
+                      loss_type="siglip", rngs=nnx.Rngs(0))
+  assert model.proj is None
+  paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert not any(p.startswith("proj") for p in paths) and "encoders/image/proj/kernel" in paths
+  inputs = batch(np.arange(4), seed=1)
+  emb, aux = forward(model, inputs)[:2]
+  for m in ("image", "text"):
+    np.testing.assert_allclose(np.asarray(emb[m]), np.asarray(l2_normalize(aux["pooled"][m])), atol=1e-6)
+  with pytest.raises(ValueError, match=r"projection=False: each tower's pooled width must equal embed_dim=8"):
+    DualEncoder(encoders=TOWERS, input_examples=EXAMPLES, embed_dim=E, projection=False, rngs=nnx.Rngs(0))
+
+
+def test_tower_order_does_not_follow_the_dict_order():
+  """ConfigDict sorts keys, so the towers are built and ordered image before text whatever order
+  the dict lists them in: the same parameters, the images as the rows."""
+  make = lambda towers: nnx.state(DualEncoder(encoders=towers, input_examples=EXAMPLES, embed_dim=E,
+                                              rngs=nnx.Rngs(0)), nnx.Param)
+  reverse = {"text": TOWERS["text"], "image": TOWERS["image"]}
+  a, b = make(TOWERS), make(reverse)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  built = DualEncoder(encoders=reverse, input_examples=EXAMPLES, embed_dim=E, rngs=nnx.Rngs(0))
+  assert built.names == ("image", "text")

@@ -50,7 +50,7 @@ MODULES = sorted(FILES)
 REGISTRIES = {
     "ENCODERS": ("mmjax.encoders.base", "vit"),
     "FUSIONS": ("mmjax.fusion.base", "gated"),
-    "MODELS": ("mmjax.models.vqa", "dual_encoder"),
+    "MODELS": ("mmjax.models.base", "dual_encoder"),
     "PP_OPS": ("mmjax.data.pp.registry", "audio.log_mel"),
     "TASKS": ("mmjax.train.tasks", "caption_shapes"),
 }

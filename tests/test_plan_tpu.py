@@ -182,7 +182,7 @@ def test_cross_slice_collectives(libtpu):
   (it runs over the data-centre network) and one over fsdp is not."""
   devices = topology.topology_devices("v5e:2x2", num_slices=2)
   assert len(devices) == 8
-  mesh = topology.make_mesh({"data": 2, "fsdp": -1}, devices, num_slices=2)
+  mesh = topology.make_mesh({"data": 2, "fsdp": -1}, devices)
   slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
   assert (slices == np.arange(2)[:, None]).all()  # data index = slice
   x = jax.ShapeDtypeStruct((8, 1024), jnp.float32, sharding=NamedSharding(mesh, P("data", "fsdp")))

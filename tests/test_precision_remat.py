@@ -23,7 +23,7 @@ from flax import nnx
 from mmjax.encoders.text import BertEncoder
 from mmjax.encoders.vision import SmallCNN, ViT
 from mmjax.layers import REMAT_POLICIES, layer_norm
-from mmjax.models.vqa import build_encoder
+from mmjax.models.base import build_encoder
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

@@ -1,4 +1,5 @@
-"""Inference from a trained workdir: answers agree with the trainer's eval path, errors, no retracing, CLI."""
+"""Inference from a trained workdir: answers agree with the trainer's eval path, errors, no retracing, CLI;
+the generic predictors of your own data's VQA and classification tasks."""
 
 import json
 import os
@@ -52,8 +53,8 @@ def test_split(predictor):
 def test_restores_config_and_best_step(workdir, predictor):
   assert predictor.step == 2 and isinstance(predictor, VqaPredictor)  # the task's predictor class
   assert predictor.config.data.eval_splits == ("test",)  # JSON lists back to tuples
-  expected = load_config(CONFIG + ":size=tiny").model.vision.channels
-  assert isinstance(expected, tuple) and predictor.config.model.vision.channels == expected
+  expected = load_config(CONFIG + ":size=tiny").model.encoders.image.channels
+  assert isinstance(expected, tuple) and predictor.config.model.encoders.image.channels == expected
   assert predictor.answers == sort_of_clevr.ANSWERS
   assert set(predictor.state) == {"params", "model_state"}  # no optimizer state in memory
 
@@ -172,3 +173,118 @@ def test_attention_figure_from_predictor(predictor, test_split):
   fig = viz.vqa_attention_figure(predictor, record["image"], record["questions"][0].decode(), size_px=300)
   pixels = viz.figure_to_array(fig)
   assert pixels.shape == (300, 300, 3) and pixels.var() > 0
+
+
+def test_cli_options_of_another_task_and_files_of_the_wrong_kind(workdir, test_split, tmp_path, capsys):
+  record = test_split[1][0]
+  image = tmp_path / "scene.png"
+  Image.fromarray(record["image"]).save(image)
+  notes = tmp_path / "notes.txt"
+  notes.write_text("not an image, not audio\n")
+
+  def cli_error(*args):
+    with pytest.raises(SystemExit) as e:
+      predict.main(["--workdir", workdir, *args])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+  err = cli_error("--image", str(image), "--question", "What shape is the red object?", "--beam")
+  assert err.startswith("error: --beam: not an option of this workdir's task") and "VqaPredictor" in err
+  assert "--image, --question, --resize" in err
+  err = cli_error("--image", str(notes), "--question", "What shape is the red object?")
+  assert f"error: image: {str(notes)!r} is not an image file" in err and "Traceback" not in err
+  with pytest.raises(ValueError, match=r"^images\[1\]: .* is not an image file"):
+    predict.read_image(str(notes), field="images[1]")
+  with pytest.raises(ValueError, match=r"^wav: .*notes.txt' is not an audio file \(WAV, FLAC, OGG\)"):
+    predict.read_wav(str(notes))
+
+
+# ---------------------------------------------------------------------------------------------
+# The generic predictors of your own data's tasks: answer (configs/vqa_open.py) and classify
+# (configs/classify.py), each served as its evaluation computes.
+# ---------------------------------------------------------------------------------------------
+COLORS = {"red": (220, 30, 30), "green": (30, 190, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+REPO = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _user_data(root, n=16):
+  """n one-shape PNGs and wavs (pitch by shape) with their rows: image, wav, question, answers,
+  text, label."""
+  import soundfile
+
+  rows = []
+  for i in range(n):
+    color, shape = list(COLORS)[i % 4], ("square", "circle")[i // 4 % 2]
+    yy, xx = np.mgrid[:40, :40] - 20
+    inside = np.maximum(abs(yy), abs(xx)) < 10 if shape == "square" else yy ** 2 + xx ** 2 < 100
+    pixels = np.full((40, 40, 3), 255, np.uint8)
+    pixels[inside] = COLORS[color]
+    Image.fromarray(pixels).save(root / f"{i}.png")
+    t = np.arange(8000) / 16000
+    soundfile.write(root / f"{i}.wav", (0.5 * np.sin(2 * np.pi * (300 if shape == "square" else 600) * t)
+                                         ).astype(np.float32), 16000)
+    rows.append({"image": f"{i}.png", "audio": f"{i}.wav", "question": f"what color is the {shape}?",
+                 "answers": [color] * 9 + [f"dark {color}"], "text": f"a {color} thing", "label": shape})
+  path = root / "data.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path, rows
+
+
+def _served_equals_evaluated(p, name, batch, probabilities, logits_fn):
+  """The predictor's probabilities equal the softmax of the model's logits on the eval batch."""
+  with p.context():
+    logits = np.asarray(jax.jit(logits_fn)(p.model, batch))
+  expected = np.exp(logits - logits.max(-1, keepdims=True))
+  expected /= expected.sum(-1, keepdims=True)
+  got = np.array([[o["probabilities"][a] for a in name] for o in probabilities])
+  np.testing.assert_allclose(got, expected[:len(got)], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def user_workdirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("user_data")
+  path, rows = _user_data(root)
+  out = {"rows": rows, "root": root}
+  overrides = [f"input.train={path}", f"input.eval={path}", "train.steps=2", "train.eval_every=2",
+               "train.checkpoint_every=2"]
+  for kind, spec in (("vqa", "vqa_open.py:size=tiny"),
+                     ("classify", "classify.py:size=tiny,modality=image+audio+text")):
+    config = load_config(os.path.join(REPO, "configs", spec), overrides)
+    out[kind] = str(tmp_path_factory.mktemp(kind))
+    trainer.train(config, out[kind], progress=False)
+  return out
+
+
+def test_answer_predictor_serves_a_vqa_open_workdir(user_workdirs, capsys):
+  wd, rows, root = user_workdirs["vqa"], user_workdirs["rows"], user_workdirs["root"]
+  p = predict.Predictor.from_workdir(wd)  # the task's own predictor, as the CLI takes it
+  assert isinstance(p, predict.AnswerPredictor) and p.answers[:4] == ("blue", "green", "red", "yellow")
+  batch = next(iter(p.task.dataset("eval", train=False, batch_size=8, shard_index=0, shard_count=1)))
+  out = p.answer_batch([str(root / r["image"]) for r in rows[:8]], [r["question"] for r in rows[:8]])
+  _served_equals_evaluated(p, p.answers, batch, out,
+                           lambda m, b: m(b["image"], b["question_ids"], b["question_mask"])[0])
+  image = str(root / rows[1]["image"])
+  assert predict.main(["--workdir", wd, "--image", image, "--question", rows[1]["question"], "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["answer"] == p.answer(image, rows[1]["question"])["answer"]
+
+
+def test_classify_predictor_serves_an_image_audio_text_workdir(user_workdirs, capsys):
+  wd, rows, root = user_workdirs["classify"], user_workdirs["rows"], user_workdirs["root"]
+  p = predict.Predictor.from_workdir(wd)  # the task's own predictor, as the CLI takes it
+  assert p.request_fields == ("image", "wav", "text") and p.classes == ("circle", "square")
+  batch = next(iter(p.task.dataset("eval", train=False, batch_size=8, shard_index=0, shard_count=1)))
+  out = p.classify_batch(images=[str(root / r["image"]) for r in rows[:8]],
+                         wavs=[str(root / r["audio"]) for r in rows[:8]], texts=[r["text"] for r in rows[:8]])
+  _served_equals_evaluated(p, p.classes, batch, out, lambda m, b: m(p.task.model_inputs(b))[0])
+  args = ["--image", str(root / rows[2]["image"]), "--wav", str(root / rows[2]["audio"]),
+          "--text", rows[2]["text"]]
+  assert predict.main(["--workdir", wd, *args, "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["probabilities"] == out[2]["probabilities"]
+  with pytest.raises(SystemExit):
+    predict.main(["--workdir", wd, *args[:4]])
+  assert "--text is required" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    predict.main(["--workdir", wd, *args[:2], "--wav", str(root / "data.jsonl"), *args[4:]])
+  assert f"wav: {str(root / 'data.jsonl')!r} is not an audio file" in capsys.readouterr().err
+  with pytest.raises(TypeError, match=r"expected \['images', 'wavs', 'texts'\], got \['images'\]"):
+    p.classify_batch(images=[str(root / rows[0]["image"])])

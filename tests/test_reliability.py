@@ -380,3 +380,16 @@ def test_bf16_compute_keeps_f32_master_weights(tmp_path):
   assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype(np.float32)}
   assert toy_setup.model(state)(jnp.ones((2, 8)), False).dtype == jnp.bfloat16
   assert held_out_loss(state) < 0.8 * before
+
+
+@pytest.mark.parametrize("scores, kept", [
+    ((0.9, 0.8, 0.7), [1, 2, 3]),  # the step just saved scored lower: still kept (resume never goes back)
+    ((0.9, 0.8, None, 0.7, None, 0.6, None), [1, 6, 7]),  # steps saved without metrics do not pile up
+    ((0.5, 0.6, 0.4, 0.3), [2, 3, 4]),
+])
+def test_keeps_the_last_steps_and_the_best(tmp_path, scores, kept):
+  ck = Checkpointer(str(tmp_path / "checkpoints"), keep=2, best_metric="acc", async_save=False)
+  for step, score in enumerate(scores, 1):
+    ck.save(step, {"x": np.full(3, step, np.float32)}, metrics=None if score is None else {"acc": score})
+  assert ck.all_steps() == kept
+  assert ck.best_step() == 1 + int(np.argmax([-1 if s is None else s for s in scores]))

@@ -37,9 +37,9 @@ def _run(args, devices=1, slow=0.0, train=None):
   return proc
 
 
-def _finish(proc):
+def _finish(proc, timeout=300):
   """Waits for a toy run; its FINAL summary (step, preempted, resumed_from, first_batch)."""
-  proc.wait(300)
+  proc.wait(timeout)
   proc.log.seek(0)
   out = proc.log.read()
   assert proc.returncode == 0, out[-3000:]
@@ -108,3 +108,76 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(_logged(two, key), _logged(one, key), rtol=1e-5, err_msg=key)
   assert_states_close(_final_state(two, steps)[1], _final_state(one, steps)[1])
   assert _logged(one, "test/accuracy") == _logged(two, "test/accuracy")
+
+
+def _pair(workdir, steps, slow=0.0, train=None, train_1=None):
+  """Two jax.distributed processes, one device each, training `workdir` together (`train_1`:
+  process 1's train settings where they differ)."""
+  port = _free_port()
+  return [_run([workdir, steps, i, 2, port], slow=slow, train=train_1 if i and train_1 else train)
+          for i in range(2)]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+  """SIGTERM reaches process 1 only: both processes stop at the same step, save that one
+  checkpoint together and exit 0 within the grace; resumed, the run equals the uninterrupted one
+  bit for bit (both runs on two processes)."""
+  steps, grace = 16, 30
+  train = {"checkpoint_every": 5, "preemption_grace_s": grace}
+  straight = _pair(tmp_path / "a", steps, train=train)
+  cut = _pair(tmp_path / "b", steps, slow=0.3, train=train)
+  ckdir = tmp_path / "b" / "checkpoints"
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckdir / "5").exists() and all(p.poll() is None for p in cut):
+      time.sleep(0.05)
+    sent = time.time()
+    os.kill(cut[1].pid, signal.SIGTERM)
+    for p in cut:  # without an agreed stop, one process waits in a collective for the other
+      try:
+        p.wait(max(1, sent + grace + 30 - time.time()))
+      except subprocess.TimeoutExpired:
+        p.log.seek(0)
+        raise AssertionError(f"process still running {grace + 30} s after the SIGTERM:\n"
+                             + p.log.read()[-3000:]) from None
+    took = time.time() - sent
+    finals = [_finish(p) for p in cut]
+    for p in straight:
+      _finish(p)
+  finally:
+    for p in (*straight, *cut):
+      if p.poll() is None:
+        p.kill()
+  logs = []
+  for p in cut:
+    p.log.seek(0)
+    logs.append(p.log.read())
+  assert took < grace, f"exit took {took:.1f} s, more than train.preemption_grace_s={grace}"
+  stopped = finals[0]["step"]
+  assert finals[0] == finals[1] and finals[0]["preempted"], finals
+  assert 5 <= stopped < steps and max(int(d) for d in os.listdir(ckdir) if d.isdigit()) == stopped
+  assert "SIGTERM on another process" in logs[0] and "SIGTERM on another process" not in logs[1]
+  assert all(f"SIGTERM: saved step {stopped}, exiting" in out for out in logs)
+  resumed = [_finish(p) for p in _pair(tmp_path / "b", steps, train=train)]
+  assert all(r["resumed_from"] == r["first_batch"] == stopped and not r["preempted"] for r in resumed)
+  sa, a, da = _final_state(tmp_path / "a", steps)
+  sb, b, db = _final_state(tmp_path / "b", steps)
+  assert sa == sb == steps and da == db
+  assert_states_equal(a, b)
+
+
+def test_max_minutes_on_process_0_stops_both_processes(tmp_path):
+  """Process 0's clock decides train.max_minutes (process 1 here has no budget at all): both stop
+  at the same early step, save it and return normally."""
+  steps = 16
+  two = _pair(tmp_path, steps, slow=0.3, train={"max_minutes": 0.05, "checkpoint_every": 100},
+              train_1={"checkpoint_every": 100})
+  try:
+    finals = [_finish(p, 120) for p in two]  # without agreement process 1 waits for process 0
+  finally:
+    for p in two:
+      if p.poll() is None:
+        p.kill()
+  stopped = finals[0]["step"]
+  assert finals[0] == finals[1] and not finals[0]["preempted"] and stopped < steps, finals
+  assert max(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == stopped

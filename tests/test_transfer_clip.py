@@ -69,8 +69,8 @@ def _params(model):
 
 @nnx.jit
 def _forward(model, images, ids, mask):
-  image, image_hidden = model.towers["image"](images, return_hidden=True)
-  text, text_hidden = model.towers["text"](ids, mask, return_hidden=True)
+  image, image_hidden = model.encoders["image"](images, return_hidden=True)
+  text, text_hidden = model.encoders["text"](ids, mask, return_hidden=True)
   emb, aux = model({"image": images, "text": (ids, mask)})
   logits_per_image = aux["logit_scale"] * emb["image"] @ emb["text"].T
   return image, image_hidden, text, text_hidden, emb, logits_per_image
@@ -104,8 +104,8 @@ def test_clip_matches_pytorch_layer_by_layer(hf_dir, pixels):
   ref = CLIPModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
   want = _torch_run(ref, pixels)
   model = load_clip(hf_dir)
-  assert isinstance(model.towers["image"], ViT) and isinstance(model.towers["text"], ClipTextEncoder)
-  assert model.towers["image"].spec.act == "quick_gelu" and model.towers["text"].spec.eos_id == EOS
+  assert isinstance(model.encoders["image"], ViT) and isinstance(model.encoders["text"], ClipTextEncoder)
+  assert model.encoders["image"].spec.act == "quick_gelu" and model.encoders["text"].spec.eos_id == EOS
   image, image_hidden, text, text_hidden, emb, logits = _forward(
       model, pixels.transpose(0, 2, 3, 1), IDS.astype(np.int32), MASK.astype(bool))
   ours = {f"image hidden state {i}": h for i, h in enumerate(image_hidden)}
@@ -133,7 +133,7 @@ def test_built_module_follows_the_hf_config(hf_dir):
   """Every LayerNorm's eps, every feed-forward activation and the position scheme are HF's."""
   cfg = CLIPConfig.from_pretrained(hf_dir)
   model = load_clip(hf_dir)
-  image, text = model.towers["image"], model.towers["text"]
+  image, text = model.encoders["image"], model.encoders["text"]
   v, t = cfg.vision_config, cfg.text_config
   assert (t.hidden_act, t.layer_norm_eps) == ("gelu", 1e-5)
   assert (v.hidden_act, v.layer_norm_eps) == ("quick_gelu", 1e-6)
@@ -162,8 +162,8 @@ def test_legacy_eos_id_pools_at_the_largest_id(hf_dir, tmp_path):
   with torch.no_grad():
     want = ref.text_model(input_ids=torch.from_numpy(ids))
   model = load_clip(tmp_path)
-  assert model.towers["text"].spec.eos_id is None
-  got = nnx.jit(lambda m, i: m(i).pooled)(model.towers["text"], ids.astype(np.int32))
+  assert model.encoders["text"].spec.eos_id is None
+  got = nnx.jit(lambda m, i: m(i).pooled)(model.encoders["text"], ids.astype(np.int32))
   _close(got, want.pooler_output.numpy(), "legacy pooled")
   last = want.last_hidden_state.numpy()
   _close(got, last[[0, 1], [3, 1]], "legacy pooled = the largest id's token")

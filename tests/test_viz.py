@@ -129,9 +129,9 @@ def test_grouped_bars_heights_are_the_values(tmp_path):
 
 
 def tiny_vqa(fusion, **fusion_kwargs):
-  return VQAModel(vision={"name": "small_cnn", "features": 16, "channels": (8, 8, 8, 8), "norm": "layer",
-                          "coords": True},
-                  text={"name": "rnn_text", "vocab_size": 30, "features": 16, "hidden": 8},
+  return VQAModel(encoders={"image": {"name": "small_cnn", "features": 16, "channels": (8, 8, 8, 8),
+                                     "norm": "layer", "coords": True},
+                            "text": {"name": "rnn_text", "vocab_size": 30, "features": 16, "hidden": 8}},
                   fusion=fusion, fusion_kwargs=fusion_kwargs, features=16, num_answers=10,
                   image_shape=(75, 75, 3), question_len=8, rngs=nnx.Rngs(0))
 
@@ -184,8 +184,8 @@ def test_single_stream_attention_matches_explicit_softmax(inputs):
     got = [viz.question_image_attention(model, images, ids, mask, layer=layer)[0] for layer in (0, -1)]
     # The [CLS] row of softmax(q k^T / sqrt(d)) over the joint sequence [CLS, image, text].
     f = model.fusion
-    img = model.vision(images).tokens
-    txt = model.text(ids, mask).tokens
+    img = model.encoders["image"](images).tokens
+    txt = model.encoders["text"](ids, mask).tokens
     h = jnp.concatenate([jnp.broadcast_to(f.cls[...], (2, 1, 16)), f.modality_embed(f.proj["image"](img), 0),
                          f.modality_embed(f.proj["text"](txt), 1)], axis=1)
     h = f.embed_norm(h)
@@ -275,9 +275,9 @@ def test_trained_attention_peaks_on_the_named_object():
     return jnp.asarray(np.stack(images)), jnp.asarray(ids, jnp.int32), np.stack(answers), np.stack(covers)
 
   model = VQAModel(
-      vision={"name": "small_cnn", "features": 32, "channels": (16, 16, 16), "norm": "group",
-              "norm_groups": 4, "coords": True},
-      text={"name": "rnn_text", "vocab_size": n_colors + 1, "features": 32, "hidden": 16},
+      encoders={"image": {"name": "small_cnn", "features": 32, "channels": (16, 16, 16), "norm": "group",
+                          "norm_groups": 4, "coords": True},
+                "text": {"name": "rnn_text", "vocab_size": n_colors + 1, "features": 32, "hidden": 16}},
       fusion="cross_attention", fusion_kwargs={"update": ("text",), "depth": 1, "norm": "pre", "qk_scale": 4.0},
       question_tokens="pooled", features=32, num_answers=4, image_shape=(size, size, 3),
       question_len=1, head_hidden=32, rngs=nnx.Rngs(SEED))

@@ -1,11 +1,13 @@
 """A config value reaches its module unchanged.
 
-Each VQA config (the zoo's LXMERT-style configs/vqa.py and the Sort-of-CLEVR project's) is built
-by its task as the trainer builds it, and every value of `config.model` (each key of the encoder
-specs and of `fusion_kwargs` included), the question length and the tokenizer's vocabulary are
-read back off the built module tree: parameter shapes, layer counts, dropout rates, the attributes
-the forward pass reads. A task, model or encoder that drops a key for a default of its own fails;
-so does a config key this file has no reader for (add one below).
+Every task config of the zoo (VQA, CLIP/SigLIP, both captioners, audio-visual digits) and of the
+Sort-of-CLEVR project is built by its task as the trainer builds it, and every value of
+`config.model` (each key of each encoder spec and of `fusion_kwargs` included) and the sizes the
+data gives (question length, the tokenizer's vocabulary, the classes) are read back off the built
+module tree: parameter shapes, layer counts, dropout rates, the attributes the forward pass reads.
+A task, model or encoder that drops a key for a default of its own fails; so does a config key
+this file has no reader for (add one below). Each key is also moved off its constructor's default
+by some case, so that a dropped key shows.
 """
 
 import dataclasses
@@ -19,17 +21,27 @@ import pytest
 from flax import nnx
 
 from mmjax.encoders import ENCODERS
+from mmjax.encoders.audio import AudioCNN
 from mmjax.encoders.text import BERT_VARIANTS, BertEncoder, BertSpec, RnnTextEncoder
 from mmjax.encoders.vision import SmallCNN
 from mmjax.fusion import FUSIONS
 from mmjax.fusion.cross_attention import CrossAttentionFusion
 from mmjax.layers.transformer import EncoderBlock
+from mmjax.models import MODELS
+from mmjax.models.captioner import ShowAndTell, TransformerCaptioner
+from mmjax.models.classifier import MultimodalClassifier
+from mmjax.models.dual_encoder import DualEncoder
+from mmjax.models.vqa import VQAModel
+from mmjax.projects.sort_of_clevr.model import UniqueQuestionsVQA
 from mmjax.train.config import load_config
 from mmjax.train.tasks import TASKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ZOO = "configs/vqa.py"
 PROJECT = "mmjax/projects/sort_of_clevr/configs/vqa.py"
+CLIP = "configs/clip_shapes.py"
+CAPTION = "configs/caption_shapes.py"
+AV = "configs/av_digits.py"
 
 
 def _one(values, what):
@@ -113,6 +125,15 @@ def read_rnn_text(m: RnnTextEncoder) -> dict:
           "embed_skip": m.skip is not None, "dropout": m.dropout.rate}
 
 
+def read_audio_cnn(m: AudioCNN) -> dict:
+  convs = [stage.conv for stage in m.stages]
+  assert convs[0].kernel.shape[2] == 1 and all(
+      a.kernel.shape[-1] == b.kernel.shape[2] for a, b in zip(convs, convs[1:]))
+  return {"features": m.proj.kernel.shape[1], "channels": tuple(c.kernel.shape[-1] for c in convs),
+          "n_mels": m.n_mels, "input_kind": m.input_kind, "feature_mean": m.feature_mean,
+          "feature_std": m.feature_std}
+
+
 def read_cross_attention(m: CrossAttentionFusion) -> dict:
   streams = [s for layer in m.layers for s in layer.streams.values()]
   crosses = [layer.cross for layer in m.layers]
@@ -155,6 +176,7 @@ def read_flat_concat(m) -> dict:
 
 
 ENCODER_READERS = {"small_cnn": read_small_cnn, "bert": read_bert, "rnn_text": read_rnn_text,
+                   "audio_cnn": read_audio_cnn,
                    "mmjax.projects.sort_of_clevr.model:pixel_freq_cnn": read_small_cnn}
 FUSION_READERS = {"cross_attention": read_cross_attention, "film": read_film,
                   "relation": read_relation,
@@ -207,6 +229,50 @@ def check_encoder(where: str, module, spec: dict, task) -> list:
   return [(f"{where}.{k}", v, defaults.get(k)) for k, v in spec.items()]
 
 
+def _dtype(model) -> str:
+  """The compute dtype every Dense layer of `model` shares."""
+  linears = [x for _, x in nnx.iter_graph(model) if isinstance(x, nnx.Linear)]
+  return np.dtype(_one([x.dtype for x in linears], "dtype")).name
+
+
+# Model class -> {config.model key: the value the built model holds}; a subclass reads its
+# parents' keys too. "name", "encoders", "fusion" and "fusion_kwargs" are read for every model.
+MODEL_READERS = {
+    VQAModel: {"features": lambda m: m.fusion.features,
+               "head_hidden": lambda m: m.head.fc1.kernel.shape[1],
+               "modality_dropout": lambda m: m.modality_dropout,
+               "question_tokens": lambda m: m.question_tokens, "dtype": _dtype},
+    UniqueQuestionsVQA: {"unique_questions": lambda m: m.unique_questions},
+    DualEncoder: {"embed_dim": lambda m: _one([m.proj[t].kernel.shape[1] for t in m.names], "embed_dim"),
+                  "loss_type": lambda m: m.loss_type},
+    MultimodalClassifier: {
+        "features": lambda m: m.fusion.features,
+        "head_hidden": lambda m: None if isinstance(m.head, nnx.Linear) else m.head.fc1.kernel.shape[1],
+        "modality_dropout": lambda m: m.modality_dropout, "loss_weights": lambda m: m.loss_weights},
+    TransformerCaptioner: {
+        "features": lambda m: m.embed.embedding.shape[1], "depth": lambda m: len(m.layers),
+        "num_heads": lambda m: _one([b.self_attn.num_heads for b in m.layers] +
+                                    [b.cross_attn.num_heads for b in m.layers], "heads"),
+        "max_len": lambda m: m.positions.embedding.shape[0],
+        "dropout": lambda m: _one([m.dropout.rate] + [b.dropout.rate for b in m.layers], "dropout")},
+    ShowAndTell: {"features": lambda m: m.embed.embedding.shape[1],
+                  "hidden": lambda m: _one([m.hidden, m.head.kernel.shape[0]], "hidden"),
+                  "dropout": lambda m: m.dropout.rate},
+}
+
+
+def data_sizes(model, task, config) -> None:
+  """The constructor arguments the task takes from its data equal the data's."""
+  if isinstance(model, VQAModel):
+    assert model.head.fc2.kernel.shape[1] == len(task.answers)
+    assert model.question_len == config.data.max_len
+  elif isinstance(model, MultimodalClassifier):
+    head = model.head if isinstance(model.head, nnx.Linear) else model.head.fc2
+    assert head.kernel.shape[1] == model.num_classes == len(task.classes)
+  elif isinstance(model, (ShowAndTell, TransformerCaptioner)):
+    assert model.embed.embedding.shape[0] == model.vocab_size == task.tokenizer.vocab_size
+
+
 def check_model(config) -> list:
   """Builds `config`'s model as the trainer does and compares it with every model value; returns
   (key, value, constructor default) of each value checked."""
@@ -214,48 +280,49 @@ def check_model(config) -> list:
   seed = int(config.seed)
   model = task.build_model(nnx.Rngs(params=seed, dropout=seed + 1))
   m = config.model
+  assert type(model) is MODELS.get(m.name), f"model.name: built {type(model).__name__}, config {m.name!r}"
+  defaults = _defaults(type(model))
+  readers = {}
+  for klass in reversed(type(model).__mro__):
+    readers.update(MODEL_READERS.get(klass, {}))
   shown = []
 
-  def same(key, built):
-    _check("model", {key: built}, {key: m[key]})
-    shown.append((f"model.{key}", m[key], _defaults(type(model)).get(key)))
+  def encoders(v):
+    assert set(model.encoders) == set(v), f"model.encoders: built {list(model.encoders)}, config {list(v)}"
+    for modality, spec in v.items():
+      shown.extend(check_encoder(f"model.encoders.{modality}", model.encoders[modality], spec, task))
 
   def fusion_kwargs(v):
     _check(f"model.fusion_kwargs ({m.fusion})", FUSION_READERS[m.fusion](model.fusion) if v else {}, dict(v))
-    defaults = _defaults(FUSIONS.get(m.fusion))
-    shown.extend((f"model.fusion_kwargs({m.fusion}).{k}", x, defaults.get(k)) for k, x in dict(v).items())
+    fusion_defaults = _defaults(FUSIONS.get(m.fusion))
+    shown.extend((f"model.fusion_kwargs({m.fusion}).{k}", x, fusion_defaults.get(k))
+                 for k, x in dict(v).items())
 
-  linears = [x for _, x in nnx.iter_graph(model) if isinstance(x, nnx.Linear)]
   checks = {
-      "vision": lambda v: shown.extend(check_encoder("model.vision", model.vision, v, task)),
-      "text": lambda v: shown.extend(check_encoder("model.text", model.text, v, task)),
+      "name": lambda v: None,  # the class, above
+      "encoders": encoders,
       "fusion": lambda v: _check("model", {"fusion": type(model.fusion)}, {"fusion": FUSIONS.get(v)}),
       "fusion_kwargs": fusion_kwargs,
-      "features": lambda v: same("features", model.fusion.features),
-      "head_hidden": lambda v: same("head_hidden", model.head.fc1.kernel.shape[1]),
-      "modality_dropout": lambda v: same("modality_dropout", model.modality_dropout),
-      "question_tokens": lambda v: same("question_tokens", model.question_tokens),
-      "unique_questions": lambda v: same("unique_questions", model.unique_questions),
-      "dtype": lambda v: same("dtype", np.dtype(_one([x.dtype for x in linears], "dtype")).name),
   }
-  unread = sorted(set(m) - set(checks))
-  assert not unread, f"no check for config.model key(s) {unread}; add them to this test"
-  for key, check in checks.items():
-    if key in m:
-      check(m[key])
-  # The head reads the fused width; the model is sized for the pipeline's questions.
-  assert model.head.fc1.kernel.shape[0] == m.features
-  assert model.head.fc2.kernel.shape[1] == len(task.answers)
-  assert model.question_len == config.data.max_len
+  unread = sorted(set(m) - set(checks) - set(readers))
+  assert not unread, f"no check for config.model key(s) {unread} of {type(model).__name__}; add them here"
+  for key in m:
+    if key in checks:
+      checks[key](m[key])
+    else:
+      _check("model", {key: readers[key](model)}, {key: m[key]})
+      shown.append((f"model.{key}", m[key], defaults.get(key)))
+  data_sizes(model, task, config)
   return shown
 
 
 def _config(path: str, arg: str, overrides: tuple, data_dir: str):
-  """PATH:ARG with `overrides`, on the data of PATH:size=tiny (the tiny data set's tokenizer has
-  the full one's vocabulary, as docs/model_zoo.py relies on)."""
+  """PATH:ARG with `overrides`, on the data of PATH:size=tiny (the tiny data sets' tokenizers have
+  the full ones' vocabulary, as docs/model_zoo.py relies on)."""
   config = load_config(f"{ROOT / path}:{arg}", overrides)
   config.data.data_dir = data_dir
-  config.data.num_images = load_config(f"{ROOT / path}:size=tiny").data.num_images
+  if "num_images" in config.data:
+    config.data.num_images = load_config(f"{ROOT / path}:size=tiny").data.num_images
   return config
 
 
@@ -269,27 +336,38 @@ def data_dir(tmp_path_factory):
 CASES = {
     ZOO: [
         ("size=default", ()), ("size=tiny", ()), ("size=default,fusion=film", ()),
-        ("size=tiny", ("model.vision.norm_groups=4", "model.vision.num_heads=2",
-                       "model.vision.mlp_ratio=3", "model.text.depth=1", "model.text.heads=2",
-                       "model.question_tokens=pooled", "model.fusion_kwargs.depth=3",
-                       "model.fusion_kwargs.num_heads=2", "model.fusion_kwargs.norm=pre",
-                       "model.fusion_kwargs.update=('text',)", "model.fusion_kwargs.pool=concat",
-                       "model.fusion_kwargs.dropout=0.1", "model.fusion_kwargs.attn_dropout=0.1",
-                       "model.modality_dropout=0.1", "model.dtype=bfloat16")),
+        ("size=tiny", ("model.encoders.image.norm_groups=4", "model.encoders.image.num_heads=2",
+                       "model.encoders.image.mlp_ratio=3", "model.encoders.text.depth=1",
+                       "model.encoders.text.heads=2", "model.question_tokens=pooled",
+                       "model.fusion_kwargs.depth=3", "model.fusion_kwargs.num_heads=2",
+                       "model.fusion_kwargs.norm=pre", "model.fusion_kwargs.update=('text',)",
+                       "model.fusion_kwargs.pool=concat", "model.fusion_kwargs.dropout=0.1",
+                       "model.fusion_kwargs.attn_dropout=0.1", "model.modality_dropout=0.1",
+                       "model.dtype=bfloat16")),
     ],
     PROJECT: [
         ("size=default", ()), ("size=tiny", ()), ("size=default,text=bert", ()),
         ("size=default,fusion=flat_concat", ()), ("size=default,fusion=relation", ()),
-        ("size=tiny", ("model.vision.norm_groups=4", "model.vision.pixel_freqs=1",
-                       "model.text.pool_heads=2", "model.fusion_kwargs.depth=3",
+        ("size=tiny", ("model.encoders.image.norm_groups=4", "model.encoders.image.pixel_freqs=1",
+                       "model.encoders.text.pool_heads=2", "model.fusion_kwargs.depth=3",
                        "model.modality_dropout=0.1", "model.dtype=bfloat16")),
         ("size=tiny,fusion=relation", ("model.fusion_kwargs.query=image",)),
         ("size=tiny,fusion=film", ("model.fusion_kwargs.condition=image",)),
     ],
+    CLIP: [("size=tiny", ()), ("size=default,loss=siglip", ())],
+    CAPTION: [
+        ("size=default,model=transformer", ()),
+        ("size=tiny,model=transformer", ("model.num_heads=2", "model.dropout=0.1")),
+        ("size=tiny,model=show_and_tell", ("model.dropout=0.1",)),
+    ],
+    AV: [
+        ("size=default", ()),
+        ("size=tiny", ("model.head_hidden=16", "model.modality_dropout=0.2")),
+    ],
 }
 
 
-@pytest.mark.parametrize("path", [ZOO, PROJECT], ids=["zoo", "project"])
+@pytest.mark.parametrize("path", list(CASES), ids=["zoo_vqa", "project_vqa", "clip", "caption", "av"])
 def test_config_values_reach_the_built_model(path, data_dir):
   shown = {}  # key -> whether some case's value differs from the constructor default
   for arg, overrides in CASES[path]:
@@ -308,4 +386,39 @@ def test_a_value_the_model_ignores_fails(data_dir):
   with pytest.raises(AssertionError, match=r"fusion_kwargs \(cross_attention\)\.depth: built"):
     _check("model.fusion_kwargs (cross_attention)", read_cross_attention(model.fusion), wanted)
   with pytest.raises(AssertionError, match="no reader for config key"):
-    _check("model.vision", read_small_cnn(model.vision), {"brightness": 1.0})
+    _check("model.encoders.image", read_small_cnn(model.encoders["image"]), {"brightness": 1.0})
+
+
+@pytest.mark.parametrize("path", list(CASES), ids=["zoo_vqa", "project_vqa", "clip", "caption", "av"])
+def test_a_model_key_is_a_constructor_argument(path, data_dir):
+  """`config.model` goes to the constructor as is: a key it lacks is a TypeError naming the config
+  path, and a size the data gives cannot be set in the config."""
+  arg = "size=tiny,model=show_and_tell" if path == CAPTION else "size=tiny"
+  config = _config(path, arg, (), data_dir)
+  config.model.heads_hidden = 8  # a typo of a real argument
+  task = TASKS.get(config.task)(config)
+  with pytest.raises(TypeError, match=r"model\.heads_hidden: \w+ has no argument 'heads_hidden'"):
+    task.build_model(nnx.Rngs(0))
+  del config.model.heads_hidden
+  data_key = {ZOO: "num_answers", PROJECT: "question_len", CLIP: "input_examples", CAPTION: "vocab_size",
+              AV: "num_classes"}[path]
+  config.model[data_key] = 3
+  with pytest.raises(ValueError, match=f"model.{data_key}: set by the task from its data"):
+    task.build_model(nnx.Rngs(0))
+
+
+def test_command_line_config_arguments_load_through_load_config():
+  """train.py and the planner take --config and --config.KEY overrides (both `=` and space forms)
+  out of the command line and load them with load_config, as notebooks and tests do."""
+  from mmjax.train.config import load_config, split_config_args
+  argv = ["train.py", "--config", "configs/vqa.py:size=tiny", "--workdir=/tmp/w", "--config.optim.lr=3e-4",
+          "--config.train.steps", "7", "--config.data.eval_splits=('test',)", "--distributed", "false"]
+  spec, overrides, rest = split_config_args(argv)
+  assert spec == "configs/vqa.py:size=tiny"
+  assert overrides == ["optim.lr=3e-4", "train.steps=7", "data.eval_splits=('test',)"]
+  assert rest == ["train.py", "--workdir=/tmp/w", "--distributed", "false"]
+  c = load_config(spec, overrides + ["train.max_minutes=0", "model.fusion_kwargs.dropout=0"])
+  assert (c.optim.lr, c.train.steps, tuple(c.data.eval_splits)) == (3e-4, 7, ("test",))
+  assert isinstance(c.model.fusion_kwargs.dropout, float)
+  with pytest.raises(KeyError, match="train.stepz"):
+    load_config(spec, ["train.stepz=3"])

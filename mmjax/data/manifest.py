@@ -11,25 +11,42 @@ Two layouts become a random-access source for the Grain pipeline (`len(source)`,
 
 Every record has an `id` naming its manifest line (`captions.jsonl:12`) or file, so pp errors
 point at it. Paths are relative to the data root (default: the manifest's folder) and may not
-leave it: absolute paths, `..` components and symlinks that resolve outside the root are
+leave it: absolute paths, URLs, `..` components and symlinks that resolve outside the root are
 refused. Every problem found (missing files, bad lines) is reported at once, with line numbers.
+The manifest, the folder and the data root may be in a bucket (`gs://bucket/data/train.jsonl`):
+there each folder is listed once to find the files (not one request per file).
 Labels are class ids (ints, or strings of digits) or class names, mapped to ids by `classes`
 (default: the sorted names found).
+
+A task reading other columns names them: `load_manifest(path, columns={"image": "filepath",
+"captions": "title"})` maps each record field to its manifest column (JSONL key or CSV header).
+Every line must then hold those columns (others are ignored); "image" and "audio" are file paths,
+"label" a label, any other field a non-empty text or (JSONL) a non-empty list of texts, kept as
+given (`captions`, `answers`). A class folder may hold audio clips instead of images
+(`folder_field="audio"`). `verify_files(source)` reads every file's header and reports each file
+that is not an image (or not audio) with its line.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
+import io
 import json
 import os
 import pathlib
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from etils import epath
+
+from mmjax import io_paths
 
 FIELDS = ("image", "text", "audio", "label")
 PATH_FIELDS = ("image", "audio")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 _MAX_REPORTED = 20
 
 
@@ -43,25 +60,35 @@ class Entry:
 
   Attributes:
     id: where it came from, "<manifest>:<line>" or the file's path under the root.
-    paths: field -> absolute file path (image, audio).
+    paths: field -> absolute file path or URL (image, audio).
     text: the text, if the manifest has it.
     label: the class id, if the manifest has labels.
+    values: other fields read by `columns` (a text or a list of texts each).
   """
 
   id: str
-  paths: dict[str, pathlib.Path]
+  paths: dict[str, pathlib.Path | epath.Path]
   text: str | None = None
   label: int | None = None
+  values: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def resolve_under(root: pathlib.Path, rel: str) -> pathlib.Path:
+def _data_path(path: str | os.PathLike) -> pathlib.Path | epath.Path:
+  """A local path (`~` expanded) as a `pathlib.Path`, a bucket URL as an `epath.Path`."""
+  return epath.Path(path) if io_paths.is_url(path) else pathlib.Path(path).expanduser()
+
+
+def resolve_under(root: pathlib.Path | epath.Path, rel: str) -> pathlib.Path | epath.Path:
   """`root / rel` resolved, or a ValueError if `rel` is absolute, has `..`, or leaves `root`."""
   if not isinstance(rel, str) or not rel.strip():
     raise ValueError(f"path must be a non-empty string, got {rel!r}")
-  if os.path.isabs(rel) or rel.startswith("~") or re.match(r"^[A-Za-z]:[\\/]", rel):
+  if (os.path.isabs(rel) or rel.startswith("~") or re.match(r"^[A-Za-z]:[\\/]", rel)
+      or io_paths.is_url(rel)):
     raise ValueError(f"absolute path {rel!r} is not allowed; give it relative to the data root")
   if ".." in re.split(r"[\\/]", rel):
     raise ValueError(f"path {rel!r} has a '..' component; it may not leave the data root")
+  if io_paths.is_url(root):  # no symlinks in a bucket
+    return root / rel
   path = (root / rel).resolve()
   if not path.is_relative_to(root.resolve()):
     raise ValueError(f"path {rel!r} resolves to {path}, outside the data root {root} (a symlink?)")
@@ -95,6 +122,7 @@ class ManifestSource:
       record["text"] = e.text
     if e.label is not None:
       record["label"] = e.label
+    record.update(e.values)
     return record
 
   def __repr__(self) -> str:
@@ -109,41 +137,81 @@ def _raise_if(problems: list[str], what: str) -> None:
                         "\n  ".join(problems[:_MAX_REPORTED]) + more)
 
 
-def from_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ManifestSource:
-  """A source over `root/<class>/<image>`: classes are the sorted subfolder names.
+def _under(folder: pathlib.Path | epath.Path) -> list[pathlib.Path | epath.Path]:
+  """Every file and folder under `folder`, sorted (a bucket has no recursive glob: folder by folder)."""
+  if not io_paths.is_url(folder):
+    return sorted(folder.rglob("*"))
+  found = []
+  for p in folder.iterdir():
+    found += [p] + (_under(p) if p.is_dir() else [])
+  return sorted(found)
 
-  Files whose extension is not in `extensions` are ignored; a class folder with no images, and
-  any file or folder that resolves outside `root`, is an error.
+
+def _file_check(root: pathlib.Path | epath.Path) -> Callable[[Any], bool]:
+  """`is_file` for paths under `root`; in a bucket, a lookup in its folder's listing (each folder
+  listed once, not one request per file)."""
+  if not io_paths.is_url(root):
+    return lambda p: p.is_file()
+  listed: dict[str, set[str]] = {}
+
+  def is_file(p):
+    folder = os.fspath(p.parent)
+    if folder not in listed:
+      listed[folder] = {c.name for c in p.parent.iterdir()} if p.parent.is_dir() else set()
+    return p.name in listed[folder]
+
+  return is_file
+
+
+def from_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, *,
+                field: str = "image", classes: Sequence[str] | None = None) -> ManifestSource:
+  """A source over `root/<class>/<file>`: classes are the sorted subfolder names.
+
+  Files whose extension is not in `extensions` are ignored; a class folder with no such files,
+  and any file or folder that resolves outside `root`, is an error.
+
+  Args:
+    field: the record field the files' bytes go to ("image"; "audio" with `AUDIO_EXTENSIONS`).
+    classes: class names by id (e.g. the training split's, for an evaluation folder): a subfolder
+      not among them is an error; default: the sorted subfolder names.
   """
-  root = pathlib.Path(root).expanduser()
+  root = _data_path(root)
   if not root.is_dir():
     raise ManifestError(f"data root {root} is not a folder")
-  real_root = root.resolve()
-  classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-  if not classes:
-    raise ManifestError(f"{root}: no class subfolders (expected root/<class>/<image files>)")
+  local = not io_paths.is_url(root)
+  real_root = root.resolve() if local else root
+  found_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+  if not found_classes:
+    raise ManifestError(f"{root}: no class subfolders (expected root/<class>/<{field} files>)")
+  if classes is None:
+    classes = found_classes
+  unknown = [c for c in found_classes if c not in classes]
+  if unknown:
+    raise ManifestError(f"{root}: class folder(s) {unknown} are not among the classes {list(classes)}")
+  ids = {c: i for i, c in enumerate(classes)}
   exts = tuple(e.lower() for e in extensions)
   entries, problems = [], []
-  for label, name in enumerate(classes):
+  for name in found_classes:
+    label = ids[name]
     found = 0
-    for path in sorted((root / name).rglob("*")):
+    for path in _under(root / name):
       rel = path.relative_to(root).as_posix()
-      if not path.resolve().is_relative_to(real_root):
+      if local and not path.resolve().is_relative_to(real_root):
         problems.append(f"{rel}: resolves to {path.resolve()}, outside the data root (a symlink?)")
         continue
       if path.is_file() and path.suffix.lower() in exts:
-        entries.append(Entry(id=rel, paths={"image": path.resolve()}, label=label))
+        entries.append(Entry(id=rel, paths={field: path.resolve() if local else path}, label=label))
         found += 1
     if not found:
-      problems.append(f"{name}/: no image files ({', '.join(exts)})")
+      problems.append(f"{name}/: no {field} files ({', '.join(exts)})")
   _raise_if(problems, str(root))
   return ManifestSource(root, entries, classes)
 
 
-def _read_jsonl(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[str]]:
+def _read_jsonl(path: pathlib.Path | epath.Path) -> tuple[list[tuple[int, dict]], list[str]]:
   """(line number, row) pairs of a JSONL file, and problems found."""
   rows, problems = [], []
-  with path.open(encoding="utf-8") as f:
+  with io.StringIO(path.read_bytes().decode("utf-8"), newline=None) as f:  # universal newlines, as open()
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -159,10 +227,10 @@ def _read_jsonl(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[str]]:
   return rows, problems
 
 
-def _read_csv(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[str]]:
+def _read_csv(path: pathlib.Path | epath.Path) -> tuple[list[tuple[int, dict]], list[str]]:
   """(line number, row) pairs of a CSV file with a header line, and problems found."""
   rows, problems = [], []
-  with path.open(encoding="utf-8", newline="") as f:
+  with io.StringIO(path.read_bytes().decode("utf-8"), newline="") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames:
       return [], ["line 1: no header line (expected columns among image, text, audio, label)"]
@@ -183,34 +251,72 @@ def _label_kind(label: Any) -> str:
   return "name" if isinstance(label, str) and label.strip() else "bad"
 
 
+def _text_value(value: Any) -> bool:
+  """Whether `value` is a non-empty text or a non-empty list of non-empty texts."""
+  if isinstance(value, str):
+    return bool(value.strip())
+  return (isinstance(value, list) and bool(value)
+          and all(isinstance(v, str) and v.strip() for v in value))
+
+
+def _select_columns(rows: list[tuple[int, dict]], columns: dict[str, str]) -> tuple[list[tuple[int, dict]], list[str]]:
+  """`rows` with each record field read from its column, and the lines that lack a column."""
+  out, problems = [], []
+  for number, row in rows:
+    missing = [f"{col!r} (the {name})" for name, col in columns.items() if col not in row]
+    if missing:
+      problems.append(f"line {number}: no column {', '.join(missing)}; it has {sorted(row)}")
+      continue
+    out.append((number, {name: row[col] for name, col in columns.items()}))
+  return out, problems
+
+
 def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                  classes: Sequence[str] | None = None) -> ManifestSource:
+                  classes: Sequence[str] | None = None, *, columns: dict[str, str] | None = None,
+                  folder_field: str = "image") -> ManifestSource:
   """A source over a JSONL (`.jsonl`) or CSV (`.csv`) manifest, or over a class-folder tree.
 
   Args:
-    path: the manifest file, or a folder of class subfolders (see `from_folder`).
+    path: the manifest file, or a folder of class subfolders (see `from_folder`); local or a
+      bucket URL.
     root: the data root paths are relative to; default: the manifest's folder.
     classes: class names by id, for string labels; default: the sorted names found.
+    columns: record field -> manifest column, when the records are not the default fields (see
+      the module docstring); every line must hold these columns.
+    folder_field: for a class folder, what its files are: "image" or "audio" (`from_folder`).
   Raises:
     ManifestError: listing every problem with its line number (missing files, paths leaving the
-      root, bad JSON, fields differing between lines, bad labels).
+      root, bad JSON, fields differing between lines, bad labels, missing columns).
   """
-  path = pathlib.Path(path).expanduser()
+  path = _data_path(path)
   if path.is_dir():
-    return from_folder(path)
+    extra = sorted(set(columns or ()) - {folder_field, "label"})
+    if extra:
+      raise ManifestError(f"{path}: a class folder gives records {folder_field!r} and 'label'; "
+                          f"fields {extra} need a manifest")
+    exts = AUDIO_EXTENSIONS if folder_field == "audio" else IMAGE_EXTENSIONS
+    return from_folder(path, exts, field=folder_field, classes=classes)
   if not path.is_file():
     raise ManifestError(f"no manifest at {path}")
   suffix = path.suffix.lower()
   if suffix not in (".jsonl", ".csv"):
     raise ManifestError(f"{path}: expected a .jsonl or .csv manifest, or a folder")
   rows, problems = (_read_jsonl if suffix == ".jsonl" else _read_csv)(path)
-  root = pathlib.Path(root).expanduser() if root is not None else path.parent
+  root = _data_path(root) if root is not None else path.parent
   if not root.is_dir():
     raise ManifestError(f"data root {root} is not a folder")
   if not rows and not problems:
     problems.append("no records")
-  fields = set(rows[0][1]) if rows else set()
-  if rows and (not fields or fields - set(FIELDS) or fields == {"label"}):
+  if columns is not None:
+    columns = dict(columns)
+    if not columns or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in columns.items()):
+      raise ManifestError(f"{path}: columns: expected a non-empty dict of record field -> column "
+                          f"name, got {columns!r}")
+    rows, missing = _select_columns(rows, columns)  # reported with the lines' other problems
+  else:
+    missing = []
+  fields = set(columns) if columns is not None else set(rows[0][1]) if rows else set()
+  if columns is None and rows and (not fields or fields - set(FIELDS) or fields == {"label"}):
     problems.append(f"line {rows[0][0]}: fields {sorted(fields)}; expected a subset of "
                     f"{list(FIELDS)} with at least one of image, text, audio")
   _raise_if(problems, str(path))
@@ -223,6 +329,7 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
   if len(label_kinds - {"bad"}) > 1:
     problems.append("labels mix class ids and class names; use one kind")
 
+  is_file = _file_check(root)
   entries = []
   for number, row in rows:
     where = f"line {number}"
@@ -237,13 +344,18 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         except ValueError as e:
           problems.append(f"{where}: {name}: {e}")
           continue
-        if not p.is_file():
+        if not is_file(p):
           problems.append(f"{where}: {name}: file not found: {row[name]!r} (under {root})")
           continue
         paths[name] = p
     text = row.get("text")
     if "text" in row and not isinstance(text, str):
       problems.append(f"{where}: text: expected a string, got {type(text).__name__}")
+    values = {k: v for k, v in row.items() if k not in (*PATH_FIELDS, *FIELDS)}
+    for name, value in values.items():
+      if not _text_value(value):
+        problems.append(f"{where}: {name} (column {columns[name]!r}): expected a non-empty text or "
+                        f"a non-empty list of texts, got {value!r}")
     label = None
     if "label" in row:
       kind = _label_kind(row["label"])
@@ -257,6 +369,35 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         problems.append(f"{where}: label: unknown class {row['label']!r}; classes: {list(classes)}")
       else:
         label = index[row["label"].strip()]
-    entries.append(Entry(id=f"{path.name}:{number}", paths=paths, text=text, label=label))
+    entries.append(Entry(id=f"{path.name}:{number}", paths=paths, text=text, label=label, values=values))
+  if missing:  # in line order among the others
+    line = lambda p: int(re.match(r"line (\d+)", p).group(1)) if re.match(r"line \d+", p) else 0
+    problems = sorted(problems + missing, key=line)
   _raise_if(problems, str(path))
   return ManifestSource(root, entries, classes)
+
+
+def verify_files(source: ManifestSource, threads: int = 16) -> None:
+  """Raises a ManifestError listing every image file PIL cannot identify and every audio file
+  soundfile cannot read, each with its record's id (manifest line or file); reads headers only."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  import soundfile  # pylint: disable=g-import-not-at-top
+
+  def check(entry: Entry) -> list[str]:
+    problems = []
+    for name, path in entry.paths.items():
+      try:
+        with path.open("rb") as f:
+          if name == "image":
+            PIL.Image.open(f)
+          elif name == "audio":
+            soundfile.info(f)
+      except Exception as e:  # pylint: disable=broad-except  (PIL and soundfile raise several kinds)
+        what = "an image" if name == "image" else "an audio file"
+        problems.append(f"{entry.id}: {name}: {os.fspath(path)!r} is not {what} "
+                        f"({type(e).__name__}: {e})")
+    return problems
+
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    problems = [p for found in pool.map(check, source.entries) for p in found]
+  _raise_if(problems, str(source.root))

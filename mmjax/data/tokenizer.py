@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import collections
 import os
-import pathlib
 import string
+import tempfile
 import threading
 import warnings
 import weakref
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+from etils import epath
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from mmjax import io_paths
 
 if TYPE_CHECKING:
   from transformers import PreTrainedTokenizerFast
@@ -120,33 +123,43 @@ def train_wordpiece_backend(
 
 def save_tokenizer(
   tokenizer: PreTrainedTokenizerFast | Tokenizer, path: str | os.PathLike
-) -> pathlib.Path:
-  """Writes `tokenizer.json` (atomically) to `path` (a file, or a folder to hold it)."""
+) -> epath.Path:
+  """Writes `tokenizer.json` (atomically) to `path` (a file, or a folder to hold it; local or a
+  bucket URL)."""
   backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-  path = pathlib.Path(path)
+  path = io_paths.as_path(path)
   if path.is_dir():
     path = path / TOKENIZER_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  tmp.write_text(backend.to_str(pretty=True), encoding="utf-8")
-  tmp.replace(path)
+  io_paths.write_atomic(path, backend.to_str(pretty=True))
   return path
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-  """Loads a `tokenizer.json` file, or a pretrained tokenizer folder (e.g. a BERT/MiniLM one)."""
+  """Loads a `tokenizer.json` file, or a pretrained tokenizer folder (e.g. a BERT/MiniLM one);
+  local or a bucket URL."""
   # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast
 
-  path = pathlib.Path(path)
+  path = io_paths.as_path(path)
   if path.is_file():
+    if io_paths.is_url(path):
+      backend = Tokenizer.from_str(path.read_bytes().decode("utf-8"))
+      return PreTrainedTokenizerFast(tokenizer_object=backend, **_special_kwargs())
     return PreTrainedTokenizerFast(tokenizer_file=str(path), **_special_kwargs())
   if not path.is_dir():
     raise FileNotFoundError(f"no tokenizer file or folder at {path}")
   if (path / "tokenizer_config.json").exists() or (path / "vocab.txt").exists():
     from transformers import AutoTokenizer  # imports torch when installed (~5 s): only here
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if io_paths.is_url(path):  # transformers reads local folders: the folder's files, copied
+      with tempfile.TemporaryDirectory() as local:
+        for f in path.iterdir():
+          if f.is_file():
+            (epath.Path(local) / f.name).write_bytes(f.read_bytes())
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    else:
+      tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
       raise TypeError(f"{path} holds a slow tokenizer ({type(tokenizer).__name__}); need a fast one")
     return tokenizer
@@ -205,3 +218,17 @@ def encode(
                   f"raise max_len (e.g. data.max_len) to keep them whole. Warned once per "
                   f"tokenizer and max_len.", stacklevel=2)
   return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], bool)
+
+
+def boundary_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int | None, int]:
+  """(start, end) special token ids that `encode` puts around every text: `[CLS]` and `[SEP]` for
+  a WordPiece tokenizer, `<|startoftext|>` and `<|endoftext|>` for CLIP's; start is None for a
+  tokenizer that adds only an end token (SigLIP's). Read off an encoded text, so any tokenizer's
+  post-processor is followed; a tokenizer that adds no end token is a ValueError."""
+  ids, mask = encode(tokenizer, ["a"], 8)
+  real = [int(i) for i in ids[0][mask[0]]]
+  special = set(tokenizer.all_special_ids)
+  if len(real) < 2 or real[-1] not in special:
+    raise ValueError(f"tokenizer {type(tokenizer).__name__}: expected a special end token after "
+                     f"every text (as [SEP] or <|endoftext|>), got ids {real} for 'a'")
+  return (real[0] if real[0] in special else None), real[-1]

@@ -212,6 +212,10 @@ class ClipTextSpec:
     act: feed-forward activation name (CLIP: "quick_gelu").
     dropout: dropout after embeddings and each sub-layer.
     attn_dropout: dropout on attention weights.
+    causal: causal self-attention (CLIP); False attends both ways (SigLIP).
+    pool: "eos" (the end-of-text token, CLIP) or "last" (the last position, SigLIP: its texts
+      are padded to the full length).
+    out_dim: width of a dense layer with bias on the pooled vector (SigLIP's text "head"); 0 = none.
   """
 
   vocab_size: int = 49408
@@ -225,18 +229,23 @@ class ClipTextSpec:
   act: str = "quick_gelu"
   dropout: float = 0.0
   attn_dropout: float = 0.0
+  causal: bool = True
+  pool: str = "eos"
+  out_dim: int = 0
 
 
 @ENCODERS.register("clip_text")
 class ClipTextEncoder(nnx.Module):
   """CLIP's text tower: token + learned positions, causal pre-LN blocks, final LN, EOS pooling.
 
-  Parameters map 1:1 onto HF `CLIPTextModel` (see `mmjax.transfer.clip`).
+  Parameters map 1:1 onto HF `CLIPTextModel` (see `mmjax.transfer.clip`); with causal=False,
+  pool="last" and out_dim, onto HF `SiglipTextModel` (see `mmjax.transfer.siglip`).
 
   Attributes:
     spec: the `ClipTextSpec` hyper-parameters.
     word_embed, position_embed: token and position tables.
     encoder: `mmjax.layers.Encoder` of pre-LN blocks with the final LayerNorm.
+    head: dense (D -> out_dim) on the pooled vector, or None.
 
   Args:
     dtype: compute dtype; param_dtype: parameter dtype.
@@ -255,6 +264,10 @@ class ClipTextEncoder(nnx.Module):
     spec = ClipTextSpec(**fields)
     if spec.eos_id is not None and not 0 <= spec.eos_id < spec.vocab_size:
       raise ValueError(f"eos_id: expected an id in [0, {spec.vocab_size}) or None, got {spec.eos_id}")
+    if spec.pool not in ("eos", "last"):
+      raise ValueError(f"pool: expected 'eos' or 'last', got {spec.pool!r}")
+    if spec.out_dim < 0:
+      raise ValueError(f"out_dim: expected a non-negative int, got {spec.out_dim!r}")
     self.spec, self.dtype = spec, dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.word_embed = Embed(spec.vocab_size, spec.hidden, **kw)
@@ -264,13 +277,14 @@ class ClipTextEncoder(nnx.Module):
     self.encoder = Encoder(spec.depth, spec.hidden, spec.heads, spec.mlp_dim, norm="pre",
                            final_norm=True, ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
                            attn_dropout=spec.attn_dropout, remat=remat, attention=attention, **kw)
+    self.head = dense(spec.hidden, spec.out_dim, ("embed", None), **kw) if spec.out_dim else None
 
   def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
                deterministic: bool = True, return_hidden: bool = False):
     """Encodes token ids.
 
     Args:
-      ids: (B, L) integer ids, L <= spec.max_len, each row holding an end-of-text token.
+      ids: (B, L) integer ids, L <= spec.max_len, each row holding an end-of-text token (pool="eos").
       mask: (B, L) bool/int, True for real tokens (keys outside it are not attended); default
         all True. Attention is causal, so right padding never changes the real tokens.
       deterministic: disables dropout when True.
@@ -278,8 +292,8 @@ class ClipTextEncoder(nnx.Module):
         arrays (B, L, D), before the final LayerNorm, as HF).
 
     Returns:
-      `EncoderOutput` with tokens after the final LayerNorm and pooled the end-of-text token,
-      and with `return_hidden` a tuple of hidden states too.
+      `EncoderOutput` with tokens after the final LayerNorm and pooled the end-of-text (or last)
+      token, through `head` when there is one, and with `return_hidden` a tuple of hidden states too.
     """
     spec = self.spec
     _check_ids(ids, spec.vocab_size, "ids", spec.max_len)
@@ -287,11 +301,17 @@ class ClipTextEncoder(nnx.Module):
     x = self.position_embed(self.word_embed(ids))  # (B, L, D)
     x = self.embed_dropout(x, deterministic=deterministic)
     x = sharding.constrain(x, ("batch", "length", "embed"))
-    causal = jnp.tril(jnp.ones((ids.shape[1],) * 2, bool))  # (L, L)
-    amask = causal[None, None] & mask[:, None, None, :]  # (B, 1, L, L)
+    amask = mask[:, None, None, :]  # (B, 1, 1, L)
+    if spec.causal:
+      amask = jnp.tril(jnp.ones((ids.shape[1],) * 2, bool))[None, None] & amask  # (B, 1, L, L)
     x, hidden = self.encoder(x, amask, deterministic=deterministic, return_hidden=True)
-    eos = jnp.argmax(ids if spec.eos_id is None else ids == spec.eos_id, axis=-1)  # (B,)
-    pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]  # (B, D)
+    if spec.pool == "last":
+      pooled = x[:, -1]  # (B, D)
+    else:
+      eos = jnp.argmax(ids if spec.eos_id is None else ids == spec.eos_id, axis=-1)  # (B,)
+      pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]  # (B, D)
+    if self.head is not None:
+      pooled = self.head(pooled)  # (B, out_dim)
     out = EncoderOutput(tokens=x, mask=mask, pooled=pooled)
     return (out, tuple(hidden)) if return_hidden else out
 

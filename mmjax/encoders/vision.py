@@ -20,9 +20,10 @@ from flax import nnx
 
 from mmjax import sharding
 from mmjax.encoders.base import ENCODERS, EncoderOutput
+from mmjax.layers.attention import MultiHeadAttention
 from mmjax.layers.common import Dtype, activation, dense, layer_norm, ones, part, zeros
 from mmjax.layers.embeddings import LearnedPositions, PatchEmbed, normal02, sincos_2d_positions
-from mmjax.layers.transformer import Encoder
+from mmjax.layers.transformer import Encoder, Mlp
 
 CONV_KERNEL = (None, None, None, "conv_out")
 NORMS = ("batch", "group", "layer", "none")
@@ -83,7 +84,9 @@ class ViTSpec:
     image_size: input size (H, W) the learned position table is built for.
     in_channels: image channels C.
     num_classes: classification head outputs; 0 = no head.
-    pool: "cls" (class token; the model has one) or "gap" (mean of patch tokens; no class token).
+    pool: "cls" (class token; the model has one), "gap" (mean of patch tokens; no class token) or
+      "map" (multihead attention pooling of the patch tokens, SigLIP's / big_vision's MAP head; no
+      class token).
     posemb: "learn" (learned table, covering the class token too, as HF/timm) or "sincos2d"
       (fixed 2-D sin-cos on the patches; the class token gets none, as big_vision).
     pooler: HF ViTModel's pooler (dense + tanh) on the pooled vector.
@@ -127,6 +130,7 @@ class ViT(nnx.Module):
     patch_embed: strided conv patchifier (kernel (ph, pw, C, D)).
     cls_token: (1, 1, D) class token, or None for pool="gap".
     pos_embed: `LearnedPositions` over the class token + N patches, or None for "sincos2d".
+    map_head: the `MapHead` of pool="map", else None.
     pre_norm: LayerNorm on the embeddings before the encoder, or None.
     encoder: `mmjax.layers.Encoder` of pre-LN blocks with its final LayerNorm.
     pooler: dense (D -> D) + tanh (HF ViTModel's pooler), or None.
@@ -154,8 +158,8 @@ class ViT(nnx.Module):
       if key in cfg:
         cfg[key] = _pair(cfg[key], key)
     spec = ViTSpec(**cfg)
-    if spec.pool not in ("cls", "gap"):
-      raise ValueError(f"pool: expected 'cls' or 'gap', got {spec.pool!r}")
+    if spec.pool not in ("cls", "gap", "map"):
+      raise ValueError(f"pool: expected 'cls', 'gap' or 'map', got {spec.pool!r}")
     if spec.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"posemb: expected 'learn' or 'sincos2d', got {spec.posemb!r}")
     if spec.image_size[0] % spec.patch[0] or spec.image_size[1] % spec.patch[1]:
@@ -176,6 +180,8 @@ class ViT(nnx.Module):
                            ln_eps=spec.ln_eps, act=spec.act, dropout=spec.dropout,
                            attn_dropout=spec.attn_dropout, remat=remat, attention=attention,
                            **kw)
+    self.map_head = (MapHead(d, spec.heads, spec.mlp_dim, act=spec.act, ln_eps=spec.ln_eps,
+                             attention=attention, **kw) if spec.pool == "map" else None)
     self.pooler = dense(d, d, ("embed", None), **kw) if spec.pooler else None
     self.head = dense(d, spec.num_classes, ("embed", None), **kw) if spec.num_classes else None
 
@@ -214,6 +220,8 @@ class ViT(nnx.Module):
     x, hidden = self.encoder(x, deterministic=deterministic, return_hidden=True)
     if spec.pool == "cls":
       tokens, pooled = x[:, 1:], x[:, 0]
+    elif spec.pool == "map":
+      tokens, pooled = x, self.map_head(x)
     else:
       tokens, pooled = x, mean_pool(x)
     if self.pooler is not None:
@@ -225,6 +233,36 @@ class ViT(nnx.Module):
   def classify(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """Class logits (B, num_classes) from the pooled vector (HF: classifier on the LN'd CLS)."""
     return _classify(self, images, deterministic)
+
+
+class MapHead(nnx.Module):
+  """Multihead attention pooling (big_vision's `MAPHead`, HF SigLIP's vision head).
+
+  A learned probe attends over the tokens; the result passes a pre-LN MLP with a residual:
+  y = attn(probe, x); pooled = y + mlp(LN(y)).
+
+  Attributes:
+    probe: (1, 1, D) query.
+    attn: `MultiHeadAttention` from the probe to the tokens.
+    norm, mlp: LayerNorm and feed-forward block (D -> mlp_dim -> D).
+  """
+
+  def __init__(self, features: int, num_heads: int, mlp_dim: int, *, act: str = "gelu_tanh",
+               ln_eps: float = 1e-6, attention: str = "auto", dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    init = part(nnx.initializers.xavier_uniform(), (None, None, "embed"))
+    self.probe = nnx.Param(init(rngs.params(), (1, 1, features), param_dtype))
+    self.attn = MultiHeadAttention(num_heads, features, attention=attention, **kw)
+    self.norm = layer_norm(features, eps=ln_eps, **kw)
+    self.mlp = Mlp(features, mlp_dim, act=act, **kw)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens (B, N, D) -> pooled (B, D)."""
+    b, _, d = tokens.shape
+    probe = jnp.broadcast_to(self.probe[...].astype(tokens.dtype), (b, 1, d))
+    y = self.attn(probe, tokens)  # (B, 1, D)
+    return (y + self.mlp(self.norm(y)))[:, 0]
 
 
 def _classify(model, images, deterministic):

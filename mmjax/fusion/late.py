@@ -28,6 +28,8 @@ class ConcatFusion(FusionBlock):
     mlp: (M * features -> mlp_dim -> features).
   """
 
+  min_modalities = 1  # one modality: its pooled projection through the MLP (single-input classifiers)
+
   def __init__(self, modalities: Mapping[str, int], features: int, *, mlp_dim: int | None = None,
                act: str = "gelu", dropout: float = 0.0, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):

@@ -5,37 +5,35 @@ Both take token ids `tokens` (B, L) that start with BOS and are trained with tea
 `mmjax.models.decoding.Decodable` protocol, so `generate` decodes them greedily or with beam
 search in one compiled loop, encoding each image once and repeating it per beam.
 
-The image encoder is a constructor argument: an `nnx.Module` called as
-`encoder(images, deterministic=...)` that returns `mmjax.encoders.base.EncoderOutput`, or the
-name of a registered encoder built with `ENCODERS.build(name, rngs=rngs, **encoder_kwargs)`.
+The image encoder is `encoders={"image": spec}`, a spec {"name": registered encoder, **kwargs} or
+an `nnx.Module` called as `encoder(images, deterministic=...)` that returns
+`mmjax.encoders.base.EncoderOutput`; its width is read off its output on an `image_shape` input.
+Configs choose the decoder by the model name: "show_and_tell" or "transformer_captioner".
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.encoders.base import ENCODERS, EncoderOutput
+from mmjax.encoders.base import EncoderOutput
 from mmjax.layers import DecoderBlock, Embed, LearnedPositions, dense, layer_norm
 from mmjax.layers.common import Dtype, check_rank
 from mmjax.models import decoding
+from mmjax.models.base import MODELS, encoder_dims, make_encoders
 from mmjax.models.decoding import DecodeContext, DecodeResult, tile_beams
 
 
-def _build_encoder(encoder: nnx.Module | str, encoder_kwargs: dict[str, Any] | None,
-                   rngs: nnx.Rngs) -> nnx.Module:
-  """The encoder module itself, or one built from the ENCODERS registry by name."""
-  if isinstance(encoder, str):
-    return ENCODERS.build(encoder, rngs=rngs, **(encoder_kwargs or {}))
-  if isinstance(encoder, nnx.Module):
-    if encoder_kwargs:
-      raise ValueError("encoder_kwargs: only used when `encoder` is a registered name")
-    return encoder
-  raise TypeError("encoder: expected an nnx.Module or a registered encoder name, "
-                  f"got {type(encoder).__name__}")
+def _image_encoder(encoders: Mapping[str, Any], image_shape: tuple[int, ...], rngs: nnx.Rngs,
+                   dtype: Dtype) -> tuple[nnx.Dict, tuple[int, int]]:
+  """encoders {"image": spec or module} built, and the image encoder's (token, pooled) widths."""
+  if len(tuple(image_shape)) != 3:
+    raise ValueError(f"image_shape: expected (H, W, C), got {image_shape!r}")
+  built = make_encoders(encoders, ("image",), rngs=rngs, dtype=dtype)
+  return built, encoder_dims(built["image"], jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
 
 
 def _encode(encoder: nnx.Module, images: jax.Array, deterministic: bool) -> EncoderOutput:
@@ -77,6 +75,7 @@ class _CaptionerBase(nnx.Module):
                              pad_id=pad_id, return_all=return_all)
 
 
+@MODELS.register("show_and_tell")
 class ShowAndTell(_CaptionerBase):
   """Show and Tell (Vinyals et al. 2015, arXiv 1411.4555).
 
@@ -85,31 +84,31 @@ class ShowAndTell(_CaptionerBase):
   During decoding the LSTM carry (c, h) is the cache.
 
   Attributes:
-    encoder: image encoder; its pooled vector (B, encoder_features) is used.
-    image_proj: encoder_features -> features.
+    encoders: {"image": image encoder}; its pooled vector (B, D_image) is used.
+    image_proj: D_image -> features.
     embed: word embedding (vocab_size, features).
     cell: `nnx.LSTMCell` features -> hidden.
     head: hidden -> vocab_size logits.
 
   Args:
     vocab_size: V.
-    encoder: an `nnx.Module` returning `EncoderOutput`, or a registered encoder name.
-    encoder_features: width of the encoder's pooled vector.
-    encoder_kwargs: constructor arguments when `encoder` is a name.
+    encoders: {"image": encoder spec {'name': ..., **kwargs} or an `nnx.Module` returning
+      `EncoderOutput`}.
+    image_shape: (H, W, C) of input images; sizes the image projection.
     features: word-embedding width (512 in the paper).
     hidden: LSTM width (defaults to `features`).
     dropout: on word embeddings and LSTM outputs.
   """
 
-  def __init__(self, vocab_size: int, *, encoder: nnx.Module | str, encoder_features: int,
-               encoder_kwargs: dict[str, Any] | None = None, features: int = 512,
-               hidden: int | None = None, dropout: float = 0.0, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, vocab_size: int, *, encoders: Mapping[str, Any], image_shape: tuple[int, int, int],
+               features: int = 512, hidden: int | None = None, dropout: float = 0.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     hidden = hidden or features
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.hidden, self.dtype = vocab_size, hidden, dtype
-    self.encoder = _build_encoder(encoder, encoder_kwargs, rngs)
-    self.image_proj = dense(encoder_features, features, (None, "embed"), **kw)
+    self.encoders, (_, pooled_dim) = _image_encoder(encoders, image_shape, rngs, dtype)
+    self.image_proj = dense(pooled_dim, features, (None, "embed"), **kw)
     self.embed = Embed(vocab_size, features, **kw)
     self.cell = nnx.LSTMCell(features, hidden, kernel_metadata={"logical_axes": ("embed", "mlp")},
                              recurrent_kernel_metadata={"logical_axes": (None, "mlp")},
@@ -136,11 +135,11 @@ class ShowAndTell(_CaptionerBase):
       mask: (B, L) bool, True at real tokens; the LSTM state is carried unchanged over the rest.
 
     Returns:
-      logits (B, L, V) and aux {"image_pooled": (B, encoder_features)}.
+      logits (B, L, V) and aux {"image_pooled": (B, D_image)}.
     """
     _check_tokens(tokens, mask)
     mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
-    enc = _encode(self.encoder, images, deterministic)
+    enc = _encode(self.encoders["image"], images, deterministic)
     carry = self._start(enc.pooled)
     x = self.dropout(self.embed(tokens), deterministic=deterministic)  # (B, L, E)
 
@@ -156,7 +155,7 @@ class ShowAndTell(_CaptionerBase):
 
   def init_decode(self, images: jax.Array, beams: int, max_len: int) -> None:
     """Encodes `images` once and stores the post-image LSTM carry, repeated per beam."""
-    c, h = self._start(_encode(self.encoder, images, True).pooled)
+    c, h = self._start(_encode(self.encoders["image"], images, True).pooled)
     self.carry_c = nnx.Cache(tile_beams(c, beams))
     self.carry_h = nnx.Cache(tile_beams(h, beams))
 
@@ -172,6 +171,7 @@ class ShowAndTell(_CaptionerBase):
     return self.head(out)
 
 
+@MODELS.register("transformer_captioner")
 class TransformerCaptioner(_CaptionerBase):
   """A Transformer decoder cross-attending to image tokens.
 
@@ -180,7 +180,7 @@ class TransformerCaptioner(_CaptionerBase):
   final LayerNorm, and the output projection (the transposed token embedding when tied).
 
   Attributes:
-    encoder: image encoder; its tokens (B, N, encoder_features) and mask are the context.
+    encoders: {"image": image encoder}; its tokens (B, N, D_image) and mask are the context.
     embed: token embedding (vocab_size, features); also the output projection when tied.
     positions: learned positions (max_len, features).
     layers: the `DecoderBlock` stack.
@@ -189,9 +189,9 @@ class TransformerCaptioner(_CaptionerBase):
 
   Args:
     vocab_size: V.
-    encoder: an `nnx.Module` returning `EncoderOutput`, or a registered encoder name.
-    encoder_features: width of the encoder's tokens (defaults to `features`).
-    encoder_kwargs: constructor arguments when `encoder` is a name.
+    encoders: {"image": encoder spec {'name': ..., **kwargs} or an `nnx.Module` returning
+      `EncoderOutput`}.
+    image_shape: (H, W, C) of input images; sizes the cross-attention to the image tokens.
     features, depth, num_heads, mlp_dim: decoder width, blocks, heads, MLP width (4x default).
     max_len: longest caption (input tokens in training, generated tokens in decoding).
     tie_embeddings: logits through `Embed.attend` instead of a separate head.
@@ -199,21 +199,21 @@ class TransformerCaptioner(_CaptionerBase):
     attention: attention kernel of every block: auto | xla | cudnn | reference, see `MultiHeadAttention`.
   """
 
-  def __init__(self, vocab_size: int, *, encoder: nnx.Module | str,
-               encoder_features: int | None = None, encoder_kwargs: dict[str, Any] | None = None,
+  def __init__(self, vocab_size: int, *, encoders: Mapping[str, Any], image_shape: tuple[int, int, int],
                features: int = 256, depth: int = 2, num_heads: int = 4,
                mlp_dim: int | None = None, max_len: int = 64, tie_embeddings: bool = True,
                act: str = "gelu", dropout: float = 0.0, ln_eps: float = 1e-6,
                attention: str = "auto", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.max_len = vocab_size, max_len
-    self.encoder = _build_encoder(encoder, encoder_kwargs, rngs)
+    self.encoders, (token_dim, _) = _image_encoder(encoders, image_shape, rngs, dtype)
     self.embed = Embed(vocab_size, features, **kw)
     self.positions = LearnedPositions(max_len, features, param_dtype=param_dtype, rngs=rngs)
     self.layers = nnx.List([
         DecoderBlock(features, num_heads, mlp_dim or 4 * features,
-                     context_features=encoder_features or features, act=act, dropout=dropout,
+                     context_features=token_dim, act=act, dropout=dropout,
                      ln_eps=ln_eps, attention=attention, **kw)
         for _ in range(depth)
     ])
@@ -240,7 +240,7 @@ class TransformerCaptioner(_CaptionerBase):
       logits (B, L, V) and aux {"image_tokens": (B, N, Dc), "image_mask": (B, N)}.
     """
     _check_tokens(tokens, mask)
-    enc = _encode(self.encoder, images, deterministic)
+    enc = _encode(self.encoders["image"], images, deterministic)
     x = self.dropout(self.positions(self.embed(tokens)), deterministic=deterministic)  # (B, L, D)
     for layer in self.layers:
       x = layer(x, enc.tokens, enc.mask, self_mask=mask, deterministic=deterministic)
@@ -250,7 +250,7 @@ class TransformerCaptioner(_CaptionerBase):
     """Encodes `images` once, repeats tokens and mask per beam, allocates the KV caches."""
     if max_len > self.max_len:
       raise ValueError(f"max_len={max_len} exceeds the model's max_len={self.max_len} positions")
-    enc = _encode(self.encoder, images, True)
+    enc = _encode(self.encoders["image"], images, True)
     self.context = DecodeContext(tile_beams(enc.tokens, beams))  # (B*K, N, Dc)
     self.context_mask = DecodeContext(tile_beams(enc.mask, beams))  # (B*K, N)
     for layer in self.layers:

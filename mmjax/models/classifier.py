@@ -28,8 +28,8 @@ from flax import nnx
 from mmjax import losses
 from mmjax.fusion import build_fusion, modality_dropout
 from mmjax.layers.common import Dtype, dense
-from mmjax.models.dual_encoder import check_examples, encode, encoder_dims, make_encoder
-from mmjax.models.vqa import MODELS, AnswerHead
+from mmjax.models.base import MODELS, check_examples, encode, encoder_dims, make_encoders, modality_order
+from mmjax.models.vqa import AnswerHead
 
 MAIN = "fused"
 
@@ -61,7 +61,8 @@ class MultimodalClassifier(nnx.Module):
   """Classifies examples from several modalities fused by any fusion block.
 
   Attributes:
-    names: modality names in construction order.
+    names: modality names in `mmjax.models.base.MODALITY_ORDER` (image, video, audio, text, then
+      others alphabetically): the order encoders are built and fused in.
     encoders: name -> encoder.
     fusion: the fusion block over all modalities.
     head: classifier on the fused pooled vector (linear, or an MLP when `head_hidden` is set).
@@ -72,7 +73,7 @@ class MultimodalClassifier(nnx.Module):
   Args:
     encoders: name -> encoder spec {'name': registered encoder, **kwargs} (or a built module),
       e.g. {"image": {"name": "small_cnn", ...}, "audio": {"name": "audio_cnn", ...}}.
-    input_examples: name -> one example input of that encoder as `mmjax.models.dual_encoder.encode`
+    input_examples: name -> one example input of that encoder as `mmjax.models.base.encode`
       takes it (an array, a tuple of positional arguments, or a dict of keywords), with
       `jax.ShapeDtypeStruct`s or arrays as leaves (any batch size); used to size the fusion and heads.
     fusion: fusion family name (see `mmjax.fusion.FUSIONS.names()`); fusion_kwargs its extra args.
@@ -101,7 +102,7 @@ class MultimodalClassifier(nnx.Module):
       raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     if not 0.0 <= float(modality_dropout) <= 1.0:
       raise ValueError(f"modality_dropout: expected a probability in [0, 1], got {modality_dropout}")
-    self.names = tuple(encoders)
+    self.names = modality_order(encoders)
     check_examples(input_examples, self.names)
     weights = {MAIN: 1.0} if loss_weights is None else loss_weights
     if hasattr(weights, "to_dict"):
@@ -116,8 +117,9 @@ class MultimodalClassifier(nnx.Module):
         raise ValueError(f"loss_weights[{k!r}]: expected a finite number >= 0, got {v!r}")
     self.loss_weights = {k: float(v) for k, v in weights.items()}
     self.num_classes, self.label_smoothing = num_classes, float(label_smoothing)
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     kw = dict(rngs=rngs, dtype=dtype)
-    self.encoders = nnx.Dict({m: make_encoder(s, **kw) for m, s in encoders.items()})
+    self.encoders = make_encoders(encoders, None, **kw)
     dims = {m: encoder_dims(self.encoders[m], input_examples[m]) for m in self.names}
     self.fusion = build_fusion(fusion, modalities={m: d[0] for m, d in dims.items()}, features=features,
                                param_dtype=param_dtype, **kw, **dict(fusion_kwargs or {}))

@@ -1,16 +1,16 @@
 """Contrastive dual encoders: CLIP (Radford et al. 2021) and SigLIP (Zhai et al. 2023).
 
 Two towers, each any registered encoder (image-text, audio-text, or any other pair), map their
-pooled vector through a bias-free linear projection into one shared space, where embeddings are
-L2-normalised. A learnable log logit scale (CLIP: log(1 / 0.07); SigLIP: log 10) and, for SigLIP,
+pooled vector through a bias-free linear projection into one shared space (or, with
+`projection=False`, already output it, as SigLIP's towers with their own heads), where embeddings
+are L2-normalised. A learnable log logit scale (CLIP: log(1 / 0.07); SigLIP: log 10) and, for SigLIP,
 a learnable bias (-10) turn cosine similarities into logits; the losses are `mmjax.losses.clip_loss`
 and `siglip_loss` on the global batch (under `jax.jit` with the batch sharded, XLA gathers what the
 similarity matrix needs).
 
 Inputs are given per tower as the encoder's arguments: an array (one positional argument), a tuple
 (positional arguments, e.g. `(ids, mask)`), or a dict (keyword arguments, e.g. `{"x": audio,
-"lengths": n}`). The helpers `encode` and `encoder_dims` below serve every model that composes
-registered encoders this way (see also `mmjax.models.classifier`).
+"lengths": n}`), as `mmjax.models.base.encode` takes them.
 """
 
 from __future__ import annotations
@@ -23,50 +23,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmjax import losses, sharding
-from mmjax.encoders import EncoderOutput
 from mmjax.layers.common import Dtype, dense, part
-from mmjax.models.vqa import MODELS, build_encoder
+from mmjax.models.base import (MODELS, check_examples, encode, encoder_dims, make_encoders,
+                               modality_order)
 
 LOSS_TYPES = ("clip", "siglip")
-
-
-def encode(encoder: nnx.Module, args: Any, *, deterministic: bool = True) -> EncoderOutput:
-  """Calls `encoder` on `args`: an array, a tuple of positional arguments, or a dict of keywords."""
-  if isinstance(args, Mapping):
-    out = encoder(**args, deterministic=deterministic)
-  elif isinstance(args, (tuple, list)):
-    out = encoder(*args, deterministic=deterministic)
-  else:
-    out = encoder(args, deterministic=deterministic)
-  if not isinstance(out, EncoderOutput):
-    raise TypeError(f"encoder output: expected EncoderOutput(tokens, mask, pooled), got {type(out).__name__}")
-  return out
-
-
-def encoder_dims(encoder: nnx.Module, example: Any) -> tuple[int, int]:
-  """(token width, pooled width) of `encoder`, by abstract evaluation on `example` (no FLOPs).
-
-  `example` is what `encode` takes, with `jax.ShapeDtypeStruct`s (or arrays) as leaves.
-  """
-  out = nnx.eval_shape(lambda m, a: encode(m, a), encoder, example)
-  return int(out.tokens.shape[-1]), int(out.pooled.shape[-1])
-
-
-def make_encoder(spec: Mapping[str, Any] | nnx.Module, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.Module:
-  """An encoder module given as is, or built from a spec {'name': ..., **kwargs}."""
-  if isinstance(spec, nnx.Module):
-    return spec
-  if not isinstance(spec, Mapping):
-    raise TypeError(f"encoder spec: expected a dict {{'name': ..., **kwargs}} or an nnx.Module, "
-                    f"got {type(spec).__name__}")
-  return build_encoder(spec, rngs=rngs, dtype=dtype)
-
-
-def check_examples(examples: Any, names: tuple[str, ...], field: str = "input_examples") -> None:
-  """Raises ValueError unless `examples` is a dict with exactly the keys `names`."""
-  if not isinstance(examples, Mapping) or set(examples) != set(names):
-    got = list(examples) if isinstance(examples, Mapping) else type(examples).__name__
-    raise ValueError(f"{field}: expected a dict with one example input per name {list(names)}, got {got}")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -85,21 +46,25 @@ class DualEncoder(nnx.Module):
   """Two encoders projected into one normalised embedding space, trained contrastively.
 
   Attributes:
-    names: the two tower names in construction order; the first gives the rows of the
-      similarity matrix (CLIP's images), the second its columns (texts).
-    towers: name -> encoder.
-    proj: name -> bias-free dense (pooled width -> embed_dim).
+    names: the two tower names in `mmjax.models.base.MODALITY_ORDER` (image, video, audio, text,
+      then others alphabetically); the first gives the rows of the similarity matrix (CLIP's
+      images), the second its columns (texts).
+    encoders: name -> encoder (a tower).
+    proj: name -> bias-free dense (pooled width -> embed_dim), or None without projections.
     log_scale: learnable log logit scale t (logits = exp(t) * cosine [+ bias]).
     bias: learnable logit bias b (SigLIP only; None for CLIP).
     loss_type: "clip" (softmax, symmetric) or "siglip" (pairwise sigmoid).
     max_log_scale: log of the cap on exp(t) (CLIP clips it at 100), or None.
 
   Args:
-    towers: exactly two name -> encoder spec {'name': registered encoder, **kwargs} (or a built
+    encoders: exactly two name -> encoder spec {'name': registered encoder, **kwargs} (or a built
       encoder module), e.g. {"image": {"name": "vit", ...}, "text": {"name": "bert", ...}}.
     input_examples: name -> one example input of that tower as `encode` takes it, with
       `jax.ShapeDtypeStruct`s or arrays as leaves (any batch size); used to size the projections.
     embed_dim: width E of the shared space.
+    projection: True: a bias-free dense per tower maps its pooled vector to E. False: the towers
+      already output the shared space (their pooled width must be E), as SigLIP's towers do with
+      their own heads.
     loss_type: "clip" or "siglip".
     init_log_scale: initial t; default log(1 / 0.07) for CLIP, log 10 for SigLIP.
     init_bias: initial b for SigLIP; default -10.
@@ -108,13 +73,13 @@ class DualEncoder(nnx.Module):
     rngs: parameter keys (and dropout keys of the encoders).
   """
 
-  def __init__(self, *, towers: Mapping[str, Any], input_examples: Mapping[str, Any], embed_dim: int,
-               loss_type: str = "clip", init_log_scale: float | None = None,
+  def __init__(self, *, encoders: Mapping[str, Any], input_examples: Mapping[str, Any], embed_dim: int,
+               projection: bool = True, loss_type: str = "clip", init_log_scale: float | None = None,
                init_bias: float | None = None, max_logit_scale: float | None = 100.0,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    if not isinstance(towers, Mapping) or len(towers) != 2:
-      got = list(towers) if isinstance(towers, Mapping) else type(towers).__name__
-      raise ValueError(f"towers: expected a dict of exactly two name -> encoder spec, got {got}")
+    if not isinstance(encoders, Mapping) or len(encoders) != 2:
+      got = list(encoders) if isinstance(encoders, Mapping) else type(encoders).__name__
+      raise ValueError(f"encoders: expected a dict of exactly two name -> encoder spec, got {got}")
     if loss_type not in LOSS_TYPES:
       raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
     if not isinstance(embed_dim, int) or embed_dim < 1:
@@ -123,13 +88,21 @@ class DualEncoder(nnx.Module):
       raise ValueError(f"max_logit_scale: expected > 0 or None, got {max_logit_scale}")
     if init_bias is not None and loss_type != "siglip":
       raise ValueError("init_bias: only SigLIP has a logit bias")
-    self.names = tuple(towers)
-    check_examples(input_examples, self.names)
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    check_examples(input_examples, tuple(encoders))
     self.loss_type, self.embed_dim = loss_type, embed_dim
-    self.towers = nnx.Dict({m: make_encoder(s, rngs=rngs, dtype=dtype) for m, s in towers.items()})
-    widths = {m: encoder_dims(self.towers[m], input_examples[m])[1] for m in self.names}
-    self.proj = nnx.Dict({m: dense(widths[m], embed_dim, ("embed", None), use_bias=False, rngs=rngs,
-                                   dtype=dtype, param_dtype=param_dtype) for m in self.names})
+    self.encoders = make_encoders(encoders, None, rngs=rngs, dtype=dtype)
+    self.names = modality_order(encoders)
+    widths = {m: encoder_dims(self.encoders[m], input_examples[m])[1] for m in self.names}
+    if projection:
+      self.proj = nnx.Dict({m: dense(widths[m], embed_dim, ("embed", None), use_bias=False, rngs=rngs,
+                                     dtype=dtype, param_dtype=param_dtype) for m in self.names})
+    else:
+      wrong = {m: w for m, w in widths.items() if w != embed_dim}
+      if wrong:
+        raise ValueError(f"projection=False: each tower's pooled width must equal embed_dim={embed_dim} "
+                         f"(the towers output the shared space), got {wrong}")
+      self.proj = None
     if init_log_scale is None:
       init_log_scale = losses.CLIP_INIT_LOG_SCALE if loss_type == "clip" else losses.SIGLIP_INIT_LOG_SCALE
     self.log_scale = _scalar_param(float(init_log_scale), rngs)
@@ -152,8 +125,8 @@ class DualEncoder(nnx.Module):
     """(normalised embeddings (B, E) float32, pooled (B, D)) of one tower's inputs."""
     if name not in self.names:
       raise ValueError(f"tower {name!r}: expected one of {list(self.names)}")
-    out = encode(self.towers[name], args, deterministic=deterministic)
-    z = l2_normalize(self.proj[name](out.pooled))  # (B, E)
+    out = encode(self.encoders[name], args, deterministic=deterministic)
+    z = l2_normalize(out.pooled if self.proj is None else self.proj[name](out.pooled))  # (B, E)
     return sharding.constrain(z, ("batch", None)), out.pooled
 
   def __call__(self, inputs: Mapping[str, Any], *,

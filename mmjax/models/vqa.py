@@ -15,29 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.encoders import ENCODERS, EncoderOutput
+from mmjax.encoders import EncoderOutput
 from mmjax.fusion import build_fusion, modality_dropout
 from mmjax.layers.common import Dtype, activation, dense, layer_norm
-from mmjax.registry import Registry
+from mmjax.models.base import MODELS, encoder_dims, make_encoders
 
-MODELS = Registry("model", modules=("mmjax.models.classifier", "mmjax.models.dual_encoder",
-                                   "mmjax.models.vqa"))
-
-
-def build_encoder(spec: Mapping[str, Any], *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.Module:
-  """Builds an encoder from {'name': registered name, **constructor kwargs}."""
-  spec = dict(spec)
-  if "name" not in spec:
-    raise ValueError(f"encoder spec {spec}: needs a 'name' (one of {ENCODERS.names()})")
-  name = spec.pop("name")
-  return ENCODERS.build(name, rngs=rngs, dtype=dtype, **spec)
-
-
-def output_dim(encoder: nnx.Module, example: jax.ShapeDtypeStruct | tuple) -> int:
-  """Token width of `encoder`, found by abstract evaluation on an example input (no FLOPs)."""
-  args = example if isinstance(example, tuple) else (example,)
-  out = nnx.eval_shape(lambda m, *a: m(*a), encoder, *args)
-  return int(out.tokens.shape[-1])
+MODALITIES = ("image", "text")
 
 
 class AnswerHead(nnx.Module):
@@ -66,42 +49,46 @@ class VQAModel(nnx.Module):
   """Answers questions about images.
 
   Attributes:
-    vision: image encoder (any registered vision encoder, e.g. "small_cnn", "vit", "resnet").
-    text: question encoder (e.g. "bert", "rnn_text", "minilm").
+    encoders: {"image": image encoder (any registered vision encoder, e.g. "small_cnn", "vit",
+      "resnet"), "text": question encoder (e.g. "bert", "rnn_text", "minilm")}.
     fusion: any registered fusion block over modalities {"image", "text"}.
     head: answer classifier on the fused pooled vector.
 
   Args:
-    vision, text: encoder specs {'name': ..., **kwargs}.
+    encoders: {"image": spec, "text": spec}, each {'name': ..., **kwargs} (or a built module).
     fusion: fusion family name (see `mmjax.fusion.FUSIONS.names()`).
     fusion_kwargs: extra constructor arguments of the fusion block.
     features: fused width.
     num_answers: answer vocabulary size.
     image_shape: (H, W, C) of input images; question_len: L. Used to size the fusion block.
     head_hidden: hidden width of the answer MLP.
+    head_dropout: dropout inside the answer MLP.
     modality_dropout: probability of dropping a whole modality per example in training.
     question_tokens: "all" passes every question token to the fusion block; "pooled" passes the
       text encoder's pooled vector as a single token, so per-question fusion work does not grow
       with the question length (about 20x less for 20-token questions).
+    dtype: compute dtype (a name such as "bfloat16" or a dtype); parameters stay float32.
 
   Subclasses may override `encode_questions` to change how the question stream is encoded
   (e.g. each distinct question once), as long as every row gets its own output.
   """
 
-  def __init__(self, *, vision: Mapping[str, Any], text: Mapping[str, Any], fusion: str,
-               features: int, num_answers: int, image_shape: tuple[int, int, int],
-               question_len: int, fusion_kwargs: Mapping[str, Any] | None = None,
-               head_hidden: int = 256, head_dropout: float = 0.0, modality_dropout: float = 0.0,
+  def __init__(self, *, encoders: Mapping[str, Any], fusion: str, features: int, num_answers: int,
+               image_shape: tuple[int, int, int], question_len: int,
+               fusion_kwargs: Mapping[str, Any] | None = None, head_hidden: int = 256,
+               head_dropout: float = 0.0, modality_dropout: float = 0.0,
                question_tokens: str = "all", dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if question_tokens not in ("all", "pooled"):
       raise ValueError(f"question_tokens: expected 'all' or 'pooled', got {question_tokens!r}")
+    dtype = jnp.dtype(dtype)
     self.question_tokens = question_tokens
-    self.vision = build_encoder(vision, rngs=rngs, dtype=dtype)
-    self.text = build_encoder(text, rngs=rngs, dtype=dtype)
+    self.encoders = make_encoders(encoders, MODALITIES, rngs=rngs, dtype=dtype)
     self.image_shape, self.question_len = tuple(image_shape), int(question_len)
-    dv = output_dim(self.vision, jax.ShapeDtypeStruct((1, *self.image_shape), jnp.float32))
-    ids = jax.ShapeDtypeStruct((1, self.question_len), jnp.int32)
-    dt = output_dim(self.text, (ids, jax.ShapeDtypeStruct((1, self.question_len), jnp.bool_)))
+    image = jax.ShapeDtypeStruct((1, *self.image_shape), jnp.float32)
+    question = (jax.ShapeDtypeStruct((1, self.question_len), jnp.int32),
+                jax.ShapeDtypeStruct((1, self.question_len), jnp.bool_))  # ids, mask
+    dv, _ = encoder_dims(self.encoders["image"], image)
+    dt, _ = encoder_dims(self.encoders["text"], question)
     self.fusion = build_fusion(fusion, modalities={"image": dv, "text": dt}, features=features,
                                rngs=rngs, dtype=dtype, **dict(fusion_kwargs or {}))
     self.head = AnswerHead(features, head_hidden, num_answers, dropout=head_dropout, dtype=dtype, rngs=rngs)
@@ -134,7 +121,7 @@ class VQAModel(nnx.Module):
     if presence is not None and "image" in presence:  # absent images never reach arithmetic
       keep = jnp.asarray(presence["image"]).astype(bool).reshape(-1, 1, 1, 1)
       images = jnp.where(keep, images, jnp.zeros((), images.dtype))
-    img: EncoderOutput = self.vision(images, deterministic=deterministic)
+    img: EncoderOutput = self.encoders["image"](images, deterministic=deterministic)
     txt = self.encode_questions(q_ids.reshape(B * Q, L), q_mask.reshape(B * Q, L), deterministic)
     rep = lambda x: jnp.repeat(x, Q, axis=0)  # per image -> per question
     pres = None
@@ -155,4 +142,4 @@ class VQAModel(nnx.Module):
 
   def encode_questions(self, ids: jax.Array, mask: jax.Array, deterministic: bool) -> EncoderOutput:
     """ids, mask (N, L) -> the text encoder's output for every row."""
-    return self.text(ids, mask, deterministic=deterministic)
+    return self.encoders["text"](ids, mask, deterministic=deterministic)

@@ -27,6 +27,7 @@ from mmjax import predict
 from mmjax.data import pipeline
 from mmjax.data.datasets import av_digits
 from mmjax.metrics.classification import confusion_matrix
+from mmjax.models import build_model
 from mmjax.models.classifier import MultimodalClassifier
 from mmjax.train.tasks import TASKS
 
@@ -123,15 +124,12 @@ class AvDigitsClassification(pipeline.ConfigInput):
 
   # -- model -----------------------------------------------------------------------------------
   def build_model(self, rngs: nnx.Rngs) -> MultimodalClassifier:
-    m = self.config.model
+    """`config.model` as is (`mmjax.models.build_model`); example inputs and classes from the data."""
     examples = {"image": jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32),
                 "audio": {"x": jax.ShapeDtypeStruct((1, av_digits.NUM_SAMPLES), jnp.float32),
                           "lengths": jax.ShapeDtypeStruct((1,), jnp.int32)}}
-    return MultimodalClassifier(
-        encoders={"image": dict(m.image), "audio": dict(m.audio)}, input_examples=examples,
-        fusion=m.fusion, fusion_kwargs=dict(m.fusion_kwargs), features=int(m.features),
-        num_classes=len(CLASSES), loss_weights=dict(m.loss_weights), head_hidden=m.head_hidden,
-        modality_dropout=float(m.modality_dropout), rngs=rngs)
+    return build_model(self.config.model, rngs=rngs, base=MultimodalClassifier,
+                       input_examples=examples, num_classes=len(CLASSES))
 
   # -- loss and metrics ------------------------------------------------------------------------
   def loss_fn(self, model, batch, train):

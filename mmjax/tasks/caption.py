@@ -23,11 +23,10 @@ from mmjax import losses, predict
 from mmjax.data import pipeline, scenes
 from mmjax.data.datasets import shapes_captions
 from mmjax.metrics.caption import CaptionMetrics, simple_tokenize
-from mmjax.models import decoding
+from mmjax.models import build_model, decoding
 from mmjax.models.captioner import ShowAndTell, TransformerCaptioner
 from mmjax.train.tasks import TASKS
 
-CAPTIONERS = {"show_and_tell": ShowAndTell, "transformer": TransformerCaptioner}
 IMAGE_SHAPE = (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3)
 
 
@@ -35,6 +34,7 @@ class CaptionPredictor(predict.Predictor):
   """Captions images, decoding inside the compiled function (one compilation per search method)."""
 
   request_fields = ("image",)
+  request_options = ("beam", "resize")
 
   def image_inputs(self, images: Sequence[predict.ImageInput], *, resize: bool = False,
                    method: str = "caption") -> np.ndarray:
@@ -74,13 +74,13 @@ class CaptionPredictor(predict.Predictor):
     return self.caption_batch([image], method=method, resize=resize)[0]
 
   def predict(self, *, image, beam: bool = False, resize: bool = False) -> dict[str, Any]:
-    """The command line's request: `caption`."""
-    return self.caption(image, method="beam" if beam else None, resize=resize)
+    """The command line's request: `caption` (beam search with `beam`, else the config's method)."""
+    return self.caption(image, method="beam" if beam else None, resize=bool(resize))
 
 
 @TASKS.register("caption_shapes")
 class ShapesCaptioning(pipeline.ConfigInput):
-  """Image captioning on shapes_captions; model "show_and_tell" or "transformer" by config.
+  """Image captioning on shapes_captions; `model.name` "show_and_tell" or "transformer_captioner".
 
   Batches (the config's pp strings make them): image (B, 75, 75, 3) float32 in [0, 1];
   caption_ids and caption_mask `[CLS] ... [SEP]`, padded to L = data.max_len: (B, L) for training
@@ -94,8 +94,6 @@ class ShapesCaptioning(pipeline.ConfigInput):
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.eval_splits = tuple(config.data.eval_splits)
-    if config.model.name not in CAPTIONERS:
-      raise ValueError(f"model.name: expected one of {sorted(CAPTIONERS)}, got {config.model.name!r}")
     self.tokenizer = shapes_captions.load_tokenizer(
         config.data.data_dir, config=shapes_captions.sized_config(config.data.num_images))
     self.bos_id = int(self.tokenizer.cls_token_id)
@@ -109,11 +107,9 @@ class ShapesCaptioning(pipeline.ConfigInput):
     return int(self.config.data.max_len) - 1
 
   def build_model(self, rngs: nnx.Rngs) -> ShowAndTell | TransformerCaptioner:
-    m = self.config.model
-    encoder = dict(m.encoder)
-    name = encoder.pop("name")
-    return CAPTIONERS[m.name](self.tokenizer.vocab_size, encoder=name, encoder_kwargs=encoder,
-                              encoder_features=encoder["features"], **dict(m.decoder), rngs=rngs)
+    """`config.model` as is (`mmjax.models.build_model`); vocabulary and image shape from the data."""
+    return build_model(self.config.model, rngs=rngs, base=(ShowAndTell, TransformerCaptioner),
+                       vocab_size=self.tokenizer.vocab_size, image_shape=IMAGE_SHAPE)
 
   def generate(self, model, images: jax.Array, method: str | None = None) -> decoding.DecodeResult:
     """Captions images (B, 75, 75, 3) with the configured search (a pure function to jit)."""

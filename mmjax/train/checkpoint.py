@@ -4,7 +4,9 @@ Faults are handled so that a run never loses more than one checkpoint interval:
 
 - An interrupted save (SIGKILL, power loss) leaves only an Orbax temporary folder
   (`<step>.orbax-checkpoint-tmp-*`); steps are published by an atomic rename, so such a folder
-  is never listed as a step. The trainer's Checkpointer removes these leftovers with a warning.
+  is never listed as a step. On Google Cloud Storage, which has no rename, Orbax writes the step
+  folder in place and publishes it by a final `commit_success.txt`: a step folder without it
+  is the leftover there. The trainer's Checkpointer removes these leftovers with a warning.
 - Orbax deletes old steps in place, file by file (best-keeping may delete a step right after
   saving it), so an interrupted deletion leaves a listed step without some of its items. A step
   counts only when complete: finalized for Orbax, with every item its step metadata records
@@ -13,8 +15,9 @@ Faults are handled so that a run never loses more than one checkpoint interval:
   to read or whose arrays do not match their checksums (truncated or garbled files) raises
   `CorruptCheckpointError` naming the step; `restore_latest` then falls back to the newest step
   that restores, and moves the bad ones aside to `<step>.corrupt` (so the run can save that step
-  again). If every step fails (typically a config that no longer matches the checkpoints),
-  nothing is moved and the error lists each step's reason.
+  again; on a bucket the move copies the step's objects). If every step fails (typically a
+  config that no longer matches the checkpoints), nothing is moved and the error lists each
+  step's reason.
 - A failed write (disk full, permissions) raises `CheckpointSaveError` naming the step and the
   last complete step, which is left intact.
 """
@@ -22,8 +25,6 @@ Faults are handled so that a run never loses more than one checkpoint interval:
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
@@ -32,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmjax import io_paths
+
 log = logging.getLogger(__name__)
 
-TMP_MARKER = ".orbax-checkpoint-tmp"
 CORRUPT_SUFFIX = ".corrupt"
 
 
@@ -50,7 +52,7 @@ class Checkpointer:
   """Wraps `ocp.CheckpointManager`: async saves, keep the last N (and the best by a metric).
 
   Args:
-    directory: where step folders go (created).
+    directory: where step folders go (created): a local path or a bucket URL (`gs://...`).
     keep: how many recent checkpoints to keep.
     best_metric: if set (e.g. "eval/accuracy"), checkpoints carrying the best value of this
       metric are kept too; `best_mode` is "max" or "min".
@@ -60,40 +62,51 @@ class Checkpointer:
       otherwise delete a save in flight.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
+  def __init__(self, directory: io_paths.PathLike, *, keep: int = 3, best_metric: str | None = None,
                best_mode: str = "max", async_save: bool = True, cleanup: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = io_paths.as_path(directory)
     self.best_metric = best_metric
     if cleanup and jax.process_index() == 0:
       self._remove_partial_saves()
+    # The last `keep` steps (resume never goes back), plus the best one by the metric. Orbax's
+    # own best-keeping keeps the `keep` best instead (deleting the step just saved when it scored
+    # lower) and every step saved without metrics (so they pile up).
+    policies = ocp.checkpoint_managers
+    preserve = policies.LatestN(n=keep)
+    if best_metric:
+      best = policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
+                            keep_checkpoints_without_metrics=False)
+      preserve = policies.AnyPreservationPolicy([preserve, best])
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
         enable_async_checkpointing=async_save,
         create=True,
-        best_fn=(lambda m: m[best_metric]) if best_metric else None,
+        best_fn=(lambda m: m[best_metric]) if best_metric else None,  # for best_step()
         best_mode=best_mode,
-        keep_checkpoints_without_metrics=True,
+        preservation_policy=preserve,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=opts)
     self._in_flight: int | None = None
 
   def _remove_partial_saves(self) -> None:
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return
-    partial = sorted(n for n in os.listdir(self.directory) if TMP_MARKER in n)
+    # Orbax's rule for the kind of storage: a temporary name here, a missing commit file on GCS
+    # (there, of step folders only: not `<step>.corrupt` nor a folder someone else put here).
+    partial = sorted(n for n in ocp.step.tmp_checkpoints(self.directory)
+                     if n.split(".")[0].isdigit() and not n.endswith(CORRUPT_SUFFIX))
     for name in partial:
-      path = os.path.join(self.directory, name)
+      path = self.directory / name
       log.warning("removing %s: a partial checkpoint left by an interrupted save (the last "
                   "complete step is restored instead)", path)
       # Writers of a failed save in this process may still be finishing: they can make rmtree
       # fail, or recreate files after it, so it is done again until the folder stays gone.
       for attempt in range(10):
         try:
-          shutil.rmtree(path)
+          path.rmtree()
         except OSError:  # gone already, or a writer is still in it
           pass
         time.sleep(0.05 * (attempt + 1))
-        if not os.path.exists(path):
+        if not path.exists():
           break
       else:
         log.warning("could not remove %s; it is ignored (never listed as a step)", path)
@@ -187,7 +200,7 @@ class Checkpointer:
 
   def _saved_items(self, step: int) -> set[str]:
     """The items `step` was saved with; CorruptCheckpointError if the step is not complete."""
-    path = os.path.join(self.directory, str(step))
+    path = self.directory / str(step)
     where = f"checkpoint step {step} in {self.directory}"
     if not ocp.step.is_checkpoint_finalized(path):
       raise CorruptCheckpointError(f"{where} is not a finalized checkpoint")
@@ -197,7 +210,7 @@ class Checkpointer:
       raise CorruptCheckpointError(f"{where} is incomplete: its step metadata cannot be read "
                                    f"({type(e).__name__}: {e})") from e
     missing = sorted(n for n in items | {"state"}
-                     if not ocp.step.is_checkpoint_finalized(os.path.join(path, n)))
+                     if not ocp.step.is_checkpoint_finalized(path / n))
     if missing:
       raise CorruptCheckpointError(f"{where} is incomplete: item(s) {', '.join(missing)} missing "
                                    "(its deletion or save was interrupted)")
@@ -223,18 +236,18 @@ class Checkpointer:
                     step, [s for s, _ in failures])
       return step, state, data
     if failures:
-      raise CorruptCheckpointError("no checkpoint in " + self.directory + " can be restored:\n" +
+      raise CorruptCheckpointError(f"no checkpoint in {self.directory} can be restored:\n" +
                                    "\n".join(str(e) for _, e in failures)) from failures[0][1]
     return None
 
   def _move_aside(self, steps: list[int]) -> None:
     if jax.process_index() == 0:
       for step in steps:
-        src = os.path.join(self.directory, str(step))
-        dst = src + CORRUPT_SUFFIX
-        if os.path.exists(dst):
-          shutil.rmtree(dst)
-        os.rename(src, dst)
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}{CORRUPT_SUFFIX}"
+        if dst.exists():
+          dst.rmtree()
+        src.rename(dst)
         log.warning("moved the incomplete or corrupted checkpoint %s aside to %s", src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

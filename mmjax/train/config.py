@@ -40,6 +40,8 @@ def _literal(text: str, want: type) -> Any:
     value = text
   if want is float and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
+  if want is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+    value = value.lower() == "true"
   return value
 
 
@@ -53,13 +55,39 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} has no get_config(arg) function")
-  config = module.get_config(arg or None)
+  config = module.get_config(arg) if arg else module.get_config()  # as absl's config_flags
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
       raise ValueError(f"override {item!r}: expected key=value")
     set_path(config, key.strip().removeprefix("config."), value.strip())
   return config
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
+  """Command-line arguments -> (config spec, 'key=value' overrides, the other arguments).
+
+  `--config FILE[:arg]` (or `--config=...`) names the config; `--config.a.b=VALUE` (or
+  `--config.a.b VALUE`) overrides a key. The scripts load the config with `load_config`, as
+  notebooks, tests and benchmarks do, and hand the rest to absl.
+  """
+  spec, overrides, rest = None, [], [argv[0]] if argv else []
+  args = list(argv[1:])
+  while args:
+    a = args.pop(0)
+    name, eq, value = a.partition("=")
+    if name in ("--config", "-config") or name.startswith(("--config.", "-config.")):
+      if not eq:
+        if not args:
+          raise ValueError(f"{a}: expected a value")
+        value = args.pop(0)
+      if name.lstrip("-") == "config":
+        spec = value
+      else:
+        overrides.append(f"{name.lstrip('-').removeprefix('config.')}={value}")
+    else:
+      rest.append(a)
+  return spec, overrides, rest
 
 
 def set_path(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
@@ -77,7 +105,7 @@ def set_path(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
 
 
 def standard_optim_and_train(c: ml_collections.ConfigDict, steps: int, *, tiny: bool) -> None:
-  """Adds the shared `optim`, `train` and `mesh` sections of the task configs to `c`: AdamW
+  """Adds the shared `optim`, `train`, `mesh` and `model_init` sections of the task configs to `c`: AdamW
   with warmup + cosine, clipping at 1, eval/checkpoint every tenth of the run (tiny runs: once,
   at the end), a data-parallel mesh over every device."""
   c.optim = ml_collections.ConfigDict()
@@ -97,3 +125,7 @@ def standard_optim_and_train(c: ml_collections.ConfigDict, steps: int, *, tiny: 
   c.train.keep = 2
 
   c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+  # Pretrained weights after init (not on resume): a source for the whole model, or
+  # {"encoders/text": source, ...}; a source is a Hugging Face folder, a big_vision .npz or "minilm"
+  # (`mmjax.transfer.model_init`). None = none.
+  c.model_init = None

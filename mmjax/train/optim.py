@@ -1,9 +1,9 @@
 """Optax chains with named parameter groups: per-group learning rate, schedule, decay, freezing.
 
-A config lists groups; each group has a regex over parameter paths ("vision/.*", "text/.*") and
-its own settings. Every parameter belongs to the first group whose pattern matches it, or to the
-default group. Underneath this is `optax.multi_transform`; a frozen group gets `set_to_zero`, so
-its parameters do not change by one bit.
+A config lists groups; each group has a regex over parameter paths ("encoders/image/.*",
+"encoders/text/.*") and its own settings. Every parameter belongs to the first group whose
+pattern matches it, or to the default group. Underneath this is `optax.multi_transform`; a
+frozen group gets `set_to_zero`, so its parameters do not change by one bit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ DEFAULT_GROUP = "default"
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """'vision/layers/0/attn/query/kernel' from a pytree key path."""
+  """'encoders/image/encoder/layers/0/attn/query/kernel' from a pytree key path."""
   parts = []
   for k in path:
     k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
@@ -47,7 +47,7 @@ def schedule(lr: float, *, total_steps: int, warmup_steps: int = 0, kind: str = 
 
 def group_labels(params: Any, groups: Sequence[Mapping[str, Any]]) -> Any:
   """The group name of every leaf of `params`: the first group whose pattern fully matches the
-  leaf's path ('text/layers/0/attn/query/kernel'), else 'default'."""
+  leaf's path ('encoders/text/encoder/layers/0/attn/query/kernel'), else 'default'."""
   compiled = [(g["name"], re.compile(g["pattern"])) for g in groups]
 
   def name_of(p: str) -> str:

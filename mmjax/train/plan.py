@@ -131,7 +131,7 @@ def make_setup(config, topology: str | None = None, num_slices: int = 1) -> Setu
   if not topology:
     return Setup(config)
   devices = topo.topology_devices(topology, num_slices)
-  return Setup(config, mesh=topo.make_mesh(dict(config.mesh), devices, num_slices))
+  return Setup(config, mesh=topo.make_mesh(dict(config.mesh), devices))
 
 
 def plan(config, topology: str | None = None, num_slices: int = 1, eval_step: bool = True,
@@ -227,12 +227,32 @@ def format_plan(p: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+_CONFIG: list = []  # (spec, overrides) taken from the command line before absl parses the rest
+
+
+def parse_flags(argv):
+  from absl import flags
+
+  from mmjax.train.config import split_config_args
+  spec, overrides, rest = split_config_args(argv)
+  if spec is None:
+    sys.exit("plan: --config is required (e.g. --config configs/vqa.py:size=tiny)")
+  _CONFIG[:] = [spec, overrides]
+  return flags.FLAGS(rest)
+
+
 def main(argv):
   del argv
   from absl import flags
+
+  from mmjax.train.config import load_config
   f = flags.FLAGS
   try:
-    p = plan(f.config, f.topology, f.num_slices, eval_step=f.eval)
+    config = load_config(*_CONFIG)
+  except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+    sys.exit(f"plan: config: {e}")
+  try:
+    p = plan(config, f.topology, f.num_slices, eval_step=f.eval)
   except RuntimeError as e:  # no libtpu: say how to install it
     if f.topology and not topo.libtpu_available():
       sys.exit(str(e))
@@ -242,12 +262,11 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags
-  from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':args'.")
+  flags.DEFINE_string("config", None, "Config file, optionally with ':args'; then --config.KEY=VALUE overrides.")
   flags.DEFINE_string("topology", None, "TPU slice to compile for, e.g. v5e:4x4, v5p:2x2x2, v5e-256 "
                       "(needs libtpu, not a TPU); default: this machine's devices.")
   flags.DEFINE_integer("num_slices", 1, "Slices of --topology (the mesh's first divisible axis spans them).")
   flags.DEFINE_bool("eval", True, "Also compile the eval step.")
   flags.DEFINE_bool("json", False, "Print the plan as JSON.")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

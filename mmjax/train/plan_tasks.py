@@ -8,8 +8,10 @@ not train. A config names them as "mmjax.train.plan_tasks:<name>":
 ImageNet-sized inputs), "plan_vqa" (`VQAModel`, e.g. LXMERT's BERT + ViT streams and
 cross-modality layers, with VQA v2's soft-score loss) and "plan_clip" (a CLIP `DualEncoder`).
 
-Config: `model.*` as below; `data.batch_size`, `data.eval_batch_size`, `data.image_shape` (H, W, C),
-and `data.num_classes` / `data.num_answers` / `data.max_len` where the task needs them.
+Config: `model` as every task's (`mmjax.models.build_model`: name, encoders, the constructor's
+arguments; plan_image_classification builds `model.encoders.image` alone); `data.batch_size`,
+`data.eval_batch_size`, `data.image_shape` (H, W, C), and `data.num_classes` / `data.num_answers` /
+`data.max_len` where the task needs them.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import ml_collections
 from flax import nnx
 
 from mmjax import losses
+from mmjax.models import build_model
+from mmjax.models.base import build_encoder
 from mmjax.models.dual_encoder import DualEncoder
-from mmjax.models.vqa import VQAModel, build_encoder
+from mmjax.models.vqa import VQAModel
 from mmjax.train.tasks import TASKS
 
 S = jax.ShapeDtypeStruct
@@ -38,7 +42,6 @@ class _ShapesOnly:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.image_shape = tuple(int(s) for s in config.data.image_shape)
-    self.dtype = jnp.dtype(config.model.get("dtype", "float32"))  # compute dtype; parameters stay f32
 
   def dataset(self, split, *, train, batch_size, shard_index, shard_count):
     raise NotImplementedError(f"task {self.config.task!r} has shapes only (see mmjax.train.plan_tasks): "
@@ -54,11 +57,13 @@ def _counts(correct: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
 
 @TASKS.register("plan_image_classification")
 class ImageClassification(_ShapesOnly):
-  """`model.vision`: an encoder spec with a classification head, e.g. {"name": "vit",
-  "variant": "B/16", "num_classes": 1000}; `data.num_classes` its classes."""
+  """`model.encoders.image`: an encoder spec with a classification head, e.g. {"name": "vit",
+  "variant": "B/16", "num_classes": 1000}; `model.dtype` its compute dtype (parameters stay f32);
+  `data.num_classes` its classes."""
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    return build_encoder(dict(self.config.model.vision), rngs=rngs, dtype=self.dtype)
+    m = self.config.model
+    return build_encoder(m.encoders.image.to_dict(), rngs=rngs, dtype=jnp.dtype(m.dtype))
 
   def loss_fn(self, model, batch, train):
     logits = model.classify(batch["image"], deterministic=not train)  # (B, C)
@@ -75,15 +80,13 @@ class ImageClassification(_ShapesOnly):
 
 @TASKS.register("plan_vqa")
 class VisualQuestionAnswering(_ShapesOnly):
-  """`VQAModel(**model)` minus the sizes `data` gives: one question of `data.max_len` tokens per
+  """A `VQAModel` (`model.name` "vqa") sized by `data`: one question of `data.max_len` tokens per
   image, `data.num_answers` answers scored softly (VQA v2's targets, LXMERT's loss)."""
 
   def build_model(self, rngs: nnx.Rngs) -> VQAModel:
-    m, d = self.config.model, self.config.data
-    kwargs = {k: v for k, v in m.to_dict().items() if k not in ("vision", "text", "fusion_kwargs", "dtype")}
-    return VQAModel(vision=dict(m.vision), text=dict(m.text), fusion_kwargs=dict(m.fusion_kwargs),
-                    num_answers=int(d.num_answers), image_shape=self.image_shape,
-                    question_len=int(d.max_len), dtype=self.dtype, rngs=rngs, **kwargs)
+    d = self.config.data
+    return build_model(self.config.model, rngs=rngs, base=VQAModel, num_answers=int(d.num_answers),
+                       image_shape=self.image_shape, question_len=int(d.max_len))
 
   def loss_fn(self, model, batch, train):
     logits, _ = model(batch["image"], batch["question_ids"], batch["question_mask"],
@@ -107,16 +110,14 @@ class VisualQuestionAnswering(_ShapesOnly):
 
 @TASKS.register("plan_clip")
 class ContrastiveImageText(_ShapesOnly):
-  """`model.image`, `model.text`: tower specs (e.g. "vit" and "clip_text"); `model.embed_dim`;
-  captions of `data.max_len` tokens."""
+  """A `DualEncoder` (`model.name` "dual_encoder") with towers `model.encoders.image` and
+  `model.encoders.text` (e.g. "vit" and "clip_text"); captions of `data.max_len` tokens."""
 
   def build_model(self, rngs: nnx.Rngs) -> DualEncoder:
-    m, length = self.config.model, int(self.config.data.max_len)
+    length = int(self.config.data.max_len)
     examples = {"image": S((1, *self.image_shape), jnp.float32),
                 "text": (S((1, length), jnp.int32), S((1, length), jnp.bool_))}
-    return DualEncoder(towers={"image": dict(m.image), "text": dict(m.text)}, input_examples=examples,
-                       embed_dim=int(m.embed_dim), loss_type=m.get("loss_type", "clip"),
-                       dtype=self.dtype, rngs=rngs)
+    return build_model(self.config.model, rngs=rngs, base=DualEncoder, input_examples=examples)
 
   def _embed(self, model, batch, train):
     return model({"image": batch["image"], "text": (batch["caption_ids"], batch["caption_mask"])},

@@ -10,7 +10,8 @@ from flax import nnx
 
 from mmjax.registry import Registry
 
-TASKS = Registry("task", modules=("mmjax.tasks.av_digits", "mmjax.tasks.caption", "mmjax.tasks.clip"))
+TASKS = Registry("task", modules=("mmjax.tasks.av_digits", "mmjax.tasks.caption", "mmjax.tasks.clip",
+                                 "mmjax.tasks.user_data"))
 
 
 class Task(Protocol):

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
 
 from mmjax import sharding
 
@@ -106,25 +105,11 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
   return list(desc.devices)
 
 
-def make_mesh(shape: dict[str, int], devices: Sequence[Any], num_slices: int = 1) -> jax.sharding.Mesh:
-  """A mesh {axis: size} (one size may be -1) over `devices`; with several slices, the first axis
-  whose size the slice count divides spans the slices (data parallelism over the slower network)."""
-  if num_slices == 1:
-    return sharding.make_mesh(shape, devices)
-  names, sizes = list(shape), list(shape.values())
-  if -1 in sizes:
-    known = math.prod(s for s in sizes if s != -1)
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-  across = next((i for i, s in enumerate(sizes) if s % num_slices == 0), None)
-  if across is None:
-    raise ValueError(f"mesh {dict(zip(names, sizes))}: no axis divisible by {num_slices} slices")
-  ici = [s // num_slices if i == across else s for i, s in enumerate(sizes)]
-  dcn = [num_slices if i == across else 1 for i in range(len(sizes))]
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-  return jax.sharding.Mesh(grid, tuple(names),
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+def make_mesh(shape: dict[str, int], devices: Sequence[Any]) -> jax.sharding.Mesh:
+  """A mesh {axis: size} (one size may be -1) over `devices`, as the trainer builds it
+  (`mmjax.sharding.make_mesh`: with several slices, the first axis whose size the slice count
+  divides spans the slices, data parallelism over the slower network)."""
+  return sharding.make_mesh(shape, devices)
 
 
 # ---------------------------------------------------------------------------------------------

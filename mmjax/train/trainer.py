@@ -12,14 +12,16 @@ Faults (see also `mmjax.train.checkpoint`):
   metrics) and goes on; "stop" (the default) raises FloatingPointError before the next save, so
   the latest checkpoint stays the last good one. Either way the step and batch index are logged.
 - SIGTERM (preemption): a checkpoint is written at the next step boundary and `train` returns
-  normally; if that takes longer than `train.preemption_grace_s` seconds, the process exits
-  with status 1 and the next start resumes from the last complete checkpoint. The host runs at
-  most one step ahead of the device: asynchronous dispatch would otherwise queue a whole logging
-  window of steps, which a SIGTERM (and `train.max_minutes`) had to wait for.
+  normally, on every process at the same step when the signal reached only some; if that takes
+  longer than `train.preemption_grace_s` seconds, the process exits with status 1 and the next
+  start resumes from the last complete checkpoint. The host runs at most one step ahead of the
+  device: asynchronous dispatch would otherwise queue a whole logging window of steps, which a
+  SIGTERM (and `train.max_minutes`) had to wait for.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -34,14 +36,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmjax import sharding
-from mmjax.train import optim
+from mmjax import io_paths, sharding
+from mmjax.train import distributed, optim
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.tasks import TASKS
 from mmjax.transfer.lora import apply_lora
+from mmjax.transfer.model_init import check_model_init, load_model_init
 
 log = logging.getLogger("mmjax.train")
 
@@ -54,14 +56,16 @@ NONFINITE_POLICIES = ("skip", "stop")
 class Setup:
   """Everything derived from a config before any array exists: mesh, task, shardings, step fns."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+               workdir: io_paths.PathLike | None = None):
     """`mesh`: the devices to shard over (default: `config.mesh` over `jax.devices()`), e.g. the
-    TPU devices of a topology that `mmjax.train.plan` compiles for without running."""
+    TPU devices of a topology that `mmjax.train.plan` compiles for without running. `workdir`:
+    the run's folder, handed to a task that keeps what its data decides there (`make_task`)."""
     self.config = config
     self.mesh = sharding.make_mesh(dict(config.mesh)) if mesh is None else mesh
     self.rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1])
                        for r in config.get("rules", sharding.DEFAULT_RULES))
-    self.task = TASKS.get(config.task)(config)
+    self.task = make_task(config, workdir)
     seed = int(config.seed)
     lora = config.get("lora")
 
@@ -74,6 +78,11 @@ class Setup:
 
     self._ctor = ctor
     abstract_model = nnx.eval_shape(ctor)
+    self.abstract_model = abstract_model
+    # Pretrained weights (config.model_init): every name and shape checked now, from the files'
+    # headers, before anything compiles.
+    self.model_init = config.get("model_init") or None
+    check_model_init(self.model_init, abstract_model)
     self.graphdef, abs_params, abs_rng, abs_mstate = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
     self.total_steps = int(config.train.steps)
     self.nonfinite = config.train.get("nonfinite", "stop")
@@ -117,7 +126,10 @@ class Setup:
               "step": jnp.zeros((), jnp.int32)}
 
     with self.context():
-      return jax.jit(init, out_shardings=self.state_shardings)()
+      state = jax.jit(init, out_shardings=self.state_shardings)()
+    if self.model_init:  # outside jit: each tensor placed on its sharding, never a compile-time constant
+      state["params"] = load_model_init(self.model_init, self.abstract_model, state.pop("params"))
+    return state
 
   def context(self):
     return _Both(jax.set_mesh(self.mesh), sharding.axis_rules(self.rules, self.mesh))
@@ -178,6 +190,14 @@ class Setup:
                    out_shardings=NamedSharding(self.mesh, P()))
 
 
+def make_task(config: ml_collections.ConfigDict, workdir: io_paths.PathLike | None = None):
+  """`TASKS[config.task](config)`, given `workdir=` when its constructor takes one."""
+  cls = TASKS.get(config.task)
+  if workdir is not None and "workdir" in inspect.signature(cls).parameters:
+    return cls(config, workdir=workdir)
+  return cls(config)
+
+
 class _Both:
   """Enters two context managers as one."""
 
@@ -236,37 +256,53 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # Logging.
 # ---------------------------------------------------------------------------------------------
+_TENSORBOARDX_URLS = ("gs://", "s3://")  # it takes other URLs for local paths
+
+
 class MetricWriter:
   """Metrics to metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow).
 
   `resumed_from`: the step a run restarts from. Rows a previous process logged after it (steps
   that are now run again) are dropped from metrics.jsonl and purged from TensorBoard, so that a
-  resumed run's curves hold each step once.
+  resumed run's curves hold each step once. A bucket cannot append: there metrics.jsonl is
+  rewritten whole at each write (one row per logged step keeps it small).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, resumed_from: int | None = None):
+  def __init__(self, workdir: io_paths.PathLike, enabled: bool = True, resumed_from: int | None = None):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    workdir = io_paths.as_path(workdir)
+    self.path = workdir / "metrics.jsonl"
     self.tb = None
+    self._rows: list[dict] | None = None  # in a bucket: every row, to rewrite the object whole
     if enabled:
       from tensorboardX import SummaryWriter
-      if resumed_from is not None and os.path.exists(self.path):
-        rows = read_metrics(workdir)
-        kept = [r for r in rows if r["step"] <= resumed_from]
-        if len(kept) < len(rows):
-          tmp = self.path + ".tmp"
-          with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-          os.replace(tmp, self.path)
+      bucket = io_paths.is_url(workdir)
+      rows = read_metrics(workdir) if resumed_from is not None or bucket else []
+      kept = [r for r in rows if resumed_from is None or r["step"] <= resumed_from]
+      if len(kept) < len(rows):
+        io_paths.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+      if bucket:
+        self._rows = kept
       purge = None if resumed_from is None else resumed_from + 1
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+      tb_dir = os.fspath(workdir / "tb")
+      if bucket and not tb_dir.startswith(_TENSORBOARDX_URLS):
+        log.warning("no TensorBoard events for %s: tensorboardX writes local paths and %s URLs "
+                    "only; the metrics are in %s", workdir, ", ".join(_TENSORBOARDX_URLS), self.path)
+      else:
+        self.tb = SummaryWriter(tb_dir, purge_step=purge)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if self._rows is not None:
+      self._rows.append(row)
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in self._rows))
+    else:
+      with self.path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    if self.tb is None:
+      return
     for k, v in metrics.items():
       self.tb.add_scalar(k, float(v), int(step))
     self.tb.flush()
@@ -276,15 +312,14 @@ class MetricWriter:
       self.tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict[str, float]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+def read_metrics(workdir: io_paths.PathLike) -> list[dict[str, float]]:
+  path = io_paths.as_path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(workdir: str) -> str | None:
+def plot_curves(workdir: io_paths.PathLike) -> str | None:
   """Training curves (loss and every eval metric) as curves.png in the workdir."""
   rows = read_metrics(workdir)
   if not rows:
@@ -307,10 +342,11 @@ def plot_curves(workdir: str) -> str | None:
       ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  path = os.path.join(workdir, "curves.png")
-  fig.savefig(path, dpi=110)
+  path = io_paths.as_path(workdir) / "curves.png"
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
-  return path
+  return os.fspath(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +357,9 @@ class _Preempted:
 
   A watchdog ends the process (status 1) if that has not happened `grace_s` seconds after the
   signal, so a preempted job never outlives its grace period in the middle of a write it cannot
-  finish; the partial save is then discarded on the next start.
+  finish; the partial save is then discarded on the next start. With several processes the loop
+  stops where all agree (`distributed.StopVote`); a process that got no signal itself is told by
+  `stop` and keeps the same watchdog.
   """
 
   def __init__(self, grace_s: float):
@@ -338,10 +376,14 @@ class _Preempted:
     return self
 
   def _handle(self, *_):
+    self.stop("SIGTERM")
+
+  def stop(self, why: str):
+    """Sets the flag and starts the watchdog (once)."""
     if self.flag:
       return
     self.flag = True
-    log.warning("SIGTERM: saving a checkpoint at the next step boundary (grace %.0f s)", self.grace_s)
+    log.warning("%s: saving a checkpoint at the next step boundary (grace %.0f s)", why, self.grace_s)
     self._timer = threading.Timer(self.grace_s, self._expired)
     self._timer.daemon = True
     self._timer.start()
@@ -379,8 +421,10 @@ def _window_average(host: list[dict]) -> dict[str, float]:
   return avg
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-  """Trains `config` in `workdir`, resuming from its latest complete, readable checkpoint.
+def train(config: ml_collections.ConfigDict, workdir: io_paths.PathLike, *,
+          progress: bool = True) -> dict[str, Any]:
+  """Trains `config` in `workdir` (a local path or a bucket URL such as `gs://bucket/run`),
+  resuming from its latest complete, readable checkpoint.
 
   Returns the final metrics, with "step", "num_params", "nonfinite_steps" (skipped in this run),
   "resumed_from" (the step of the checkpoint this run restored, None when it started afresh)
@@ -389,14 +433,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   """
   from tqdm.auto import tqdm
 
-  os.makedirs(workdir, exist_ok=True)
+  workdir = io_paths.as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  setup = Setup(config)
+  setup = Setup(config, workdir=workdir)
   tcfg = config.train
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(tcfg.get("keep", 3)),
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  ckpt = Checkpointer(workdir / "checkpoints", keep=int(tcfg.get("keep", 3)),
                       best_metric=setup.task.best_metric, cleanup=True)
   bs = int(config.data.batch_size)
   if bs % jax.process_count():
@@ -428,18 +472,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
              desc=config.get("name", config.task))
   try:
     with _Preempted(float(tcfg.get("preemption_grace_s", 60.0))) as preempt:
-      step = start
+      past_deadline = lambda: bool(deadline) and time.perf_counter() > deadline
+      stop = distributed.StopVote(lambda: preempt.flag, past_deadline)
+      step, preempted = start, False
       while step < total:
+        vote = stop.cast()  # every process stops at the same step, saving the same checkpoint
         with setup.context():
           state, metrics = train_step(state, setup.global_batch(next(train_iter)))
         if pending:  # at most two steps in flight, so SIGTERM, max_minutes and the bar see the device's step
           jax.block_until_ready(pending[-1][1])
         step += 1
-        if deadline and step % log_every == 0 and multihost_utils.broadcast_one_to_all(time.perf_counter() > deadline):
+        preempted, out_of_time = stop.result(vote)  # read once; a later signal is handled at the next step
+        if out_of_time:
           total = step  # train.max_minutes reached: this step's log, eval and save follow
+        if preempted:
+          preempt.stop("SIGTERM on another process")  # no-op where the signal came
         pending.append((step, metrics))
         bar.update(1)
-        preempted = preempt.flag  # read once; a later signal is handled at the next step
         save = step % ckpt_every == 0 or step == total or preempted
         if save and setup.nonfinite == "stop":
           bad = _nonfinite_steps(pending)
@@ -491,5 +540,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   final["num_params"] = setup.num_params
   final["nonfinite_steps"] = skipped
   final["resumed_from"] = start if restored is not None else None
-  final["preempted"] = preempt.flag
+  final["preempted"] = preempted  # agreed: the same on every process
   return final

@@ -61,7 +61,7 @@ def clip_layer_rules(ours: str, hf: str) -> list[Rule]:
   return rules
 
 
-def vision_rules(spec: ViTSpec, ours: str = f"towers.{IMAGE}", hf: str = "vision_model") -> list[Rule]:
+def vision_rules(spec: ViTSpec, ours: str = f"encoders.{IMAGE}", hf: str = "vision_model") -> list[Rule]:
   """Rules between a CLIP-shaped `ViT` at `ours` and HF `CLIPVisionModel` names under `hf`."""
   shape = dict(pool=spec.pool, posemb=spec.posemb, pre_norm=spec.pre_norm,
                patch_bias=spec.patch_bias, pooler=spec.pooler, num_classes=spec.num_classes)
@@ -81,7 +81,7 @@ def vision_rules(spec: ViTSpec, ours: str = f"towers.{IMAGE}", hf: str = "vision
   return rules + layer_norm_rule(f"{ours}.encoder.final_norm", f"{hf}.post_layernorm")
 
 
-def text_rules(spec: ClipTextSpec, ours: str = f"towers.{TEXT}", hf: str = "text_model") -> list[Rule]:
+def text_rules(spec: ClipTextSpec, ours: str = f"encoders.{TEXT}", hf: str = "text_model") -> list[Rule]:
   """Rules between a `ClipTextEncoder` at `ours` and HF `CLIPTextModel` names under `hf`."""
   rules = [
       Rule(f"{ours}.word_embed.embedding", f"{hf}.embeddings.token_embedding.weight"),
@@ -97,7 +97,7 @@ def check_clip(model: DualEncoder) -> tuple[ViTSpec, ClipTextSpec]:
   if not isinstance(model, DualEncoder) or model.names != (IMAGE, TEXT):
     raise ValueError(f"model: expected a DualEncoder with towers ({IMAGE!r}, {TEXT!r}), got "
                      f"{getattr(model, 'names', type(model).__name__)}")
-  image, text = model.towers[IMAGE], model.towers[TEXT]
+  image, text = model.encoders[IMAGE], model.encoders[TEXT]
   if not isinstance(image, ViT) or not isinstance(text, ClipTextEncoder):
     raise ValueError(f"model: HF CLIP layout needs towers ViT and ClipTextEncoder, got "
                      f"{type(image).__name__} and {type(text).__name__}")
@@ -189,11 +189,11 @@ def build_clip(vision: dict[str, Any], text: dict[str, Any], embed_dim: int, *,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> DualEncoder:
   """A randomly initialised CLIP-shaped `DualEncoder` from `ViTSpec` and `ClipTextSpec` fields."""
   h, w = _pair(vision["image_size"])
-  towers = {IMAGE: {"name": "vit", "variant": None, "param_dtype": param_dtype, **vision},
-            TEXT: {"name": "clip_text", "param_dtype": param_dtype, **text}}
+  encoders = {IMAGE: {"name": "vit", "variant": None, "param_dtype": param_dtype, **vision},
+              TEXT: {"name": "clip_text", "param_dtype": param_dtype, **text}}
   examples = {IMAGE: jax.ShapeDtypeStruct((1, h, w, vision.get("in_channels", 3)), jnp.float32),
               TEXT: jax.ShapeDtypeStruct((1, text.get("max_len", ClipTextSpec.max_len)), jnp.int32)}
-  return DualEncoder(towers=towers, input_examples=examples, embed_dim=embed_dim, loss_type="clip",
+  return DualEncoder(encoders=encoders, input_examples=examples, embed_dim=embed_dim, loss_type="clip",
                      max_logit_scale=max_logit_scale, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 

@@ -1,15 +1,20 @@
 """Safetensors in and out of NNX modules through explicit name maps; pickle is never loaded.
 
 A converter for one architecture is a list of `Rule`s: an mmjax parameter path ("a.b.0.kernel"),
-the tensor name in the foreign (HF) layout, and the two transforms between them. `import_weights`
-checks every name and shape before assigning anything, and reports all problems at once.
+the tensor name in the foreign (HF) layout, and the two transforms between them. `match_rules`
+checks every name and shape (from shapes alone), and reports all problems at once;
+`import_weights` assigns into a module after that check. `open_safetensors` / `open_npz` give
+`LazyTensor`s: header-only views whose data is read one tensor at a time (`mmjax.transfer.model_init`).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Callable, NamedTuple, Sequence
+import zipfile
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -57,8 +62,8 @@ def encoder_layer_rules(ours: str, hf: str, *, qkv: str, attn_norm: str, mlp_nor
   return rules
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file (or the model.safetensors in a folder); refuses pickle formats."""
+def _checked_safetensors_path(path: str | os.PathLike) -> str:
+  """The .safetensors file of `path` (a file, or a folder's model.safetensors); refuses pickles."""
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, "model.safetensors")
@@ -68,14 +73,155 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"no weights file at {path!r}")
   with open(path, "rb") as f:
-    head = f.read(2)
-  if head[:1] == b"\x80" or head == b"PK":
+    head = f.read(9)
+  # A safetensors file starts with its JSON header's length and the header's "{"; only then are
+  # the first bytes not taken for a pickle's or a zip archive's (the length can start with either).
+  n = int.from_bytes(head[:8], "little")
+  if len(head) == 9 and head[8:] == b"{" and n <= os.path.getsize(path) - 8:
+    return path
+  if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
     raise ValueError(f"refusing to load {path!r}: it is a pickle/zip archive, not safetensors")
-  return load_file(path)
+  raise ValueError(f"{path!r} is not a safetensors file (no JSON header after the length)")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file (or the model.safetensors in a folder); refuses pickle formats."""
+  return load_file(_checked_safetensors_path(path))
+
+
+class LazyTensor:
+  """One tensor of a weights file: `shape` and `dtype` from its header, data read by `read()`.
+
+  `span` = (file, byte offset) when the data lie uncompressed in C order in a file: `row(i)` then
+  reads only row i (a scanned checkpoint's layer i).
+  """
+
+  def __init__(self, shape: tuple[int, ...], dtype: np.dtype, reader: Callable[[], np.ndarray],
+               where: str = "", span: tuple[str, int] | None = None):
+    self.shape, self.dtype, self._reader, self.where = tuple(shape), np.dtype(dtype), reader, where
+    self.span = span
+
+  def row(self, i: int) -> LazyTensor:
+    """The tensor's row `i` (shape[1:]), as a `LazyTensor`."""
+    shape, where = self.shape[1:], f"{self.where}[{i}]"
+    if self.span is None:
+      return LazyTensor(shape, self.dtype, lambda: self.read()[i], where)
+    path, offset = self.span
+    count = int(np.prod(shape, dtype=np.int64))
+    offset += i * count * self.dtype.itemsize
+    def read():
+      return np.fromfile(path, dtype=self.dtype, count=count, offset=offset).reshape(shape)
+    return LazyTensor(shape, self.dtype, read, where, (path, offset))
+
+  def read(self) -> np.ndarray:
+    out = self._reader()
+    if out.shape != self.shape or out.dtype != self.dtype:
+      raise ValueError(f"{self.where}: read {out.dtype}{out.shape}, the header said "
+                       f"{self.dtype}{self.shape}")
+    return out
+
+  def __repr__(self) -> str:
+    return f"LazyTensor({self.dtype}{list(self.shape)} in {self.where})"
+
+
+# safetensors' dtype names (the format section of the safetensors README).
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
+def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
+  """Name -> `LazyTensor` of a .safetensors file (or a folder's model.safetensors), from its header.
+
+  Each `read()` is a plain file read of that tensor's bytes into fresh memory, freed with the
+  array: unlike a memory map of the whole file (safetensors' `safe_open`), whose touched pages stay
+  in the process' resident memory while it is open, reading a checkpoint tensor by tensor then
+  holds one tensor at a time.
+  """
+  path = _checked_safetensors_path(path)
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= size - 8:
+      raise ValueError(f"{path!r}: not a safetensors file (header length {n}, file size {size})")
+    header = json.loads(f.read(n))
+  start = 8 + n
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info.get("dtype") not in _ST_DTYPES:
+      raise ValueError(f"{path!r}: tensor {name!r} has dtype {info.get('dtype')!r}; supported: "
+                       f"{sorted(_ST_DTYPES)}")
+    dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(int(d) for d in info["shape"])
+    lo, hi = (int(o) for o in info["data_offsets"])
+    count = int(np.prod(shape, dtype=np.int64))
+    if hi - lo != count * dtype.itemsize or start + hi > size:
+      raise ValueError(f"{path!r}: tensor {name!r} ({info['dtype']}{list(shape)}) has data offsets "
+                       f"{[lo, hi]} that do not fit it or the file")
+    read = (lambda o=start + lo, d=dtype, c=count, s=shape:
+            np.fromfile(path, dtype=d, count=c, offset=o).reshape(s))
+    out[name] = LazyTensor(shape, dtype, read, f"{path}:{name}", (path, start + lo))
+  return out
+
+
+def _stored_offset(path: str, info: zipfile.ZipInfo) -> int | None:
+  """Byte offset of an uncompressed zip member's data in the archive, None when compressed."""
+  if info.compress_type != zipfile.ZIP_STORED:
+    return None
+  with open(path, "rb") as f:
+    f.seek(info.header_offset)
+    local = f.read(30)  # the local file header; its name and extra field lengths end it
+  name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+  return info.header_offset + 30 + name_len + extra_len
+
+
+def open_npz(path: str | os.PathLike) -> dict[str, LazyTensor]:
+  """Key -> `LazyTensor` of an .npz archive, from each member's .npy header.
+
+  Only numeric arrays are read (`allow_pickle=False`): a file that is not a zip archive, or a member
+  holding Python objects, is refused with an error naming it before any data is read.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no weights file at {path!r}")
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"refusing to load {path!r}: not an .npz (zip) archive of arrays; pickled "
+                     "files can run code and are never loaded")
+  npz = np.load(path, allow_pickle=False)  # members are read on access, one at a time
+  out = {}
+  for info in npz.zip.infolist():
+    if not info.filename.endswith(".npy"):
+      continue
+    key = info.filename[:-len(".npy")]
+    with npz.zip.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      header_len = f.tell()
+    if dtype.hasobject:
+      raise ValueError(f"refusing to load {path!r}: array {key!r} holds Python objects (dtype "
+                       f"{dtype}), which only unpickling can read; save plain numeric arrays")
+    start = _stored_offset(path, info)
+    span = None if start is None or fortran else (path, start + header_len)
+    out[key] = LazyTensor(shape, dtype, lambda k=key: npz[k], f"{path}:{key}", span)
+  return out
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> None:
   save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, os.fspath(path))
+
+
+def join_path(prefix: str, path: str) -> str:
+  """Dotted `prefix`.`path`; an empty prefix (the module itself) adds nothing."""
+  return f"{prefix}.{path}" if prefix else path
+
+
+def find_modules(model: nnx.Module, cls: type) -> list[tuple[str, nnx.Module]]:
+  """(dotted path, module) of every `cls` instance in `model` ("" for `model` itself), in graph order."""
+  return [(".".join(str(k) for k in p), node) for p, node in nnx.iter_graph(model)
+          if isinstance(node, cls)]
 
 
 def _flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -86,17 +232,29 @@ def _flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
   return out
 
 
-def import_weights(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Sequence[Rule], *,
-                   strict: bool = True, ignore: Sequence[str] = ()) -> None:
-  """Assigns `tensors` into `model` in place following `rules`.
+def _shape_dtype(t: Any) -> tuple[tuple[int, ...], np.dtype]:
+  if isinstance(t, (np.ndarray, LazyTensor)):
+    return tuple(t.shape), t.dtype
+  a = np.asarray(t)
+  return a.shape, a.dtype
 
-  With `strict`, foreign tensors that no rule uses (except names in `ignore`) and module
-  parameters that no rule fills are errors. All mismatches are collected into one
-  `WeightMismatchError`; nothing is assigned unless everything matches.
+
+def transformed_shape(rule: Rule, shape: tuple[int, ...], dtype: Any = np.float32) -> tuple[int, ...]:
+  """The shape `rule.to_mmjax` gives a tensor of `shape`, computed on a zero-stride stub (no data)."""
+  stub = np.broadcast_to(np.zeros((), dtype), shape)
+  return tuple(np.shape(rule.to_mmjax(stub)))
+
+
+def match_rules(params: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Any],
+                rules: Sequence[Rule], *, strict: bool = True,
+                ignore: Sequence[str] = ()) -> list[tuple[Rule, Any]]:
+  """Checks `rules` between parameter shapes (path -> shape) and `tensors` (name -> array or
+  `LazyTensor`) from shapes alone; returns the (rule, tensor) pairs to assign.
+
+  With `strict`, tensors that no rule uses (except names in `ignore`) and parameters that no rule
+  fills are errors. All problems are collected into one `WeightMismatchError`.
   """
-  params = _flat_params(model)
-  missing, misshaped, unknown_path = [], [], []
-  staged = []
+  missing, misshaped, unknown_path, pairs = [], [], [], []
   for r in rules:
     if r.path not in params:
       unknown_path.append(r.path)
@@ -104,12 +262,18 @@ def import_weights(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Seq
     if r.name not in tensors:
       missing.append(r.name)
       continue
-    value = np.asarray(r.to_mmjax(np.asarray(tensors[r.name])))
-    want = tuple(params[r.path][...].shape)
-    if value.shape != want:
-      misshaped.append(f"{r.name}: got {value.shape}, {r.path} needs {want}")
+    shape, dtype = _shape_dtype(tensors[r.name])
+    want = tuple(params[r.path])
+    try:
+      got = transformed_shape(r, shape, dtype)
+    except (ValueError, IndexError) as e:  # e.g. a reshape the tensor's shape does not allow
+      misshaped.append(f"{r.name}: got {shape}, which {r.path} {want} cannot be made from ({e})")
       continue
-    staged.append((params[r.path], value))
+    if got != want:
+      stored = f" (stored {shape})" if got != shape else ""
+      misshaped.append(f"{r.name}: got {got}{stored}, {r.path} needs {want}")
+      continue
+    pairs.append((r, tensors[r.name]))
   used = {r.name for r in rules}
   unexpected = sorted(k for k in tensors if k not in used and k not in ignore) if strict else []
   unfilled = sorted(set(params) - {r.path for r in rules}) if strict else []
@@ -121,8 +285,23 @@ def import_weights(model: nnx.Module, tensors: dict[str, np.ndarray], rules: Seq
       problems.append(f"{title} ({len(items)}): " + ", ".join(items))
   if problems:
     raise WeightMismatchError("weights do not match the model:\n  " + "\n  ".join(problems))
-  for var, value in staged:
-    var[...] = value.astype(var[...].dtype)
+  return pairs
+
+
+def import_weights(model: nnx.Module, tensors: Mapping[str, Any], rules: Sequence[Rule], *,
+                   strict: bool = True, ignore: Sequence[str] = ()) -> None:
+  """Assigns `tensors` (arrays or `LazyTensor`s) into `model` in place following `rules`.
+
+  With `strict`, foreign tensors that no rule uses (except names in `ignore`) and module
+  parameters that no rule fills are errors. All mismatches are collected into one
+  `WeightMismatchError`; nothing is assigned unless everything matches.
+  """
+  params = _flat_params(model)
+  shapes = {p: tuple(v[...].shape) for p, v in params.items()}
+  for r, t in match_rules(shapes, tensors, rules, strict=strict, ignore=ignore):
+    value = t.read() if isinstance(t, LazyTensor) else np.asarray(t)
+    var = params[r.path]
+    var[...] = np.asarray(r.to_mmjax(value)).astype(var[...].dtype)
 
 
 def export_weights(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, np.ndarray]:

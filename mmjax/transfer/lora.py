@@ -70,7 +70,7 @@ def _set_child(model: nnx.Module, path: tuple, value) -> None:
 
 def apply_lora(model: nnx.Module, pattern: str, *, rank: int, alpha: float | None = None,
                rngs: nnx.Rngs) -> list[str]:
-  """Wraps every `nnx.Linear` whose path ('text/layers/0/attn/query') matches `pattern`.
+  """Wraps every `nnx.Linear` whose path ('encoders/text/encoder/layers/0/attn/query') matches `pattern`.
 
   `alpha` defaults to `rank` (scale 1). Returns the wrapped paths; matching nothing is an error.
   """

@@ -21,7 +21,8 @@ from mmjax.encoders import ENCODERS, EncoderOutput
 from mmjax.encoders.vision import SmallCNN
 from mmjax.fusion.base import FUSIONS, FusionInputs
 from mmjax.fusion.late import ConcatFusion
-from mmjax.models.vqa import MODELS, VQAModel
+from mmjax.models.base import MODELS
+from mmjax.models.vqa import VQAModel
 
 
 def pixel_fourier_features(x: jax.Array, freqs: int) -> jax.Array:
@@ -122,8 +123,9 @@ class UniqueQuestionsVQA(VQAModel):
     """ids, mask (N, L) -> the text encoder's output for every row."""
     n, u = ids.shape[0], self.unique_questions
     encode = lambda text, i, m: text(i, m, deterministic=deterministic)
+    text = self.encoders["text"]
     if not u or u >= n:
-      return encode(self.text, ids, mask)
+      return encode(text, ids, mask)
     # One int per token holds both the id and whether it is masked, so rows are equal iff both are.
     key = jnp.where(mask, ids, -1 - ids)
     rows, inverse = jnp.unique(key, axis=0, size=n, fill_value=0, return_inverse=True)
@@ -136,4 +138,4 @@ class UniqueQuestionsVQA(VQAModel):
       return jax.tree.map(lambda x: x[inverse], out)
 
     return nnx.cond(distinct <= u, few, lambda text, rows, inverse: encode(text, ids, mask),
-                    self.text, rows, inverse)
+                    text, rows, inverse)

@@ -25,7 +25,8 @@ from mmjax.data.datasets import sort_of_clevr
 from mmjax.data.pp.image import get_image
 from mmjax.data.pp.registry import Example, bad, register
 from mmjax.metrics.vqa import majority_answers
-from mmjax.projects.sort_of_clevr.model import UniqueQuestionsVQA
+from mmjax.models import build_model
+from mmjax.models.vqa import VQAModel
 from mmjax.train.tasks import TASKS
 
 
@@ -180,10 +181,10 @@ class SortOfClevrVQA(pipeline.ConfigInput):
     self.answers = sort_of_clevr.ANSWERS
 
   def _load_tokenizer(self):
-    """`data.tokenizer`: "minilm" or a tokenizer folder; default MiniLM's for the "minilm" text
+    """`data.tokenizer`: "minilm" or a tokenizer folder; "" for MiniLM's with the "minilm" text
     encoder (its vocabulary), else the data set's own WordPiece."""
-    name = self.config.data.get("tokenizer") or (
-        "minilm" if self.config.model.text.get("name") == "minilm" else None)
+    name = self.config.data.tokenizer or (
+        "minilm" if self.config.model.encoders.text.name == "minilm" else None)
     if name is None:
       return sort_of_clevr.load_tokenizer(
           self.config.data.data_dir, config=sort_of_clevr.sized_config(self.config.data.num_images))
@@ -193,22 +194,11 @@ class SortOfClevrVQA(pipeline.ConfigInput):
     return tokenizer_lib.load_tokenizer(name)
 
   # -- model -----------------------------------------------------------------------------------
-  def model_kwargs(self) -> dict[str, Any]:
-    m = self.config.model
-    text = dict(m.text)
-    if "vocab_size" in text and not text["vocab_size"]:
-      text["vocab_size"] = self.tokenizer.vocab_size
-    return dict(vision=dict(m.vision), text=text, fusion=m.fusion,
-                fusion_kwargs=dict(m.fusion_kwargs), features=m.features,
-                num_answers=len(self.answers), image_shape=self.image_shape,
-                question_len=self.config.data.max_len, head_hidden=m.head_hidden,
-                modality_dropout=m.modality_dropout,
-                question_tokens=m.get("question_tokens", "all"),
-                unique_questions=m.get("unique_questions", 0),
-                dtype=jnp.dtype(m.get("dtype", "float32")))  # compute dtype; parameters stay f32
-
-  def build_model(self, rngs: nnx.Rngs) -> UniqueQuestionsVQA:
-    return UniqueQuestionsVQA(**self.model_kwargs(), rngs=rngs)
+  def build_model(self, rngs: nnx.Rngs) -> VQAModel:
+    """`config.model` as is (`mmjax.models.build_model`), sized by the data."""
+    return build_model(self.config.model, rngs=rngs, base=VQAModel,
+                       fill={"vocab_size": self.tokenizer.vocab_size}, num_answers=len(self.answers),
+                       image_shape=self.image_shape, question_len=self.config.data.max_len)
 
   # -- loss and metrics ------------------------------------------------------------------------
   def loss_fn(self, model, batch, train):

@@ -22,7 +22,7 @@ model's workdir is emptied before its run.
 The models (Santoro et al.'s names in brackets), each a `fusion` argument of the config:
 - flat_concat: late fusion [CNN+MLP]: as in the paper, the CNN's 5x5 feature map flattened and
   concatenated with the question vector into an MLP (no Transformer over the grid: one more
-  stride-2 conv, `model.vision.depth=0`, the project's flattened concat; `MODEL_OVERRIDES`);
+  stride-2 conv, `model.encoders.image.depth=0`, the project's flattened concat; `MODEL_OVERRIDES`);
 - relation: a relation network over the CNN's cells conditioned on the question [CNN+RN], on a
   5x5 grid (one more stride-2 conv, as in the paper; `MODEL_OVERRIDES`);
 - film: the question FiLM-modulates the image cells;
@@ -63,8 +63,8 @@ CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vqa.py"
 # question) a step took 64x the late-fusion step; a fourth stride-2 conv gives the paper's 5x5
 # grid (676 pairs), 6.5x. The paper's CNN+MLP sees the flattened feature map of the same 5x5
 # grid, without the config's Transformer layers over it (see the project README).
-MODEL_OVERRIDES = {"relation": ["model.vision.channels=(32,32,32,32)"],
-                   "flat_concat": ["model.vision.channels=(32,32,32,32)", "model.vision.depth=0",
+MODEL_OVERRIDES = {"relation": ["model.encoders.image.channels=(32,32,32,32)"],
+                   "flat_concat": ["model.encoders.image.channels=(32,32,32,32)", "model.encoders.image.depth=0",
                                    'model.fusion_kwargs={"flatten": {"image": 25}}']}
 
 

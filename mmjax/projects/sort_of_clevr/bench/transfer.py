@@ -36,8 +36,8 @@ import time
 import jax
 
 from mmjax.data.datasets.sort_of_clevr import SUBTYPES
-from mmjax.train import config as config_lib
 from mmjax.train import trainer
+from mmjax.train.config import load_config
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "transfer.py"
 VARIANTS = {  # name -> configs/transfer.py arguments
@@ -51,13 +51,14 @@ SPLITS = ("test", "paraphrase")
 KINDS = (("non_relational", "non-rel"), ("relational", "rel"), ("", "all"))
 
 
-def load_config(variant: str, size: str, steps: int | None, fusion: str, max_minutes: float = 0.0):
-  """The variant's config; with `steps`, a run of that many steps evaluated once at its end.
+def variant_config(variant: str, size: str, steps: int | None, fusion: str, max_minutes: float = 0.0):
+  """The variant's config (`mmjax.train.config.load_config` of the project's configs/transfer.py);
+  with `steps`, a run of that many steps evaluated once at its end.
 
   `max_minutes` replaces the base config's wall-clock cap (30 minutes at size=default): 0, the
   default here, runs every variant to its last step, so that all are compared at equal steps."""
   arg = f"{VARIANTS[variant]},size={size}" + (f",fusion={fusion}" if fusion else "")
-  c = config_lib.load_config(f"{CONFIG}:{arg}")
+  c = load_config(f"{CONFIG}:{arg}")
   if steps is not None:
     c.train.steps = steps
     c.optim.warmup_steps = max(steps // 20, 1)
@@ -71,7 +72,7 @@ def load_config(variant: str, size: str, steps: int | None, fusion: str, max_min
 def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fusion: str,
                 max_minutes: float = 0.0) -> dict:
   """Trains one variant in `workdir` (resuming if it holds checkpoints) and returns its scores."""
-  config = load_config(variant, size, steps, fusion, max_minutes)
+  config = variant_config(variant, size, steps, fusion, max_minutes)
   t0 = time.perf_counter()
   final = trainer.train(config, workdir, progress=False)
   seconds = time.perf_counter() - t0
@@ -81,7 +82,7 @@ def run_variant(variant: str, workdir: str, *, size: str, steps: int | None, fus
   if "test/accuracy" not in final:
     raise SystemExit(f"{variant}: {workdir} holds step {final['step']} but no evaluation of it")
   row = {"variant": variant, "steps": int(final["step"]), "seconds": seconds,
-         "num_params": int(final["num_params"]), "text": config.model.text.get("name")}
+         "num_params": int(final["num_params"]), "text": config.model.encoders.text.name}
   for split in SPLITS:
     for kind in [k for k, _ in KINDS] + list(SUBTYPES):
       key = f"{split}/accuracy" + (f"_{kind}" if kind else "")

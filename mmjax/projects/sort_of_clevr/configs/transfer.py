@@ -27,10 +27,10 @@ from mmjax.train.config import parse_arg
 
 TRANSFERS = ("finetune", "frozen", "lora", "scratch")
 MAX_LEN = {"minilm": 20, "scratch": 32}  # tokenizer -> question length (see above)
-# Parameter paths ('text/encoder/layers/0/attn/query/kernel') of the question encoder.
-TEXT = r"text/.*"
-LORA_TARGETS = r"^text/encoder/layers/\d+/(attn/(query|key|value|out)|mlp/fc[12])$"
-LORA_PARAMS = r"text/.*/lora_[ab]"
+# Parameter paths ('encoders/text/encoder/layers/0/attn/query/kernel') of the question encoder.
+TEXT = r"encoders/text/.*"
+LORA_TARGETS = r"^encoders/text/encoder/layers/\d+/(attn/(query|key|value|out)|mlp/fc[12])$"
+LORA_PARAMS = r"encoders/text/.*/lora_[ab]"
 
 
 def get_config(arg=None):
@@ -48,8 +48,8 @@ def get_config(arg=None):
 
   c.data.max_len = MAX_LEN["minilm" if text == "minilm" else "scratch"]
   c.data.tokenizer = "minilm" if text == "minilm" else ""  # "" = the data set's own
-  if "max_len" in c.model.text:  # a learned position table must cover the questions
-    c.model.text.max_len = c.data.max_len
+  if "max_len" in c.model.encoders.text:  # a learned position table must cover the questions
+    c.model.encoders.text.max_len = c.data.max_len
 
   if arg.transfer == "finetune":
     c.optim.groups = [{"name": "text", "pattern": TEXT, "lr": arg.text_lr}]

@@ -44,6 +44,9 @@ def add_data(c: ml_collections.ConfigDict, size: str, bs: int) -> None:
   # Images per split (train, test, paraphrase); None = the full 9,800 / 200 / 200. Smaller
   # counts build a separate, smaller copy whose records equal the first ones of the full set.
   c.data.num_images = (64, 16, 16) if size == "tiny" else None
+  # The question tokenizer: "minilm" or a tokenizer folder; "" = MiniLM's for the "minilm" text
+  # encoder, else the data set's own WordPiece.
+  c.data.tokenizer = ""
 
   # Record -> model inputs and labels, the same in training and evaluation; `mmjax.predict` runs
   # pp_eval on a request. Questions are cut to data.max_len tokens.
@@ -68,29 +71,33 @@ def get_config(arg=None):
   add_data(c, arg.size, bs)
 
   c.model = ml_collections.ConfigDict()
-  # Three stride-2 convs (a 10x10 grid) with sin/cos coordinates (attention can depend on offsets)
-  # and sin/cos pixel values (so every colour, orange and gray included, can be singled out), then
-  # two Transformer layers over the grid once per image (what relational questions need).
-  c.model.vision = {"name": "mmjax.projects.sort_of_clevr.model:pixel_freq_cnn", "features": width,
-                    "channels": (32, 32, 32), "norm": "group", "norm_groups": 8, "coords": True,
-                    "coord_freqs": 4, "depth": 2, "pixel_freqs": 2}
-  # A narrow BiLSTM, attention-pooled into the question vector; embed_skip adds each word's own
-  # embedding, so the colour word means the same in every template.
-  text = {
-      "rnn": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width // 2,
-              "pool": "attention", "pool_heads": 4, "embed_skip": True},
-      "bert": {"name": "bert", "variant": "tiny", "vocab_size": 0, "max_len": 32},
-      "minilm": {"name": "minilm"},
-  }[arg.text]
-  c.model.text = text
+  # VQAModel that encodes each distinct question of a step once (few distinct questions, many
+  # copies): `unique_questions` of them at most (0: off).
+  c.model.name = "mmjax.projects.sort_of_clevr.model:unique_questions_vqa"
+  c.model.unique_questions = 128
+  c.model.encoders = {
+      # Three stride-2 convs (a 10x10 grid) with sin/cos coordinates (attention can depend on
+      # offsets) and sin/cos pixel values (so every colour, orange and gray included, can be
+      # singled out), then two Transformer layers over the grid once per image (what relational
+      # questions need).
+      "image": {"name": "mmjax.projects.sort_of_clevr.model:pixel_freq_cnn", "features": width,
+                "channels": (32, 32, 32), "norm": "group", "norm_groups": 8, "coords": True,
+                "coord_freqs": 4, "depth": 2, "pixel_freqs": 2},
+      # A narrow BiLSTM, attention-pooled into the question vector; embed_skip adds each word's
+      # own embedding, so the colour word means the same in every template.
+      "text": {
+          "rnn": {"name": "rnn_text", "vocab_size": 0, "features": width, "hidden": width // 2,
+                  "pool": "attention", "pool_heads": 4, "embed_skip": True},
+          "bert": {"name": "bert", "variant": "tiny", "vocab_size": 0, "max_len": 32},
+          "minilm": {"name": "minilm"},
+      }[arg.text],
+  }
   c.model.fusion = FUSION_NAMES.get(arg.fusion, arg.fusion)
   c.model.fusion_kwargs = FUSION_KWARGS.get(arg.fusion, {})
   c.model.features = width
   c.model.head_hidden = 2 * width
   c.model.modality_dropout = 0.0
   c.model.question_tokens = "pooled"  # the question reaches the fusion as one vector ("all": tokens)
-  # Encode each distinct question of a step once (few distinct questions, many copies); 0: off.
-  c.model.unique_questions = 128
   c.model.dtype = "float32"  # compute dtype: "bfloat16" computes in bf16 on f32 master weights
 
   # tiny=False for every size: the tiny VQA config keeps lr 1e-3 and evaluates every tenth.

@@ -279,3 +279,20 @@ def test_tokenizer_file_in_the_bucket(bed):
   for a, b in zip(tokenizer_lib.encode(tok, texts, 12), tokenizer_lib.encode(again, texts, 12)):
     np.testing.assert_array_equal(a, b)
   assert_no_local_copy(bed)
+
+
+def test_export_reads_the_bucket(bed, straight, tmp_path):
+  """`mmjax.export` of a gs:// workdir: the trained BERT question encoder, read from the bucket,
+  written in the Hugging Face layout with the same tensors as an export of a local copy."""
+  from mmjax import export
+  from mmjax.transfer.io import read_safetensors
+  local = tmp_path / "local"
+  _fs().get(straight[0].removeprefix("gs://"), str(local), recursive=True)  # the oracle: a local copy
+  export.export(straight[0], str(tmp_path / "from_bucket"))
+  export.export(str(local), str(tmp_path / "from_local"))
+  got, want = (read_safetensors(tmp_path / d / "encoders" / "text" / "model.safetensors")
+               for d in ("from_bucket", "from_local"))
+  assert sorted(got) == sorted(want) and len(got) > 10
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  assert_no_local_copy(bed)

@@ -97,13 +97,12 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 def workdir_setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   """The trainer's `Setup` of a workdir's config, its task reading what the data decided
   (tokenizer, answer vocabulary, classes) from `workdir` where the task keeps them there."""
-  import inspect  # pylint: disable=g-import-not-at-top
-
   from mmjax.train.trainer import Setup  # pylint: disable=g-import-not-at-top
 
-  if "workdir" in inspect.signature(Setup).parameters:
-    return Setup(config, workdir=workdir)
-  return Setup(config)
+  if config.get("model_init"):  # the checkpoint holds the trained weights: the init's files may be gone
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model_init = None
+  return Setup(config, workdir=workdir)
 
 
 def restore_params(setup, workdir: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], int]:

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -195,3 +196,7 @@ def test_pretrained_doc_runs_as_written(data_dir, vqa_workdir, tmp_path):
   summary = json.loads((tmp_path / "exported" / "vqa_vit" / "export.json").read_text())
   assert [(e["folder"], e["architecture"], e["tokenizer"]) for e in summary["exported"]] == [
       ("encoders/image", "ViTModel", False), ("encoders/text", "BertModel", True)]
+  # The trained workdir no longer needs its init's files: predict and export restore the checkpoint.
+  shutil.rmtree(tmp_path / "my_vit")
+  export.export(str(tmp_path / "workdirs" / "vqa_vit"), str(tmp_path / "again"))
+  assert (tmp_path / "again" / "encoders" / "image" / "model.safetensors").exists()

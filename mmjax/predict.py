@@ -45,7 +45,6 @@ or recompiles.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -58,6 +57,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from mmjax import io_paths, sharding
+from mmjax.data import manifest
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, jax.Array]
 WavInput = Union[str, os.PathLike, np.ndarray, jax.Array]
@@ -76,13 +76,33 @@ def _tuples(x: Any) -> Any:
   return x
 
 
+# Encoder keys of `config.model` before the schema of `model.name` + `model.encoders`.
+_OLD_ENCODER_KEYS = ("vision", "text", "image", "audio", "encoder", "decoder")
+
+
 def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The training config saved in `workdir/config.json`, with JSON lists turned back into tuples."""
+  """The training config saved in `workdir/config.json`, with JSON lists turned back into tuples.
+
+  A config.json of the older model layout (an encoder spec per key, `model.vision`, `model.text`,
+  and no `model.name`) is a ValueError saying so: its checkpoint's parameter paths differ too.
+  """
   path = io_paths.as_path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no config.json (looked for "
                             f"{os.fspath(path)!r}); is it a workdir written by mmjax.train.trainer.train?")
-  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  config = _tuples(json.loads(path.read_text()))
+  model = config.get("model") if isinstance(config, dict) else None
+  if isinstance(model, dict) and "name" not in model:
+    old = [k for k in _OLD_ENCODER_KEYS if isinstance(model.get(k), dict) and "name" in model[k]]
+    if old:
+      raise ValueError(
+          f"workdir {os.fspath(workdir)!r}: config.json has the older mmjax model layout "
+          f"({', '.join(f'model.{k}' for k in old)}: one encoder spec per key, no model.name), and "
+          "its checkpoint the older parameter paths. This mmjax reads model.name (a registered "
+          "model) and model.encoders (modality -> encoder spec {'name': ..., **kwargs}), see "
+          "docs/configs.md: retrain with a current config (configs/*.py), or serve the workdir "
+          "with the mmjax version that wrote it.")
+  return ml_collections.ConfigDict(config)
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -143,8 +163,9 @@ def read_image(image: ImageInput, *, field: str = "image", channels: int = 3) ->
   """A path, PIL image or uint8 array -> an image field as records hold it (file bytes or array).
 
   C is `channels`: 3 (RGB) or 1 (grey; an (H, W) array is accepted too); the pp string's
-  `image.decode` converts a file's or PIL image's mode. A missing file is a FileNotFoundError,
-  anything but a path, a PIL image or an (H, W, C) uint8 array a TypeError, both naming `field`.
+  `image.decode` converts a file's or PIL image's mode. A missing file is a FileNotFoundError, a
+  file that does not decode whole (`manifest.check_media`) a ValueError, anything but a path, a PIL
+  image or an (H, W, C) uint8 array a TypeError, each naming `field`.
   """
   if channels not in (1, 3):
     raise ValueError(f"channels: expected 1 (grey) or 3 (RGB), got {channels}")
@@ -153,11 +174,7 @@ def read_image(image: ImageInput, *, field: str = "image", channels: int = 3) ->
     if not path.is_file():
       raise FileNotFoundError(f"{field}: no image file at {os.fspath(image)!r}")
     data = path.read_bytes()
-    try:  # the header only: a file that is not an image fails here, named, not deep in the pp ops
-      Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, ValueError) as e:
-      raise ValueError(f"{field}: {os.fspath(image)!r} is not an image file (PNG, JPEG, ...): "
-                       f"{e}") from None
+    manifest.check_media("image", image, field, data)  # named here, not deep in the pp ops
     return data
   if isinstance(image, Image.Image):
     return np.asarray(image if image.mode in _PIL_MODES else image.convert("RGBA"))
@@ -188,22 +205,16 @@ def read_wav(wav: WavInput, *, field: str = "wav") -> str | np.ndarray:
   """A wav file path or a mono (T,) float waveform -> an audio field for the pp string's `audio.load`
   (a bucket URL's file is read here, as bytes).
 
-  A missing file is a FileNotFoundError; a file that is not audio, or a waveform that is empty or
-  holds NaN or Inf, a ValueError; a waveform that is not mono float a TypeError; each naming
-  `field`.
+  A missing file is a FileNotFoundError; a file that is not audio or has no samples
+  (`manifest.check_media`), or a waveform that is empty or holds NaN or Inf, a ValueError; a
+  waveform that is not mono float a TypeError; each naming `field`.
   """
   if isinstance(wav, (str, os.PathLike)):
-    import soundfile  # pylint: disable=g-import-not-at-top
-
     path = io_paths.as_path(wav)
     if not path.is_file():
       raise FileNotFoundError(f"{field}: no audio file at {os.fspath(wav)!r}")
     data = path.read_bytes() if io_paths.is_url(path) else None
-    try:  # the header only: a file that is not audio fails here, named, not deep in the pp ops
-      soundfile.info(io.BytesIO(data) if data is not None else os.fspath(wav))
-    except (soundfile.LibsndfileError, RuntimeError, ValueError) as e:
-      raise ValueError(f"{field}: {os.fspath(wav)!r} is not an audio file (WAV, FLAC, OGG): "
-                       f"{e}") from None
+    manifest.check_media("audio", wav, field, data)  # named here, not deep in the pp ops
     return data if data is not None else os.fspath(wav)
   if isinstance(wav, (np.ndarray, jax.Array)):
     wave = np.asarray(wav)
@@ -406,7 +417,9 @@ class AnswerPredictor(Predictor):
 
   A request is the record {"image": ..., <question field>: the question}, the field being the
   task's `question_field` ("question" when it has none), whose eval pp string makes image,
-  question_ids and question_mask.
+  question_ids and question_mask. The reported probabilities are the task's
+  `answer_probabilities(logits)` (B, A) -> (B, A) where it has one (a task trained with a
+  per-answer sigmoid loss gives sigmoids), else the softmax a softmax cross-entropy trains.
   """
 
   request_fields = ("image", "question")
@@ -431,9 +444,12 @@ class AnswerPredictor(Predictor):
                for im, q, i, n in zip(images, questions, image_names, question_names)]
     x = self.preprocess(records, resize=resize, image_names=image_names)
 
+    to_probabilities = getattr(self.task, "answer_probabilities", None) or (
+        lambda logits: jax.nn.softmax(logits.astype(np.float32), axis=-1))
+
     def probabilities(model, images, ids, mask):
-      logits, _ = model(images, ids, mask)
-      return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+      logits, _ = model(images, ids, mask)  # (B, A)
+      return to_probabilities(logits)
 
     probs = self.run_batches("answer", probabilities, x["image"], x["question_ids"], x["question_mask"])
     return top_classes(probs, self.answers, "answer")
@@ -442,7 +458,8 @@ class AnswerPredictor(Predictor):
     """Answers `question` about `image` (a file path, PIL image or (H, W, C) uint8 array).
 
     Returns {'answer': the most probable answer, 'probabilities': {answer: p} over the answer
-    vocabulary (softmax of the logits), most probable first}.
+    vocabulary (the task's `answer_probabilities` of the logits, else their softmax), most
+    probable first}.
     """
     return self.answer_batch([image], [question], resize=resize)[0]
 

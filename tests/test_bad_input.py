@@ -9,7 +9,9 @@ BadExample / ManifestError where it has one) with the field as the subject of it
 hang, no XLA crash, no silent NaN); silent audio and over-long text must work and stay finite.
 Modules are built once and called eagerly on tiny shapes. Each case records a hypothesis `event`
 (API, kind, error): `pytest --hypothesis-show-statistics` counts the cases of each.
-(Predictor inputs are swept in test_predict_load.py, which has a trained workdir.)
+(Predictor inputs are swept in test_predict_load.py, which has a trained workdir.) Files that
+are not what their field says (an image cut short, text named .wav) are named by the request
+field and by the manifest line alike.
 """
 
 import functools
@@ -431,3 +433,57 @@ def test_config_loading(kind, name):
 def _base_config():
   return load_config(CONFIG + ":size=tiny")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not what their field says: a predictor request and a manifest line alike.
+# ---------------------------------------------------------------------------------------------
+def _media_files(root: pathlib.Path) -> dict[str, tuple[str, str]]:
+  """Broken files under root: case -> (file name, field)."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  import soundfile  # pylint: disable=g-import-not-at-top
+
+  noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  for ext in ("png", "jpg"):
+    PIL.Image.fromarray(noise).save(root / f"whole.{ext}")
+    whole = (root / f"whole.{ext}").read_bytes()
+    (root / f"cut.{ext}").write_bytes(whole[:len(whole) // 2])  # a valid header, the body cut off
+  (root / "notes.wav").write_text("not audio, a text file named .wav\n")
+  soundfile.write(root / "whole.wav", np.zeros(800, np.float32), 8000)
+  (root / "header.wav").write_bytes((root / "whole.wav").read_bytes()[:44])  # the header, no samples
+  return {"cut_png": ("cut.png", "image"), "cut_jpg": ("cut.jpg", "image"),
+          "text_image": ("notes.wav", "image"), "text_wav": ("notes.wav", "audio"),
+          "empty_wav": ("header.wav", "audio")}
+
+
+MEDIA_ERRORS = {"cut_png": "is not an image file (PNG, JPEG, ...): OSError: image file is truncated",
+                "cut_jpg": "is not an image file (PNG, JPEG, ...): OSError: image file is truncated",
+                "text_image": "is not an image file (PNG, JPEG, ...): UnidentifiedImageError",
+                "text_wav": "is not an audio file (WAV, FLAC, OGG): LibsndfileError",
+                "empty_wav": "holds no audio samples"}
+
+
+def test_files_that_are_not_media_name_the_request_field_and_the_manifest_line(tmp_path):
+  from mmjax import predict  # pylint: disable=g-import-not-at-top
+
+  files = _media_files(tmp_path)
+  for case, (name, field) in files.items():
+    path = str(tmp_path / name)
+    read = {"image": predict.read_image, "audio": predict.read_wav}[field]
+    with pytest.raises(ValueError) as e:
+      read(path, field="items[2]")
+    assert str(e.value).startswith(f"items[2]: {path!r} {MEDIA_ERRORS[case]}"), (case, str(e.value))
+  rows = [{"image": "whole.png", "audio": "whole.wav"}]
+  rows += [{"image": n if f == "image" else "whole.jpg", "audio": n if f == "audio" else "whole.wav"}
+           for n, f in files.values()]
+  (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  source = manifest.load_manifest(tmp_path / "m.jsonl")
+  # Headers only: an image cut short passes here and is named by the pipeline's image.decode.
+  header_level = [c for c in files if not c.startswith("cut_")]
+  with pytest.raises(manifest.ManifestError, match=f"{len(header_level)} problem") as e:
+    manifest.verify_files(source)
+  for line, (case, (name, field)) in enumerate(files.items(), start=2):
+    reported = f"m.jsonl:{line}: {field}: {str(tmp_path / name)!r}" in str(e.value)
+    assert reported == (case in header_level), (case, str(e.value))
+    if reported:
+      assert f"m.jsonl:{line}: {field}: {str(tmp_path / name)!r} {MEDIA_ERRORS[case]}" in str(e.value), case

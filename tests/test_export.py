@@ -166,7 +166,7 @@ def test_bad_targets_and_nothing_to_export(clip_workdir, tmp_path, capsys):
     export.export_model(model, tmp_path / "z")
   assert str(e.value).startswith("nothing to export: no part of the model has a Hugging Face counterpart")
   for part in ("(the whole model): not a CLIPModel",
-               "encoders/image: ViT: the HF layout has no place for ['pre_norm.bias', 'pre_norm.scale']",
+               "encoders/image: ViT: this ViT has no HF ViT layout: pre_norm=True (HF ViT has no LayerNorm before the encoder: needs False); patch_bias=False",
                "encoders/text: RnnTextEncoder: no Hugging Face counterpart",
                "proj: no Hugging Face counterpart", "log_scale: no Hugging Face counterpart"):
     assert part in str(e.value)

@@ -35,7 +35,7 @@ from mmjax.transfer.io import (WeightMismatchError, read_safetensors, transforme
 from mmjax.transfer.lora import apply_lora
 from mmjax.transfer.minilm import encode_sentences, load_minilm, minilm_path
 from mmjax.transfer.model_init import apply_model_init, check_model_init, load_model_init
-from mmjax.transfer.vit import hf_config, vit_rules
+from mmjax.transfer.vit import hf_config, save_vit, vit_rules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -307,6 +307,19 @@ def test_bad_entries_are_named(tiny_bert, tmp_path):
 class _Wrap(nnx.Module):
   def __init__(self, encoder, rngs, name="text"):
     self.encoders = nnx.Dict({name: encoder})
+
+
+def test_an_hf_vit_into_a_vit_hf_cannot_express_is_refused_naming_the_fields(tmp_path):
+  """A CLIP-style ViT (pre-norm, no patch bias) has no HF ViT layout: refused before any read."""
+  sizes = dict(width=32, depth=1, heads=4, mlp_dim=64, patch=8, image_size=16)
+  save_vit(blank_module(lambda r: ViT(None, rngs=r, **sizes), nnx.Rngs(0)), tmp_path / "vit")
+  clip_like = nnx.eval_shape(lambda: _Wrap(ViT(None, pre_norm=True, patch_bias=False, rngs=nnx.Rngs(0),
+                                               **sizes), None, name="image"))
+  with pytest.raises(ValueError) as e:
+    check_model_init({"encoders/image": str(tmp_path / "vit")}, clip_like)
+  assert str(e.value).startswith(f"model_init['encoders/image'] ({tmp_path / 'vit'}): this ViT has no "
+                                 "HF ViT layout: pre_norm=True (HF ViT has no LayerNorm before the "
+                                 "encoder: needs False); patch_bias=False ("), str(e.value)
 
 
 # -- CLIP, SigLIP and big_vision sources ---------------------------------------------------------

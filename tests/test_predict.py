@@ -230,12 +230,16 @@ def _user_data(root, n=16):
   return path, rows
 
 
-def _served_equals_evaluated(p, name, batch, probabilities, logits_fn):
-  """The predictor's probabilities equal the softmax of the model's logits on the eval batch."""
+def _served_equals_evaluated(p, name, batch, probabilities, logits_fn, sigmoid=False):
+  """The predictor's probabilities equal the softmax (`sigmoid`: each logit's sigmoid, as a
+  per-answer binary loss trains them) of the model's logits on the eval batch."""
   with p.context():
     logits = np.asarray(jax.jit(logits_fn)(p.model, batch))
-  expected = np.exp(logits - logits.max(-1, keepdims=True))
-  expected /= expected.sum(-1, keepdims=True)
+  if sigmoid:
+    expected = 1 / (1 + np.exp(-logits))
+  else:
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
   got = np.array([[o["probabilities"][a] for a in name] for o in probabilities])
   np.testing.assert_allclose(got, expected[:len(got)], rtol=1e-5, atol=1e-6)
 
@@ -262,7 +266,8 @@ def test_answer_predictor_serves_a_vqa_open_workdir(user_workdirs, capsys):
   batch = next(iter(p.task.dataset("eval", train=False, batch_size=8, shard_index=0, shard_count=1)))
   out = p.answer_batch([str(root / r["image"]) for r in rows[:8]], [r["question"] for r in rows[:8]])
   _served_equals_evaluated(p, p.answers, batch, out,
-                           lambda m, b: m(b["image"], b["question_ids"], b["question_mask"])[0])
+                           lambda m, b: m(b["image"], b["question_ids"], b["question_mask"])[0],
+                           sigmoid=True)  # vqa_open trains each answer with a sigmoid
   image = str(root / rows[1]["image"])
   assert predict.main(["--workdir", wd, "--image", image, "--question", rows[1]["question"], "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["answer"] == p.answer(image, rows[1]["question"])["answer"]

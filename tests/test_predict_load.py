@@ -1,4 +1,5 @@
-"""Serving load: thousands of distinct VQA requests, no per-request memory, no recompilation; bad requests."""
+"""Serving load: thousands of distinct VQA requests, no per-request memory, no recompilation; bad
+requests; a workdir of the older model layout."""
 
 import gc
 import hashlib
@@ -158,3 +159,32 @@ def test_bad_requests_name_the_field(predictor, kind, data):
   assert e.type is error, f"{kind}: raised {e.type.__name__}, expected {error.__name__}: {e.value}"
   assert str(e.value).startswith(f"{field}: "), f"{kind}: message {str(e.value)!r} does not name {field!r}"
   event(f"{kind}: {error.__name__} naming {name if n == 1 else name + 's[i]'}")
+
+
+# model.vision / model.text (one encoder spec per key, no model.name): the layout before
+# model.name + model.encoders, as an old workdir's config.json holds it.
+OLD_MODEL = {"vision": {"name": "small_cnn", "features": 64, "channels": [32, 32]},
+             "text": {"name": "bert", "variant": "tiny", "vocab_size": 0},
+             "fusion": "film", "features": 64, "head_hidden": 128, "dtype": "float32"}
+
+
+def test_a_workdir_of_the_older_model_layout_is_named_as_such(tmp_path, capsys, monkeypatch):
+  from mmjax import export  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv("MMJAX_DATA_DIR", str(tmp_path / "data"))  # a missed check builds no data elsewhere
+  config = load_config(CONFIG + ":size=tiny")
+  config.model = OLD_MODEL  # the rest of the config as the trainer writes it
+  (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (tmp_path / "checkpoints").mkdir()
+  wd = str(tmp_path)
+  with pytest.raises(ValueError) as e:
+    predict.Predictor.from_workdir(wd)
+  message = str(e.value)
+  assert message.startswith(f"workdir {wd!r}: config.json has the older mmjax model layout "
+                            "(model.vision, model.text: ")
+  assert "model.name (a registered model) and model.encoders" in message and "docs/configs.md" in message
+  for main in (lambda: predict.main(["--workdir", wd, "--image", "x.png", "--question", "q"]),
+               lambda: export.main(["--workdir", wd, "--out", str(tmp_path / "out")])):
+    with pytest.raises(SystemExit) as e:
+      main()
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"

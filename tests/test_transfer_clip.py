@@ -220,3 +220,16 @@ def test_towers_without_clip_options_have_no_clip_layout():
   assert isinstance(plain, DualEncoder)
   with pytest.raises(ValueError, match="image tower: HF CLIP layout needs .*'pre_norm': True"):
     export_clip(plain)
+
+
+def test_a_sharded_checkpoint_loads_as_the_single_file(hf_dir, tmp_path):
+  """transformers' save_pretrained splits a large model into shards named by
+  model.safetensors.index.json; every loader reads them as one checkpoint."""
+  model = CLIPModel.from_pretrained(hf_dir)
+  model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+  shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+  assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists(), shards
+  whole, sharded = _params(load_clip(hf_dir)), _params(load_clip(tmp_path))
+  assert whole.keys() == sharded.keys()
+  for k in whole:
+    np.testing.assert_array_equal(sharded[k], whole[k], err_msg=k)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -11,9 +12,10 @@ from flax import nnx
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from hf_reference import assert_activations_follow_hf, randomized
+from mmjax.encoders.vision import ViT, ViTSpec
 from mmjax.layers.embeddings import LearnedPositions
 from mmjax.transfer.io import WeightMismatchError, read_safetensors, write_safetensors
-from mmjax.transfer.vit import export_vit, load_vit, save_vit
+from mmjax.transfer.vit import export_vit, hf_config, load_vit, save_vit, vit_rules
 
 CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
            image_size=32, patch_size=8, num_labels=5)
@@ -184,3 +186,48 @@ def test_pickle_checkpoints_are_refused(hf_dirs, tmp_path):
     load_vit(tmp_path / "pytorch_model.bin")
   with pytest.raises(ValueError, match="refusing.*pytorch_model.bin"):
     load_vit(tmp_path)
+
+
+# Each ViT option HF ViT's layout cannot express, with what the error must name.
+NO_HF_LAYOUT = [
+    (dict(pre_norm=True), [r"pre_norm=True \(HF ViT has no LayerNorm before the encoder: needs False\)",
+                           r"CLIPModel \(mmjax\.transfer\.clip\)"]),
+    (dict(patch_bias=False), [r"patch_bias=False \(HF ViT's patch projection has a bias: needs True\)",
+                              r"CLIPModel"]),
+    (dict(pool="gap"), [r"pool='gap' \(HF ViT pools the class token: needs 'cls'\)"]),
+    (dict(pool="map"), [r"pool='map'", r"SiglipModel \(mmjax\.transfer\.siglip\)"]),
+    (dict(posemb="sincos2d"), [r"posemb='sincos2d' \(.*needs 'learn'\)"]),
+    (dict(act="tanh"), [r"act='tanh' \(.*needs one of \['gelu', 'gelu_tanh', 'quick_gelu'"]),
+    (dict(num_classes=3, pooler=True), [r"pooler=True with num_classes=3 \(.*needs pooler=False"]),
+]
+
+
+@pytest.mark.parametrize("fields, says", NO_HF_LAYOUT, ids=[",".join(f"{k}={v}" for k, v in f.items()) for f, _ in NO_HF_LAYOUT])
+def test_vits_without_an_hf_layout_are_refused_naming_the_field(fields, says):
+  spec = ViTSpec(width=32, depth=1, heads=4, mlp_dim=64, patch=(8, 8), image_size=(32, 32), **fields)
+  for make in (vit_rules, hf_config):
+    with pytest.raises(ValueError, match="this ViT has no HF ViT layout") as e:
+      make(spec)
+    for s in says:
+      assert re.search(s, str(e.value)), (s, str(e.value))
+
+
+def test_every_refused_field_is_listed_at_once():
+  spec = ViTSpec(pre_norm=True, patch_bias=False, act="tanh", posemb="sincos2d")
+  with pytest.raises(ValueError) as e:
+    vit_rules(spec)
+  named = re.findall(r"(\w+)=\S+ \(", str(e.value))
+  assert named == ["posemb", "pre_norm", "patch_bias", "act"]
+
+
+def test_a_clip_style_vit_is_neither_saved_nor_loaded(hf_dirs, tmp_path):
+  """Before the check: its pre-norm was dropped on export, and a checkpoint loaded into it left
+  the pre-norm at its initial values (only a strict match noticed)."""
+  model = ViT(None, width=32, depth=2, heads=4, mlp_dim=64, patch=8, image_size=32, pre_norm=True,
+              rngs=nnx.Rngs(0))
+  for write in (export_vit, lambda m: save_vit(m, tmp_path / "out")):
+    with pytest.raises(ValueError, match=r"pre_norm=True"):
+      write(model)
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(ValueError, match=r"no HF ViT layout: patch_bias=False"):
+    load_vit(hf_dirs["model"], patch_bias=False)

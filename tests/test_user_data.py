@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 
 from mmjax.data import manifest
-from mmjax.metrics.vqa import vqa_accuracy
+from mmjax.metrics.vqa import normalize_answer, vqa_accuracy
 from mmjax.train.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -220,6 +220,38 @@ def test_classify_from_class_folders(doc_run, tmp_path):
   assert labels == {"green": 1, "red": 2}
 
 
+def test_answer_predictor_reports_each_answers_sigmoid(doc_run):
+  import jax
+
+  from mmjax.predict import Predictor, read_image
+
+  p = Predictor.from_workdir(doc_run["tmp"] / "workdirs" / "my_vqa")
+  image, question = str(doc_run["tmp"] / "my_data" / "img" / "5.png"), "what color is the shape?"
+  out = p.answer(image, question)
+  x = p.preprocess([{"image": read_image(image), "question": question}])
+  with p.context():
+    logits = jax.jit(lambda m, x: m(x["image"], x["question_ids"], x["question_mask"])[0])(p.model, x)
+  logits = np.asarray(logits, np.float64)[0]  # (A,)
+  best = int(np.argmax(logits))
+  # The task trains each answer with a sigmoid (soft scores): that is the reported probability.
+  assert out["answer"] == p.answers[best]
+  assert out["probabilities"][out["answer"]] == pytest.approx(1 / (1 + np.exp(-logits[best])), rel=1e-5)
+
+
+def test_predict_cli_on_a_class_folder_workdir(doc_run):
+  from mmjax.predict import Predictor
+
+  workdir, folder = doc_run["tmp"] / "workdirs" / "my_classes", doc_run["tmp"] / "my_data" / "classes"
+  image = str(sorted((folder / "green").iterdir())[0])
+  done = subprocess.run([sys.executable, "-m", "mmjax.predict", "--workdir", str(workdir),
+                         "--image", image, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-4000:]
+  printed = json.loads(done.stdout)
+  assert printed["class"] in [c.name for c in folder.iterdir()]
+  p = Predictor.from_workdir(workdir)
+  assert printed == {**p.classify(image=image), "step": p.step}
+
+
 def _wav(path: pathlib.Path, hz: float) -> None:
   import soundfile
 
@@ -328,6 +360,25 @@ def test_vqa_accuracy_is_the_official_formula_on_a_hand_checked_batch(tmp_path):
     assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
   assert metrics["vqa_accuracy"] == pytest.approx(0.7, abs=1e-6)  # (0.6 + 0.9 + 0 + 1 + 1) / 5
   assert metrics["best_possible"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_vqa_targets_count_raw_answers_as_the_vocabulary_does(tmp_path):
+  from mmjax.tasks.user_data import UserVQA
+
+  task = UserVQA(load_config("configs/vqa_open.py:size=tiny", [f"input.train={_vqa_data(tmp_path)}"]))
+  targets = task.record_transform()
+  png = (tmp_path / "img" / "0.png").read_bytes()
+  # The vocabulary holds normalised answers ("red", "2"); references as people typed them score
+  # for those entries: ten "Red" are ten "red", "The Box" is "box", "Two" / "two" are "2".
+  cases = [(["Red"] * 10, "red", 1.0), (["The Box"] * 3 + ["circle"] * 7, "box", 0.9),
+           (["Two", "two", "2", "2"] + ["pink"] * 6, "2", 1.0), (["Red."], "red", 1.0)]
+  for answers, entry, score in cases:
+    out = targets({"id": "case", "image": png, "question": "q", "answers": answers})
+    scores = dict(zip(out["answer_ids"].tolist(), out["answer_scores"].tolist()))
+    assert scores[task.answers.index(entry)] == pytest.approx(score), answers
+    normalised = [normalize_answer(a) for a in answers]
+    if len(answers) > 1:  # the official formula on the normalised references
+      assert vqa_accuracy(entry, normalised) == pytest.approx(score)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +498,13 @@ def test_tfds_split_as_a_source(tmp_path):
   assert batch["image"].shape == (8, 32, 32, 3)
   index = np.rint(batch["image"][:, 0, 0, 0] * 255 / 30).astype(int)  # pixels 30 * i, TFDS's order
   assert sorted(index.tolist()) == list(range(8)) and (batch["label"] == (index >= 4)).all()
+  # Evaluated against a class folder's classes: the label feature's must be the same, in order.
+  for i, name in enumerate(("light", "medium")):
+    _image(tmp_path / "folder" / name / "0.png", list(COLORS)[i], "square")
+  config.input.train, config.input.eval = str(tmp_path / "folder"), "tfds:toy_colors/train"
+  with pytest.raises(ValueError, match=r"classes \['dark', 'light'\] are not the training split's \['light', 'medium'\]"):
+    UserClassification(config).source("eval")
+  config.input.train, config.input.eval = "tfds:toy_colors/train", ""
   config.input.fields.label = "label"
   with pytest.raises(ValueError, match=r"no feature\(s\) \{'label': 'label'\}.*\['kind', 'note', 'picture'\]"):
     UserClassification(config)
@@ -488,3 +546,27 @@ def test_siglip_checkpoint_sets_the_architecture(tmp_path):
   # Every checkpoint tensor has its place in the model the task builds.
   model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
   assert check_model_init(str(tmp_path / "hf"), model) > 0
+  # model_init naming the checkpoint's .safetensors file: the tokenizer beside it is still the task's.
+  task = UserCLIP(_clip_config(train, f"model_init={tmp_path / 'hf' / 'model.safetensors'}"))
+  np.testing.assert_array_equal(tokenizer_lib.encode(task.tokenizer, words, 8)[0],
+                                tokenizer_lib.encode(own, words, 8)[0])
+
+
+def test_a_pretrained_tokenizer_is_kept_in_a_bucket_workdir(gcs_emulator, tmp_path):
+  from etils import epath
+
+  from mmjax.data import tokenizer as tokenizer_lib
+  from mmjax.tasks.user_data import UserCLIP
+
+  train = _caption_data(tmp_path / "data", n=8)
+  own = tokenizer_lib.train_wordpiece(["the quick brown fox", "a lazy dog"], vocab_size=200)
+  own.save_pretrained(tmp_path / "tok")  # a tokenizer folder, as a downloaded one
+  workdir = f"{gcs_emulator.bucket()}/run"
+  config = _clip_config(train, f"data.tokenizer={tmp_path / 'tok'}")
+  UserCLIP(config, workdir=workdir)
+  assert (epath.Path(workdir) / "tokenizer" / "tokenizer_config.json").exists()
+  # Read back from the bucket, not from data.tokenizer (gone now).
+  (tmp_path / "tok" / "tokenizer.json").unlink()
+  again = UserCLIP(config, workdir=workdir).tokenizer
+  words = ["a red square", "the quick dog"]
+  np.testing.assert_array_equal(tokenizer_lib.encode(again, words, 16)[0], tokenizer_lib.encode(own, words, 16)[0])

@@ -24,7 +24,8 @@ Every line must then hold those columns (others are ignored); "image" and "audio
 "label" a label, any other field a non-empty text or (JSONL) a non-empty list of texts, kept as
 given (`captions`, `answers`). A class folder may hold audio clips instead of images
 (`folder_field="audio"`). `verify_files(source)` reads every file's header and reports each file
-that is not an image (or not audio) with its line.
+that is not an image (or not audio) with its line; `check_media` is that check for one file (the
+predictor's requests use it too, and decode an image whole).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ FIELDS = ("image", "text", "audio", "label")
 PATH_FIELDS = ("image", "audio")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+MEDIA_KINDS = {"image": "an image file (PNG, JPEG, ...)", "audio": "an audio file (WAV, FLAC, OGG)"}
 _MAX_REPORTED = 20
 
 
@@ -377,25 +379,50 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
   return ManifestSource(root, entries, classes)
 
 
-def verify_files(source: ManifestSource, threads: int = 16) -> None:
-  """Raises a ManifestError listing every image file PIL cannot identify and every audio file
-  soundfile cannot read, each with its record's id (manifest line or file); reads headers only."""
+def check_media(kind: str, path: str | os.PathLike, where: str, data: bytes | None = None, *,
+                whole: bool = True) -> None:
+  """Raises a ValueError naming `where` and `path` unless the file is a readable `kind`.
+
+  An "image" must have an image header and, with `whole`, decode whole (a file cut short fails);
+  "audio" must have a header soundfile reads and at least one sample. `data`, when given, is the
+  file's bytes (already read); else `path` (local or a bucket URL) is opened.
+  """
+  if kind not in MEDIA_KINDS:
+    raise ValueError(f"kind: expected one of {sorted(MEDIA_KINDS)}, got {kind!r}")
   import PIL.Image  # pylint: disable=g-import-not-at-top
   import soundfile  # pylint: disable=g-import-not-at-top
+
+  frames = None
+  try:
+    with io.BytesIO(data) if data is not None else _data_path(path).open("rb") as f:
+      if kind == "image":
+        with PIL.Image.open(f) as image:
+          if whole:
+            image.load()
+      else:
+        frames = soundfile.info(f).frames
+  except Exception as e:  # pylint: disable=broad-except  (PIL and soundfile raise several kinds)
+    why = re.sub(r" ?<_io\.[^>]*>", "", str(e))  # the file object's repr says nothing the path does not
+    raise ValueError(f"{where}: {os.fspath(path)!r} is not {MEDIA_KINDS[kind]}: "
+                     f"{type(e).__name__}: {why}") from None
+  if frames == 0:
+    raise ValueError(f"{where}: {os.fspath(path)!r} holds no audio samples (a header only)")
+
+
+def verify_files(source: ManifestSource, threads: int = 16) -> None:
+  """Raises a ManifestError listing every file `check_media` refuses (no image header, audio
+  soundfile cannot read or without samples), each with its record's id (manifest line or file).
+  Headers only: decoding every image would cost an epoch of decoding at every start; an image cut
+  short fails when the pipeline decodes it."""
 
   def check(entry: Entry) -> list[str]:
     problems = []
     for name, path in entry.paths.items():
       try:
-        with path.open("rb") as f:
-          if name == "image":
-            PIL.Image.open(f)
-          elif name == "audio":
-            soundfile.info(f)
-      except Exception as e:  # pylint: disable=broad-except  (PIL and soundfile raise several kinds)
-        what = "an image" if name == "image" else "an audio file"
-        problems.append(f"{entry.id}: {name}: {os.fspath(path)!r} is not {what} "
-                        f"({type(e).__name__}: {e})")
+        if name in MEDIA_KINDS:
+          check_media(name, path, f"{entry.id}: {name}", whole=False)
+      except ValueError as e:
+        problems.append(str(e))
     return problems
 
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:

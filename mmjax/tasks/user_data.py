@@ -44,12 +44,15 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mmjax import io_paths, losses, predict
@@ -57,7 +60,7 @@ from mmjax.data import manifest, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data.pp.registry import Example, bad
 from mmjax.data.pp.text import get_texts
-from mmjax.metrics.vqa import normalize_answer, process_punctuation, vqa_accuracy
+from mmjax.metrics.vqa import exact_match, normalize_answer, vqa_accuracy
 from mmjax.models import build_model
 from mmjax.models.classifier import MultimodalClassifier
 from mmjax.models.vqa import VQAModel
@@ -113,30 +116,40 @@ class TfdsSource:
   """`tfds:NAME/SPLIT`: a prepared TFDS data set's split, its features renamed by `columns`.
 
   Attributes:
-    classes: the label feature's class names, when it is a `ClassLabel`; else None.
+    classes: the label feature's class names, when it is a `ClassLabel`; else None. Given
+      `classes` (the training split's), they must be the same, in the same order.
   """
 
-  def __init__(self, spec: str, columns: Mapping[str, str], data_dir: str | None = None):
+  def __init__(self, spec: str, columns: Mapping[str, str], data_dir: str | None = None,
+               classes: Sequence[str] | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     name, _, split = spec[len(TFDS_PREFIX):].rpartition("/")
     if not name or not split:
       raise ValueError(f"{spec!r}: expected tfds:NAME/SPLIT, e.g. tfds:mnist/train")
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
     try:
       builder = tfds.builder(name, data_dir=data_dir)
       features = builder.info.features
-      missing = {f: c for f, c in columns.items() if c not in features}
-      if missing:
-        raise ValueError(f"no feature(s) {missing} (record field: feature); its features are "
-                         f"{sorted(features)}")
-      skip = {k: tfds.decode.SkipDecoding() for k in features if k not in columns.values()}
-      self.source = builder.as_data_source(split, decoders=skip)
     except Exception as e:  # TFDS raises many kinds (not found, not prepared, wrong format)
       raise ValueError(f"{spec!r}: cannot read it as a prepared array_record TFDS data set in "
                        f"data.data_dir={data_dir!r}: {type(e).__name__}: {e}") from e
-    self.spec, self.columns = spec, dict(columns)
+    missing = {f: c for f, c in columns.items() if c not in features}
+    if missing:
+      raise ValueError(f"{spec!r}: no feature(s) {missing} (record field: feature); its features "
+                       f"are {sorted(features)}")
     label = features[columns["label"]] if "label" in columns else None
     self.classes = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
+    if classes is not None and self.classes is not None and self.classes != list(classes):
+      raise ValueError(f"{spec!r}: the label feature's classes {self.classes} are not the training "
+                       f"split's {list(classes)} (same names, same order)")
+    skip = {k: tfds.decode.SkipDecoding() for k in features if k not in columns.values()}
+    try:
+      self.source = builder.as_data_source(split, decoders=skip)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{spec!r}: cannot read split {split!r} as array_record in "
+                       f"data.data_dir={data_dir!r}: {type(e).__name__}: {e}") from e
+    self.spec, self.columns = spec, dict(columns)
 
   def __len__(self) -> int:
     return len(self.source)
@@ -153,7 +166,7 @@ def open_source(spec: str, columns: Mapping[str, str], *, classes: Sequence[str]
   if not isinstance(spec, str) or not spec:
     raise ValueError(f"expected a manifest, a class folder or tfds:NAME/SPLIT, got {spec!r}")
   if spec.startswith(TFDS_PREFIX):
-    return TfdsSource(spec, columns, data_dir)
+    return TfdsSource(spec, columns, data_dir, classes)
   source = manifest.load_manifest(spec, classes=classes, columns=dict(columns),
                                   folder_field=folder_field)
   if verify:
@@ -182,15 +195,23 @@ def model_init_source(config: ml_collections.ConfigDict, *keys: str) -> str | No
   return None
 
 
-def _hf_config(source: str | None) -> dict | None:
-  """config.json of an HF folder (or of the folder beside a .safetensors file); None otherwise."""
+def _hf_folder(source: str | None) -> str | None:
+  """The Hugging Face folder of a `model_init` source: itself, or the folder of a .safetensors
+  file in one (MiniLM's for "minilm"); None for a .npz or no source."""
   if not source or source.endswith(".npz"):
     return None
   if source == "minilm":
     from mmjax.transfer import minilm  # noqa: PLC0415 (optional dependency)
     source = minilm.minilm_path()
   source = os.path.expanduser(source)
-  folder = source if os.path.isdir(source) else os.path.dirname(source)
+  return source if os.path.isdir(source) else os.path.dirname(source)
+
+
+def _hf_config(source: str | None) -> dict | None:
+  """config.json of a `model_init` source's HF folder (`_hf_folder`); None otherwise."""
+  folder = _hf_folder(source)
+  if folder is None:
+    return None
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     return None
@@ -212,6 +233,17 @@ def pretrained_text_vocab(cfg: dict | None) -> int | None:
     return None
   text = lib.spec_from_hf_config(cfg if kind in ("clip", "siglip") else {"text_config": cfg})[1]
   return int(text["vocab_size"])
+
+
+def save_tokenizer_folder(tokenizer, folder: epath.Path) -> None:
+  """`tokenizer.save_pretrained(folder)` for a local or bucket `folder` (transformers writes only
+  local files), each file written atomically and tokenizer.json last."""
+  with tempfile.TemporaryDirectory() as local:
+    tokenizer.save_pretrained(local)
+    names = sorted(os.listdir(local), key=lambda n: n == tokenizer_lib.TOKENIZER_FILE)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+      io_paths.write_atomic(folder / name, pathlib.Path(local, name).read_bytes())
 
 
 class UserDataTask(pipeline.ConfigInput):
@@ -264,15 +296,18 @@ class UserDataTask(pipeline.ConfigInput):
     training, and the evaluation split's labels follow the training split's classes."""
     if split not in self.specs:
       raise ValueError(f"split {split!r}: this config has {sorted(self.specs)} (input.train, input.eval)")
+    d = self.config.data
+    # Reading the evaluation split may ask for the training split's classes: that nested call
+    # finds "train" read and returns it.
     for name in ("train", *self.eval_splits) if split not in self._sources else ():
-      if name not in self._sources:
-        d = self.config.data
-        raw = open_source(self.specs[name], self.columns, classes=self.split_classes(name),
-                          folder_field=self.folder_field, data_dir=d.get("data_dir"),
-                          verify=bool(d.get("verify_files", True)))
-        self.check_split(name, raw)
-        self._sources[name] = Records(raw, self.lists)
-        log.info("%s: %d records from %s", name, len(raw), self.specs[name])
+      if name in self._sources:
+        continue
+      raw = open_source(self.specs[name], self.columns, classes=self.split_classes(name),
+                        folder_field=self.folder_field, data_dir=d.get("data_dir"),
+                        verify=bool(d.get("verify_files", True)))
+      self.check_split(name, raw)
+      self._sources[name] = Records(raw, self.lists)
+      log.info("%s: %d records from %s", name, len(raw), self.specs[name])
     return dataclasses.replace(self._sources[split], transform=self.record_transform())
 
   def record_transform(self) -> Callable[[dict], dict] | None:
@@ -349,11 +384,11 @@ class UserDataTask(pipeline.ConfigInput):
     spec = self.text_spec() or {}
     if not name:
       source = model_init_source(self.config, "encoders/text", "")
+      folder = _hf_folder(source)
       if source == "minilm" or (not source and spec.get("name") == "minilm"):
         name = "minilm"
-      elif source and os.path.isdir(os.path.expanduser(source)) and any(
-          os.path.exists(os.path.join(os.path.expanduser(source), f)) for f in TOKENIZER_FILES):
-        name = source
+      elif folder and any(os.path.exists(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        name = folder  # the checkpoint's own tokenizer (beside a .safetensors file too)
     if not name:
       return None, ""
     if name == "minilm":
@@ -363,14 +398,16 @@ class UserDataTask(pipeline.ConfigInput):
 
   def _tokenizer(self):
     """The task's tokenizer (see the module docstring), saved in workdir/tokenizer/."""
-    saved = self._saved(TOKENIZER_DIR)
+    # tokenizer.json is written last (`save_tokenizer_folder`): once there, the folder is whole.
+    saved = self._saved(f"{TOKENIZER_DIR}/{tokenizer_lib.TOKENIZER_FILE}")
     if saved is not None:
-      tok = tokenizer_lib.load_tokenizer(saved)
-      log.info("tokenizer: read from %s (%d tokens)", saved, len(tok))
+      tok = tokenizer_lib.load_tokenizer(saved.parent)
+      log.info("tokenizer: read from %s (%d tokens)", saved.parent, len(tok))
       return tok
     limit, where = self.text_vocab_limit()
     tok, origin = self._pretrained_tokenizer()
-    if tok is None:
+    trained = tok is None
+    if trained:
       asked = int(self.config.data.get("vocab_size", 0) or 0)
       if limit is not None and asked > limit:
         raise ValueError(f"data.vocab_size={asked}: the text encoder ({where}) has {limit} tokens; "
@@ -390,11 +427,10 @@ class UserDataTask(pipeline.ConfigInput):
     log.info("tokenizer: %s, %d tokens", origin, len(tok))
     if self._writes():
       folder = self.workdir / TOKENIZER_DIR
-      folder.mkdir(parents=True, exist_ok=True)
-      if origin.startswith("trained"):
-        tokenizer_lib.save_tokenizer(tok, folder)
-      else:
-        tok.save_pretrained(os.fspath(folder))
+      if trained:  # one tokenizer.json, read back as `train_wordpiece` made it
+        tokenizer_lib.save_tokenizer(tok, folder / tokenizer_lib.TOKENIZER_FILE)
+      else:  # its own files (special tokens, class), read back by AutoTokenizer
+        save_tokenizer_folder(tok, folder)
     return tok
 
   def fill(self) -> dict[str, Any]:
@@ -549,28 +585,25 @@ class UserCaptioning(UserDataTask, ShapesCaptioning):
 # ---------------------------------------------------------------------------------------------
 # Open-ended VQA.
 # ---------------------------------------------------------------------------------------------
-def answer_forms(answers: Sequence[str]) -> list[str]:
-  """How the official evaluation compares reference answers to a prediction: as they are when
-  they all agree, else with its punctuation rule (`mmjax.metrics.vqa`)."""
-  return list(answers) if len(set(answers)) == 1 else [process_punctuation(a) for a in answers]
-
-
 def answer_score(prediction: str, answers: Sequence[str]) -> float:
-  """Official VQA accuracy of `prediction` against several reference answers; against one,
-  exact match after the official normalisation (the leave-one-out formula needs two or more)."""
+  """VQA accuracy of `prediction` against reference `answers`, both given the official
+  normalisation (`vqa_accuracy(normalize_answers=True)`; on annotations already normalised, as
+  VQA v2's, that is the official score); against one answer, exact match (the leave-one-out
+  formula needs two or more)."""
   if len(answers) == 1:
-    return float(normalize_answer(prediction) == normalize_answer(answers[0]))
-  return vqa_accuracy(prediction, answers)
+    return float(exact_match([prediction], answers)[0])
+  return vqa_accuracy(prediction, answers, normalize_answers=True)
 
 
 class AnswerTargets:
   """A record's reference answers -> the answer-vocabulary entries that score on them.
 
   Adds `answer_ids` (K,) int32, vocabulary ids padded with -1, and `answer_scores` (K,) float32:
-  for each entry a prediction of it would score above 0, `answer_score` of it (the official VQA
-  accuracy with several references). Predicting any other entry scores 0, so the accuracy of a
-  prediction is its id's score here (`answer_accuracy`), and the training targets are these soft
-  scores. A record with more than K reference answers is a `BadExample`.
+  the entries whose normalised form is among the normalised references (the same rule as the
+  vocabulary's: "Red" and "red." count for "red"), each with its `answer_score`. Predicting any
+  other entry scores 0, so the accuracy of a prediction is its id's score here
+  (`answer_accuracy`), and the training targets are these soft scores. A record with more than K
+  reference answers is a `BadExample`.
 
   Args:
     answer_vocab: the answer strings by id.
@@ -580,17 +613,17 @@ class AnswerTargets:
 
   def __init__(self, answer_vocab: Sequence[str], max_answers: int, key: str = "answers"):
     self.vocab, self.max_answers, self.key = tuple(answer_vocab), int(max_answers), key
-    self.ids: dict[str, list[int]] = {}  # an entry's normalised form -> its ids
+    self.ids: dict[str, int] = {}  # an entry's normalised form -> its id (the first, if repeated)
     for i, a in enumerate(self.vocab):
-      self.ids.setdefault(normalize_answer(a), []).append(i)
+      self.ids.setdefault(normalize_answer(a), i)
 
   def __call__(self, record: Example) -> Example:
     answers, _ = get_texts(record, self.key)
     if not answers or len(answers) > self.max_answers:
       raise bad(record, self.key, f"expected 1 to {self.max_answers} reference answers "
                 f"(data.max_answers), got {len(answers)}")
-    forms = answer_forms(answers) if len(answers) > 1 else [normalize_answer(answers[0])]
-    ids = [i for f in dict.fromkeys(forms) for i in self.ids.get(f, ())][:self.max_answers]
+    forms = dict.fromkeys(map(normalize_answer, answers))  # distinct, so at most K
+    ids = [self.ids[f] for f in forms if f in self.ids]
     out_ids = np.full((self.max_answers,), -1, np.int32)
     out_scores = np.zeros((self.max_answers,), np.float32)
     out_ids[:len(ids)] = ids
@@ -616,8 +649,10 @@ class UserVQA(UserDataTask):
 
   Records: image, question, answers (one text or a list of up to `data.max_answers`, usually
   ten). Training: sigmoid cross-entropy against the soft scores (LXMERT's loss). Evaluation:
-  "eval/vqa_accuracy" (official formula; exact match for a single answer) and
-  "eval/best_possible", the accuracy of always picking the best vocabulary entry.
+  "eval/vqa_accuracy" (official formula, references normalised as the vocabulary is; exact
+  match for a single answer) and "eval/best_possible", the accuracy of always picking the best
+  vocabulary entry. Served by `AnswerPredictor` with each answer's sigmoid
+  (`answer_probabilities`), as trained.
   """
 
   predictor = predict.AnswerPredictor
@@ -644,6 +679,11 @@ class UserVQA(UserDataTask):
     log.info("answers: %d of %d distinct (data.num_answers=%d) cover %.1f%% of the training "
              "answers", len(vocab), len(counts), n, 100 * covered)
     return vocab
+
+  def answer_probabilities(self, logits: jax.Array) -> jax.Array:
+    """Answer logits (B, A) -> the probability (B, A) of each answer being right: the sigmoid
+    that the per-answer binary loss trains (they need not sum to 1)."""
+    return jax.nn.sigmoid(logits.astype(jnp.float32))
 
   def record_transform(self) -> AnswerTargets | None:
     """Each record's answer targets (`AnswerTargets`), once the vocabulary is known."""

@@ -23,7 +23,9 @@ class Task(Protocol):
 
   Served tasks also have `preprocess(pp_string)` (the parsed `config.input` pp string its
   `dataset` uses), `predictor` (a `mmjax.predict.Predictor` subclass with the task's requests) and
-  `image_shape`: `mmjax.predict` preprocesses a request with `config.input.pp_eval`.
+  `image_shape`: `mmjax.predict` preprocesses a request with `config.input.pp_eval`. A task served
+  by `AnswerPredictor` may have `answer_probabilities(logits)` (B, A) -> (B, A): the scores its
+  loss trains (default: softmax).
   """
 
   config: ml_collections.ConfigDict

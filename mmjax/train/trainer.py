@@ -518,7 +518,8 @@ def train(config: ml_collections.ConfigDict, workdir: io_paths.PathLike, *,
             evals.update(evaluate(setup, state, eval_step, split))
           writer.write(step, evals)
           final.update(evals)
-          bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+          if evals:  # no evaluation split: nothing to print (the bar's postfix shows the loss)
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
           if is_main:
             plot_curves(workdir)
         if save:

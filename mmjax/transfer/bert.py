@@ -8,7 +8,6 @@ reads back. Checkpoints with a task head (`BertForPreTraining`, ...) store the e
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from mmjax.encoders.text import BertEncoder, BertSpec
 from mmjax.layers.common import Dtype
 from mmjax.transfer.io import (Rule, encoder_layer_rules, export_weights, import_weights,
                                layer_norm_rule, linear_rule,
-                               read_safetensors, write_safetensors)
+                               read_hf_checkpoint, write_hf_folder)
 
 PREFIX = "bert."
 # Buffers HF sometimes saves that carry no learned weights.
@@ -121,13 +120,6 @@ def blank_module(ctor: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.
   return nnx.merge(graphdef, jax.tree.map(zeros, params), keys, jax.tree.map(zeros, rest))
 
 
-def _folder_and_file(path: str | os.PathLike) -> tuple[str, str]:
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    return path, os.path.join(path, "model.safetensors")
-  return os.path.dirname(path) or ".", path
-
-
 def load_bert(path: str | os.PathLike, *, pool: str | None = None, dtype: Dtype = jnp.float32,
               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
               **overrides) -> BertEncoder:
@@ -140,13 +132,7 @@ def load_bert(path: str | os.PathLike, *, pool: str | None = None, dtype: Dtype 
     rngs: dropout keys (no parameter is randomly initialised); default `nnx.Rngs(0)`.
     **overrides: `BertSpec` fields to change (dropout, ...); shape fields must match the weights.
   """
-  folder, file = _folder_and_file(path)
-  tensors = read_safetensors(file)
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"no config.json next to {file!r}")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  cfg, tensors = read_hf_checkpoint(path)
   tensors = normalize_names(tensors)
   fields = {**spec_from_hf_config(cfg), "pooler": "pooler.dense.weight" in tensors, **overrides}
   model = blank_module(lambda r: BertEncoder("bert-base", pool=pool, dtype=dtype,
@@ -159,8 +145,4 @@ def load_bert(path: str | os.PathLike, *, pool: str | None = None, dtype: Dtype 
 
 def save_bert(model: BertEncoder, folder: str | os.PathLike) -> None:
   """Writes `folder`/model.safetensors and config.json in HF BertModel layout."""
-  folder = os.fspath(folder)
-  os.makedirs(folder, exist_ok=True)
-  write_safetensors(os.path.join(folder, "model.safetensors"), export_bert(model))
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf_config(model.spec), f, indent=2)
+  write_hf_folder(folder, hf_config(model.spec), export_bert(model))

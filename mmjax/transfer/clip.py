@@ -13,7 +13,6 @@ encoder without a cap (`max_logit_scale=None`) unless told otherwise (CLIP train
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -28,7 +27,7 @@ from mmjax.layers.common import Dtype
 from mmjax.models.dual_encoder import DualEncoder
 from mmjax.transfer.bert import blank_module
 from mmjax.transfer.io import (Rule, export_weights, import_weights, layer_norm_rule, linear_rule,
-                               read_safetensors, write_safetensors)
+                               read_hf_checkpoint, write_hf_folder)
 
 IMAGE, TEXT = "image", "text"
 # Buffers older checkpoints saved that carry no learned weights.
@@ -201,12 +200,6 @@ def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
   return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(i) for i in v)
 
 
-def _folder_and_file(path: str) -> tuple[str, str]:
-  if os.path.isdir(path):
-    return path, os.path.join(path, "model.safetensors")
-  return os.path.dirname(path) or ".", path
-
-
 def load_clip(path: str | os.PathLike, *, max_logit_scale: float | None = None,
               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
               rngs: nnx.Rngs | None = None) -> DualEncoder:
@@ -221,13 +214,7 @@ def load_clip(path: str | os.PathLike, *, max_logit_scale: float | None = None,
   Returns:
     The model; call it as `model({"image": images (B, H, W, C), "text": ids (B, L)})`.
   """
-  folder, file = _folder_and_file(os.fspath(path))
-  tensors = read_safetensors(file)
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"no config.json next to {file!r}")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  cfg, tensors = read_hf_checkpoint(path)
   vision, text, embed_dim = spec_from_hf_config(cfg)
   model = blank_module(lambda r: build_clip(vision, text, embed_dim, max_logit_scale=max_logit_scale,
                                             dtype=dtype, param_dtype=param_dtype, rngs=r),
@@ -239,10 +226,4 @@ def load_clip(path: str | os.PathLike, *, max_logit_scale: float | None = None,
 
 def save_clip(model: DualEncoder, folder: str | os.PathLike) -> None:
   """Writes `folder`/model.safetensors and config.json in HF CLIPModel layout."""
-  folder = os.fspath(folder)
-  cfg = hf_config(model)
-  tensors = export_clip(model)
-  os.makedirs(folder, exist_ok=True)
-  write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  write_hf_folder(folder, hf_config(model), export_clip(model))

@@ -213,6 +213,53 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -
   save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, os.fspath(path))
 
 
+def open_hf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, LazyTensor]]:
+  """(config.json, name -> `LazyTensor`) of an HF folder (model.safetensors, or the shards of a
+  model.safetensors.index.json) or of a .safetensors file with config.json beside it."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    folder = path
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+      files = [os.path.join(path, "model.safetensors")]
+    elif os.path.exists(index):
+      with open(index) as f:
+        files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+      pickled = [n for n in sorted(os.listdir(path)) if n.endswith(PICKLE_SUFFIXES)]
+      if pickled:
+        raise ValueError(f"refusing to load {os.path.join(path, pickled[0])!r}: pickle-based weight "
+                         "files can run code; convert it to .safetensors first")
+      raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+  else:
+    folder, files = os.path.dirname(path) or ".", [path]
+  cfg_path = os.path.join(folder, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"no config.json in {folder!r}: it names the architecture")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  tensors = {}
+  for file in files:
+    tensors.update(open_safetensors(file))
+  return cfg, tensors
+
+
+def read_hf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config.json, name -> array) of an HF checkpoint (`open_hf_checkpoint`), every tensor read."""
+  cfg, tensors = open_hf_checkpoint(path)
+  return cfg, {name: t.read() for name, t in tensors.items()}
+
+
+def write_hf_folder(folder: str | os.PathLike, cfg: dict[str, Any],
+                    tensors: dict[str, np.ndarray]) -> None:
+  """Writes `folder`/model.safetensors and config.json, the layout `transformers` reads."""
+  folder = os.fspath(folder)
+  os.makedirs(folder, exist_ok=True)
+  write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+
+
 def join_path(prefix: str, path: str) -> str:
   """Dotted `prefix`.`path`; an empty prefix (the module itself) adds nothing."""
   return f"{prefix}.{path}" if prefix else path

@@ -21,15 +21,24 @@ A module wrapped by LoRA takes the weights into its base layers; the adapters ke
 `jax.ShapeDtypeStruct`s with a sharding) and returns them with every imported parameter replaced.
 Nothing goes through `jax.jit`: each checkpoint tensor is read alone (a plain file read, see
 `mmjax.transfer.io.open_safetensors`), converted on the host and handed to
-`jax.make_array_from_callback`, which copies each device its shard. Host memory thus holds one
-tensor at a time, and the weights never become constants of a compiled program. Every name and
-shape is checked for every entry before any tensor is read; problems raise one
-`WeightMismatchError` per entry listing all of them (unused checkpoint tensors too).
+`jax.make_array_from_callback`, which copies each device of this process its shard. Host memory
+thus holds this process' shards plus one tensor at a time, and the weights never become constants
+of a compiled program. Every name and shape is checked for every entry before any tensor is read;
+problems raise one `WeightMismatchError` per entry listing all of them (unused checkpoint tensors
+too).
+
+What each host reads: every tensor in full, one at a time, whatever its devices hold; on a pod
+every host reads the whole checkpoint. Reading only a host's slices would save little under the
+default FSDP rules: they split the input axis of the q/k/v, fc1 and fc2 kernels, the trailing axis
+of the stored torch (out, in) weights, so every stored row holds part of every host's slice (for
+ViT-L/16 on 8 one-device hosts, the file pages under one host's slices are 94% of the file). The
+cost is time, the file size over one host's read bandwidth (all hosts read in parallel), and host
+memory for the largest tensor (twice it when converted to another dtype): seconds and tens to
+hundreds of MB for the zoo's encoders, fine for checkpoints up to a few GB.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
@@ -41,8 +50,8 @@ from mmjax.encoders.text import BertEncoder, ClipTextEncoder
 from mmjax.encoders.vision import ViT
 from mmjax.models.dual_encoder import DualEncoder
 from mmjax.transfer import big_vision, bert, clip, siglip, vit
-from mmjax.transfer.io import (PICKLE_SUFFIXES, LazyTensor, Rule, WeightMismatchError, join_path,
-                               match_rules, open_safetensors)
+from mmjax.transfer.io import (LazyTensor, Rule, WeightMismatchError, join_path,
+                               match_rules, open_hf_checkpoint)
 from mmjax.transfer.lora import LoRADense
 
 MINILM = "minilm"
@@ -51,35 +60,6 @@ HF_TYPES = ("bert", "vit", "clip", "siglip", "clip_vision_model", "clip_text_mod
 
 
 # -- sources -------------------------------------------------------------------------------------
-def read_hf_folder(path: str) -> tuple[dict[str, Any], dict[str, LazyTensor]]:
-  """(config.json, name -> `LazyTensor`) of an HF folder or of a .safetensors file in one."""
-  if os.path.isdir(path):
-    folder = path
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-      files = [os.path.join(path, "model.safetensors")]
-    elif os.path.exists(index):
-      with open(index) as f:
-        files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-      pickled = [n for n in sorted(os.listdir(path)) if n.endswith(PICKLE_SUFFIXES)]
-      if pickled:
-        raise ValueError(f"refusing to load {os.path.join(path, pickled[0])!r}: pickle-based weight "
-                         "files can run code; convert it to .safetensors first")
-      raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
-  else:
-    folder, files = os.path.dirname(path) or ".", [path]
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"no config.json in {folder!r}: it names the architecture")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  tensors = {}
-  for file in files:
-    tensors.update(open_safetensors(file))
-  return cfg, tensors
-
-
 def _only(tensors: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   """The tensors under `prefix` (one tower of a two-tower checkpoint), names kept."""
   return {k: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -124,7 +104,11 @@ def _hf_plan(where: str, module: nnx.Module, cfg: dict[str, Any],
     _check_settings(where, module, vit.spec_from_hf_config(cfg, tensors))
     if not module.spec.num_classes:
       tensors = vit.backbone_names(tensors)
-    return vit.vit_rules(module.spec), tensors, vit.IGNORED + tuple(vit.PREFIX + n for n in vit.IGNORED)
+    try:
+      rules = vit.vit_rules(module.spec)
+    except ValueError as e:  # a ViT whose options HF ViT lacks (a pre-norm, no patch bias, ...)
+      raise ValueError(f"{where}: {e}") from None
+    return rules, tensors, vit.IGNORED + tuple(vit.PREFIX + n for n in vit.IGNORED)
   lib = clip if family == "clip" else siglip
   lone = {("vision_config" if targets == (ViT,) else "text_config"): cfg}
   vision, text = lib.spec_from_hf_config(cfg if kind == family else lone)[:2]
@@ -169,7 +153,7 @@ def plan(where: str, module: nnx.Module, source: str) -> tuple[list[Rule], dict[
   if not os.path.exists(path):
     raise FileNotFoundError(f"{where}: no such folder or file {path!r} (expected an HF folder, a "
                             f"big_vision .npz or {MINILM!r})")
-  cfg, tensors = read_hf_folder(path)
+  cfg, tensors = open_hf_checkpoint(path)
   return _hf_plan(where, module, cfg, tensors)
 
 

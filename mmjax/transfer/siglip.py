@@ -16,7 +16,6 @@ encoder without a cap (`max_logit_scale=None`) unless told otherwise.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -32,8 +31,8 @@ from mmjax.models.dual_encoder import DualEncoder
 from mmjax.transfer.bert import blank_module
 from mmjax.transfer.clip import _ACTS, _HF_ACTS, clip_layer_rules
 from mmjax.transfer.io import (Rule, _flat_params, export_weights, find_modules, import_weights,
-                               join_path, layer_norm_rule, linear_rule, read_safetensors,
-                               write_safetensors)
+                               join_path, layer_norm_rule, linear_rule, read_hf_checkpoint,
+                               write_hf_folder)
 
 IMAGE, TEXT = "image", "text"
 # Buffers older checkpoints saved that carry no learned weights.
@@ -244,17 +243,9 @@ def load_siglip(path: str | os.PathLike, *, max_logit_scale: float | None = None
     The model; call it as `model({"image": images (B, H, W, C), "text": ids (B, L)})`, with texts
     padded to the full `max_len` as SigLIP was trained (it pools the last position).
   """
-  path = os.fspath(path)
-  folder, file = (path, os.path.join(path, "model.safetensors")) if os.path.isdir(path) else (
-      os.path.dirname(path) or ".", path)
-  tensors = read_safetensors(file)
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"no config.json next to {file!r}")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  cfg, tensors = read_hf_checkpoint(path)
   if cfg.get("model_type", "siglip") != "siglip":
-    raise ValueError(f"{cfg_path}: model_type {cfg['model_type']!r} is not a SigLIP model ('siglip')")
+    raise ValueError(f"{os.fspath(path)}: config.json's model_type {cfg['model_type']!r} is not a SigLIP model ('siglip')")
   vision, text = spec_from_hf_config(cfg)
   model = blank_module(lambda r: build_siglip(vision, text, max_logit_scale=max_logit_scale,
                                               dtype=dtype, param_dtype=param_dtype, rngs=r),
@@ -266,10 +257,4 @@ def load_siglip(path: str | os.PathLike, *, max_logit_scale: float | None = None
 
 def save_siglip(model: DualEncoder, folder: str | os.PathLike) -> None:
   """Writes `folder`/model.safetensors and config.json in HF SiglipModel layout."""
-  folder = os.fspath(folder)
-  cfg = hf_config(model)
-  tensors = export_siglip(model)
-  os.makedirs(folder, exist_ok=True)
-  write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  write_hf_folder(folder, hf_config(model), export_siglip(model))

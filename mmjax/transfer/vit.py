@@ -10,7 +10,6 @@ becomes `pos_embed.embedding` (1 + N, D).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -20,8 +19,8 @@ from flax import nnx
 
 from mmjax.encoders.vision import ViT, ViTSpec
 from mmjax.layers.common import Dtype
-from mmjax.transfer.io import (PICKLE_SUFFIXES, Rule, encoder_layer_rules, export_weights, import_weights,
-                               layer_norm_rule, linear_rule, read_safetensors, write_safetensors)
+from mmjax.transfer.io import (Rule, encoder_layer_rules, export_weights, import_weights,
+                               layer_norm_rule, linear_rule, read_hf_checkpoint, write_hf_folder)
 
 PREFIX = "vit."
 # Tensors HF may save that mmjax's ViT has no use for (masked-image-modeling token).
@@ -32,18 +31,56 @@ _HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "si
             "quick_gelu": "quick_gelu"}
 
 
+def hf_layout_problems(spec: ViTSpec) -> list[str]:
+  """The `spec` fields HF's ViTModel / ViTForImageClassification cannot express, each with what
+  HF ViT needs instead; empty when the ViT has that layout.
+
+  HF ViT is fixed where mmjax's ViT is configurable: a class token with a learned position table,
+  no LayerNorm before the encoder, a patch projection with a bias, a pooler only without a head.
+  Its other settings (sizes, `ln_eps`, dropouts) have config.json fields; every `EncoderBlock`
+  has q/k/v and feed-forward biases and the encoder its final LayerNorm, as in HF ViT.
+  """
+  problems = []
+  if spec.pool != "cls":
+    problems.append(f"pool={spec.pool!r} (HF ViT pools the class token: needs 'cls')")
+  if spec.posemb != "learn":
+    problems.append(f"posemb={spec.posemb!r} (HF ViT has a learned position table: needs 'learn')")
+  if spec.pre_norm:
+    problems.append("pre_norm=True (HF ViT has no LayerNorm before the encoder: needs False)")
+  if not spec.patch_bias:
+    problems.append("patch_bias=False (HF ViT's patch projection has a bias: needs True)")
+  if spec.act not in _HF_ACTS:
+    problems.append(f"act={spec.act!r} (HF ViT's hidden_act has no such function: needs one of "
+                    f"{sorted(_HF_ACTS)})")
+  if spec.num_classes and spec.pooler:
+    problems.append(f"pooler=True with num_classes={spec.num_classes} (HF "
+                    "ViTForImageClassification has no pooler: needs pooler=False with a head)")
+  return problems
+
+
+def check_hf_layout(spec: ViTSpec) -> None:
+  """Raises a ValueError naming every field of `spec` that HF ViT's layout cannot express."""
+  problems = hf_layout_problems(spec)
+  if not problems:
+    return
+  hints = []
+  if spec.pre_norm or not spec.patch_bias:
+    hints.append(" A CLIP-style tower (pre_norm, no patch bias) is written with its text tower as a "
+                 "CLIPModel (mmjax.transfer.clip).")
+  if spec.pool == "map":
+    hints.append(" A SigLIP-style tower (pool='map') is written with its text tower as a "
+                 "SiglipModel (mmjax.transfer.siglip).")
+  raise ValueError("this ViT has no HF ViT layout: " + "; ".join(problems) + "." + "".join(hints))
+
+
 def vit_rules(spec: ViTSpec) -> list[Rule]:
   """Rules between `ViT` parameter paths and HF tensor names.
 
   Without a head the names are `ViTModel`'s (optionally with "pooler.dense"); with a head they
-  are `ViTForImageClassification`'s: "vit."-prefixed encoder plus "classifier".
+  are `ViTForImageClassification`'s: "vit."-prefixed encoder plus "classifier". A spec HF ViT
+  cannot express raises (`check_hf_layout`) rather than mapping a different model's tensors.
   """
-  if spec.pool != "cls" or spec.posemb != "learn":
-    raise ValueError(f"HF ViT layout needs pool='cls' and posemb='learn', got pool={spec.pool!r}, "
-                     f"posemb={spec.posemb!r}")
-  if spec.num_classes and spec.pooler:
-    raise ValueError("HF ViTForImageClassification has no pooler: a ViT with both a head and a "
-                     "pooler has no HF layout")
+  check_hf_layout(spec)
   p = PREFIX if spec.num_classes else ""
   rules = [
       Rule("cls_token", f"{p}embeddings.cls_token"),
@@ -92,8 +129,7 @@ def spec_from_hf_config(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> 
 
 def hf_config(spec: ViTSpec) -> dict[str, Any]:
   """An HF `ViTConfig` dict describing `spec` (architecture by head)."""
-  if spec.act not in _HF_ACTS:
-    raise ValueError(f"act {spec.act!r} has no HF name; supported: {sorted(_HF_ACTS)}")
+  check_hf_layout(spec)
   cfg = {
       "architectures": ["ViTForImageClassification" if spec.num_classes else "ViTModel"],
       "model_type": "vit", "hidden_size": spec.width, "num_hidden_layers": spec.depth,
@@ -133,26 +169,6 @@ def export_vit(model: ViT) -> dict[str, np.ndarray]:
   return export_weights(model, vit_rules(model.spec))
 
 
-def _read_checkpoint(path: str) -> tuple[str, dict[str, np.ndarray]]:
-  """(folder, tensors) from a folder or a .safetensors file; sharded folders are merged."""
-  if not os.path.isdir(path):
-    return os.path.dirname(path) or ".", read_safetensors(path)
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index) and not os.path.exists(os.path.join(path, "model.safetensors")):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    tensors = {}
-    for shard in shards:
-      tensors.update(read_safetensors(os.path.join(path, shard)))
-    return path, tensors
-  if not os.path.exists(os.path.join(path, "model.safetensors")):
-    pickled = [n for n in sorted(os.listdir(path)) if n.endswith(PICKLE_SUFFIXES)]
-    if pickled:
-      raise ValueError(f"refusing to load {os.path.join(path, pickled[0])!r}: pickle-based weight "
-                       "files can run code; convert it to .safetensors first")
-  return path, read_safetensors(path)
-
-
 def load_vit(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
              param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
              **overrides) -> ViT:
@@ -165,12 +181,7 @@ def load_vit(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
     **overrides: `ViTSpec` fields to change (dropout, ...); shape fields must match the weights,
       except `num_classes=0`, which loads only the encoder of a classification checkpoint.
   """
-  folder, tensors = _read_checkpoint(os.fspath(path))
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"no config.json in {folder!r}")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  cfg, tensors = read_hf_checkpoint(path)
   fields = {**spec_from_hf_config(cfg, tensors), **overrides}
   model = ViT(None, dtype=dtype, param_dtype=param_dtype, rngs=rngs or nnx.Rngs(0), **fields)
   import_vit(model, tensors)
@@ -179,10 +190,4 @@ def load_vit(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
 
 def save_vit(model: ViT, folder: str | os.PathLike) -> None:
   """Writes `folder`/model.safetensors and config.json in HF ViT layout."""
-  folder = os.fspath(folder)
-  cfg = hf_config(model.spec)
-  tensors = export_vit(model)
-  os.makedirs(folder, exist_ok=True)
-  write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
+  write_hf_folder(folder, hf_config(model.spec), export_vit(model))

@@ -417,6 +417,24 @@ def test_bad_records_are_reported_with_their_lines(tmp_path):
     next(iter(data))
 
 
+@pytest.mark.parametrize("config", ["clip", "caption"])
+def test_eval_records_need_the_same_number_of_captions(tmp_path, config):
+  from mmjax.train.tasks import TASKS
+
+  train = _caption_data(tmp_path, n=8)
+  rows = [json.loads(line) for line in train.read_text().splitlines()]
+  rows[1]["text"] = [rows[1]["text"], "another caption"]
+  evaluation = _jsonl(tmp_path / "uneven.jsonl", rows)
+  overrides = [f"input.train={train}", f"input.eval={evaluation}"]
+  with pytest.raises(ValueError, match=r"input.eval: every record needs the same number of captions "
+                                       r"for evaluation; found 1 \(uneven.jsonl:1 ...\), 2 \(uneven.jsonl:2\)"):
+    TASKS.get(config)(load_config(f"configs/{config}.py:size=tiny", overrides))
+  # Training records may differ (one caption is drawn at a time).
+  overrides = [f"input.train={evaluation}", f"input.eval={train}"]
+  task = TASKS.get(config)(load_config(f"configs/{config}.py:size=tiny", overrides))
+  assert len(task.source("eval")) == 8
+
+
 def test_bad_image_on_the_command_line_names_the_line(tmp_path):
   train = _caption_data(tmp_path, n=8)
   rows = [json.loads(line) for line in train.read_text().splitlines()]
@@ -508,6 +526,53 @@ def test_tfds_split_as_a_source(tmp_path):
   config.input.fields.label = "label"
   with pytest.raises(ValueError, match=r"no feature\(s\) \{'label': 'label'\}.*\['kind', 'note', 'picture'\]"):
     UserClassification(config)
+
+
+def test_tfds_texts_and_id_labels_are_read_without_decoding_images(tmp_path, monkeypatch):
+  import io
+
+  import tensorflow_datasets as tfds
+
+  from mmjax.tasks.user_data import UserClassification
+
+  class ToyNotes(tfds.core.GeneratorBasedBuilder):
+    """Eight 8x8 images with a note and an id label that is not a `ClassLabel`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "picture": tfds.features.Image(shape=(8, 8, 3), encoding_format="png"),
+          "kind": tfds.features.Scalar(np.int64),
+          "note": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(8):
+        png = io.BytesIO()
+        PIL.Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(png, format="png")
+        yield i, {"picture": png.getvalue(), "kind": i % 3, "note": f"a {'dark' if i < 4 else 'light'} tone"}
+
+  ToyNotes(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  decoded = []
+  decode = tfds.features.Image.decode_example_np
+  monkeypatch.setattr(tfds.features.Image, "decode_example_np",
+                      lambda self, example: decoded.append(1) or decode(self, example))
+  config = load_config("configs/classify.py:size=tiny,modality=image+text", [
+      "input.train=tfds:toy_notes/train", f"data.data_dir={tmp_path}",
+      "input.fields.image=picture", "input.fields.text=note", "input.fields.label=kind"])
+  # The tokenizer is trained on the notes and the classes are the ids 0..2: neither pass decodes
+  # an image.
+  task = UserClassification(config)
+  assert task.classes == ("0", "1", "2") and not decoded
+  assert {"dark", "light", "tone"} <= set(task.tokenizer.get_vocab())
+  # Training batches do decode them (the count above can see a decode).
+  batch = next(iter(task.dataset("train", train=False, batch_size=8, shard_index=0, shard_count=1)))
+  assert len(decoded) == 8 and batch["image"].shape == (8, 32, 32, 3)
+  assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2]
 
 
 def test_siglip_checkpoint_sets_the_architecture(tmp_path):

@@ -46,7 +46,7 @@ import logging
 import os
 import pathlib
 import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,13 +143,20 @@ class TfdsSource:
     if classes is not None and self.classes is not None and self.classes != list(classes):
       raise ValueError(f"{spec!r}: the label feature's classes {self.classes} are not the training "
                        f"split's {list(classes)} (same names, same order)")
-    skip = {k: tfds.decode.SkipDecoding() for k in features if k not in columns.values()}
+    self.spec, self.columns, self._builder, self._split = spec, dict(columns), builder, split
     try:
-      self.source = builder.as_data_source(split, decoders=skip)
+      self.source = self._open(self.columns.values())
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"{spec!r}: cannot read split {split!r} as array_record in "
                        f"data.data_dir={data_dir!r}: {type(e).__name__}: {e}") from e
-    self.spec, self.columns = spec, dict(columns)
+
+  def _open(self, features: Iterable[str]):
+    """The split as a TFDS data source decoding only `features` (the others stay bytes)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    keep = set(features)
+    skip = {k: tfds.decode.SkipDecoding() for k in self._builder.info.features if k not in keep}
+    return self._builder.as_data_source(self._split, decoders=skip)
 
   def __len__(self) -> int:
     return len(self.source)
@@ -157,6 +164,15 @@ class TfdsSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self.source[index]
     return {"id": f"{self.spec}[{index}]", **{f: record[c] for f, c in self.columns.items()}}
+
+  def read(self, *fields: str, chunk: int = 1024) -> Iterator[dict[str, Any]]:
+    """Every record, in order, with only `fields` (and "id"): a pass over the texts or labels
+    that does not decode the split's images or audio."""
+    source = self._open(self.columns[f] for f in fields)
+    for start in range(0, len(source), chunk):
+      keys = list(range(start, min(start + chunk, len(source))))
+      for i, record in zip(keys, source.__getitems__(keys)):
+        yield {"id": f"{self.spec}[{i}]", **{f: record[self.columns[f]] for f in fields}}
 
 
 def open_source(spec: str, columns: Mapping[str, str], *, classes: Sequence[str] | None = None,
@@ -250,12 +266,14 @@ class UserDataTask(pipeline.ConfigInput):
   """What the four tasks share: the config's sources, the workdir's assets, the tokenizer.
 
   Subclasses set `fields` (the record fields they read, in `config.input.fields`), `lists` (those
-  holding several texts), `text_fields` (whose texts train a tokenizer; none: no tokenizer) and
-  `metric` (the eval metric keeping the best checkpoint).
+  holding several texts), `eval_stacked` (lists that evaluation stacks, so every evaluation
+  record needs the same number), `text_fields` (whose texts train a tokenizer; none: no
+  tokenizer) and `metric` (the eval metric keeping the best checkpoint).
   """
 
   fields: tuple[str, ...] = ()
   lists: tuple[str, ...] = ()
+  eval_stacked: tuple[str, ...] = ()
   text_fields: tuple[str, ...] = ()
   metric = "accuracy"
   folder_field = "image"
@@ -319,16 +337,20 @@ class UserDataTask(pipeline.ConfigInput):
     return None
 
   def check_split(self, split: str, source: Any) -> None:
-    """Raises on what a task cannot use in a freshly read split (nothing here)."""
+    """Raises on what a task cannot use in a freshly read split: here, evaluation records with
+    different numbers of an `eval_stacked` field's texts."""
+    if split == EVAL:
+      for name in self.eval_stacked:
+        same_count(source, name)
 
   def field_texts(self, name: str, split: str = "train") -> list[list[str]]:
     """The texts of field `name` in each record of `split` (a manifest's without reading its
-    files; a TFDS split's by reading its records)."""
+    files; a TFDS split's without decoding its other features)."""
     source = self.source(split).source
     if isinstance(source, manifest.ManifestSource):
       values = [e.text if name == "text" else e.values[name] for e in source.entries]
       return [[v] if isinstance(v, str) else list(v) for v in values]
-    return [get_texts(source[i], name)[0] for i in range(len(source))]
+    return [get_texts(record, name)[0] for record in source.read(name)]
 
   def texts(self, split: str = "train") -> list[str]:
     """Every text of `split`'s `text_fields`, flattened."""
@@ -477,6 +499,7 @@ class UserCLIP(UserDataTask, ContrastiveTask):
 
   fields = ("image", "captions")
   lists = ("captions",)
+  eval_stacked = ("captions",)
   text_fields = ("captions",)
   metric = "rsum"
 
@@ -524,10 +547,6 @@ class UserCLIP(UserDataTask, ContrastiveTask):
                 "the checkpoint's: it pooled at %s)", end, eos)
     self.config.model.encoders.text.eos_id = end
 
-  def check_split(self, split: str, source: Any) -> None:
-    if split == EVAL:
-      same_count(source, "captions")
-
 
 def same_count(source: Any, name: str) -> None:
   """Raises unless every record of a manifest split has the same number of `name` texts
@@ -558,6 +577,7 @@ class UserCaptioning(UserDataTask, ShapesCaptioning):
 
   fields = ("image", "captions")
   lists = ("captions",)
+  eval_stacked = ("captions",)
   text_fields = ("captions",)
   metric = "cider"
 
@@ -576,10 +596,6 @@ class UserCaptioning(UserDataTask, ShapesCaptioning):
 
     return build_model(self.config.model, rngs=rngs, base=(ShowAndTell, TransformerCaptioner),
                        fill=self.fill(), vocab_size=len(self.tokenizer), image_shape=self.image_shape)
-
-  def check_split(self, split: str, source: Any) -> None:
-    if split == EVAL:
-      same_count(source, "captions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,7 +804,7 @@ class UserClassification(UserDataTask):
     if isinstance(raw, manifest.ManifestSource):
       labels = [e.label for e in raw.entries]
     else:
-      labels = [int(raw[i]["label"]) for i in range(len(raw))]
+      labels = [int(record["label"]) for record in raw.read("label")]
     return [str(i) for i in range(max(labels) + 1)]
 
   def model_inputs(self, batch: dict) -> dict:

@@ -15,9 +15,9 @@ tokens), LXMERT-style VQA (BERT-base question stream, ViT-B/16 image stream, 5 t
 cross-modality layers, VQA v2's 3,129 soft-scored answers, 20-token questions). Parameters are
 float32, compute bfloat16, AdamW.
 
-The search: powers of two per chip, doubling from --start_per_chip (32) up to --max_per_chip
-(256) while XLA:TPU compiles the train step within HBM (it refuses a larger program), halving
-when 32 does not fit; a "+" marks a search that stopped at the cap. FLOPs are the model's
+The search: powers of two per chip, doubling from --start_per_chip (32; on the next topology,
+from the batch the last one found) up to --max_per_chip (256) while XLA:TPU compiles the train
+step within HBM (it refuses a larger program), halving when the start does not fit; a "+" marks a search that stopped at the cap. FLOPs are the model's
 (`mmjax.train.plan.model_flops`, on the jaxpr); "XLA/model" is XLA:TPU's own count over them:
 above 1 where it rematerialises activations to fit, below 1 where its count misses matmuls it
 split around FSDP's all-gathers. The MFU bound counts the model's FLOPs.
@@ -170,11 +170,16 @@ def main(argv=None):
   print("| model | params | topology | sharding | global batch | per chip | GiB/chip | model GFLOP/chip/step "
         "| XLA/model FLOPs | step ms (roofline) | bound | MFU bound | compiles | s |\n"
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|", flush=True)
+  found = {}  # (model, strategy) -> the per-chip batch found on the previous topology
   for model in args.models.split(","):
     for topology in args.topologies.split(","):
       for strategy in args.strategies.split(","):
         t0 = time.perf_counter()
-        per_chip, p, n = largest_batch(model, topology, strategy, args.start_per_chip, args.max_per_chip)
+        # Data parallelism compiles the same per-chip program on every slice size, and FSDP's
+        # shards shrink as the slice grows: start where the last topology ended (still compiled).
+        start = found.get((model, strategy)) or args.start_per_chip
+        per_chip, p, n = largest_batch(model, topology, strategy, start, args.max_per_chip)
+        found[(model, strategy)] = per_chip
         head = f"| {model} | {p['parameters'] / 1e6:.0f} M | {p['topology']} | {strategy} "
         if not per_chip:
           print(head + f"| none fits | | | | | | | | {n} | {time.perf_counter() - t0:.0f} |", flush=True)

@@ -12,7 +12,6 @@
 
 # %%
 # @title Set up: where mmjax comes from, where runs are written, the config size
-import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -25,7 +24,7 @@ import sys
 # a wheel file (on Drive: /content/drive/MyDrive/...), or a PyPI requirement once mmjax is published.
 MMJAX_SOURCE = ""  # @param {type:"string"}
 # Where runs are written: a local folder (on Colab under /content, lost when the runtime goes), a
-# folder on Google Drive (/content/drive/MyDrive/..., mounted here) or a bucket (gs://bucket/folder).
+# folder on Google Drive (/content/drive/MyDrive/..., mounted below) or a bucket (gs://bucket/folder).
 WORKDIR_ROOT = "workdirs/notebooks"  # @param {type:"string"}
 # The config size. auto: "default" on a TPU or GPU, "small" on a CPU; tiny: a smoke run of a minute.
 SIZE = "auto"  # @param ["auto", "tiny", "small", "default"]
@@ -38,20 +37,14 @@ SIZE = os.environ.get("MMJAX_NOTEBOOK_SIZE", SIZE).strip()
 ON_COLAB = "google.colab" in sys.modules
 GIT_URL = r"(git\+)?(https?|ssh|git|file)://\S+|[\w.-]+@[\w.-]+:\S+"
 REQUIREMENT = r"[A-Za-z0-9][\w.-]*(\[[\w,-]+\])?(\s*[<>=!~]=?\s*[\w.*+!-]+,?)*"
-if SIZE not in ("auto", "tiny", "small", "default"):
-  raise ValueError(f"SIZE={SIZE!r}: expected auto, tiny, small or default")
 if not MMJAX_SOURCE:
   raise ValueError("MMJAX_SOURCE is empty: set it in the form above to where mmjax comes from: a git "
                    "URL of a repository you trust, a folder holding a checkout, a .whl file or a PyPI "
                    "name. There is no default: the code it names runs on this runtime.")
-if ON_COLAB and "/content/drive/" in f"{MMJAX_SOURCE} {WORKDIR_ROOT}":
+if ON_COLAB and MMJAX_SOURCE.startswith("/content/drive/"):
   from google.colab import drive
 
   drive.mount("/content/drive")
-if ON_COLAB and WORKDIR_ROOT.startswith("gs://"):
-  from google.colab import auth
-
-  auth.authenticate_user()  # the bucket is read and written as your Google account
 
 
 def pip(*args: str) -> None:
@@ -109,83 +102,23 @@ if REPO is not None and not installed_from(REPO):
   sys.path.insert(0, REPO)  # an editable install reaches new kernels only
 if EXTRAS:
   pip(f"mmjax[{EXTRAS}]")  # the extras of the mmjax installed above
-
-
-def tpu_on_pci() -> bool:
-  """A Google TPU chip among the PCI devices (as JAX's own detection looks for one)."""
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    device = os.path.join(os.path.dirname(vendor), "device")
-    if open(vendor).read().strip() == "0x1ae0" and open(device).read().strip() in (
-        "0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"):
-      return True
-  return False
-
-
-# The runtime's accelerator, from the machine (not from JAX, which falls back to the CPU quietly).
-ACCELERATOR = ("tpu" if glob.glob("/dev/accel*") or tpu_on_pci() else
-               "gpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu")
-if os.environ.get("JAX_PLATFORMS") == "cpu":
-  ACCELERATOR = "cpu"  # asked for
-if ACCELERATOR == "tpu":
-  pip(f"jax[tpu]=={importlib.metadata.version('jax')}")  # libtpu for the jax installed above
-
-import jax  # after the install: this kernel's first import of it
-
-if jax.__version__ != importlib.metadata.version("jax"):
-  raise RuntimeError(f"this session imported jax {jax.__version__} before the install replaced it with "
-                     f"{importlib.metadata.version('jax')}: Runtime -> Restart session, then run all again")
-BACKEND, DEVICES = jax.default_backend(), jax.device_count()
-HINT = {"tpu": "a jax whose libtpu supports this TPU", "gpu": f"jax[cuda12]=={jax.__version__}"}
-if ACCELERATOR != "cpu" and BACKEND != ACCELERATOR:
-  raise RuntimeError(f"This runtime has a {ACCELERATOR.upper()}, but JAX {jax.__version__} sees none "
-                     f"(backend {BACKEND!r}): the notebook stops rather than train on the CPU. Restart the "
-                     f"session and run all again; where JAX still sees none, install {HINT[ACCELERATOR]} "
-                     "before running this cell.")
-if SIZE == "auto":
-  SIZE = ACCELERATOR_SIZE if BACKEND in ("tpu", "gpu") else "small"
-print(f"mmjax {importlib.metadata.version('mmjax')} from {MMJAX_SOURCE!r}; JAX {jax.__version__}, "
-      f"{DEVICES} {jax.devices()[0].device_kind} device(s); size {SIZE!r}")
-if BACKEND == "cpu":
-  print(f"No TPU or GPU on this runtime: the notebook runs the CPU-sized config ({SIZE}).")
+print(f"mmjax {importlib.metadata.version('mmjax')} from {MMJAX_SOURCE!r}")
 
 # %%
-# Configs, workdir and figures.
+# The runtime: its accelerator (on a TPU, jax[tpu] is installed first), the config size, the
+# workdir; `load` reads a config of the zoo, `show` shows a figure.
+from mmjax import notebook
+
+runtime = notebook.start(NOTEBOOK, size=SIZE, workdir_root=WORKDIR_ROOT, accelerator_size=ACCELERATOR_SIZE, repo=REPO)
+SIZE, WORKDIR, load, show = runtime.size, runtime.workdir, runtime.load, runtime.show
+
+# What the cells below use (after `start`: mmjax.viz imports jax)
 import json
 
 import numpy as np
-from etils import epath
-from IPython.display import Image, Markdown, display
+from IPython.display import Markdown, display
 
-import mmjax
 from mmjax import viz
-from mmjax.train.config import load_config
-
-# The configs: the checkout's, else the installed package's own (a wheel holds no configs/ folder).
-CONFIGS = epath.Path(REPO) if REPO else epath.Path(mmjax.__file__).parent.parent
-WORKDIR = epath.Path(WORKDIR_ROOT) / NOTEBOOK
-WORKDIR.mkdir(parents=True, exist_ok=True)
-print(f"workdir {WORKDIR}")
-
-
-def load(config: str, *overrides: str):
-  """The config 'file.py:args' (file relative to the checkout) with command-line overrides
-  ('train.steps=40'), batch sizes rounded up to a multiple of the device count."""
-  file, _, args = config.partition(":")
-  if not (CONFIGS / file).exists():
-    raise FileNotFoundError(f"{file} is not in {CONFIGS}: the zoo's configs/ come with the repository, "
-                            "not the package; set MMJAX_SOURCE to a git URL or a checkout folder")
-  spec = f"{CONFIGS / file}:{args}"
-  config = load_config(spec, overrides)
-  fit = [f"data.{k}={-(-int(config.data[k]) // DEVICES) * DEVICES}"  # the batch splits over every device
-         for k in ("batch_size", "eval_batch_size") if k in config.data]
-  return load_config(spec, [*overrides, *fit])
-
-
-def show(path):
-  """Shows the PNG at `path` (a local file or in a bucket) inline; returns its path."""
-  display(Image(data=epath.Path(path).read_bytes()))
-  return path
-
 
 # %%
 from mmjax.train import trainer
@@ -218,7 +151,7 @@ samples = WORKDIR / "caption_samples.png"
 viz.caption_samples_figure(images, [f"greedy: {g['caption']} / beam: {o['caption']} / ref: {text(r['captions'][0])}"
                                     for g, o, r in zip(greedy, outs, records)], cols=4, path=samples)
 show(samples)
-summary = {"backend": BACKEND, "devices": DEVICES, "size": SIZE, "step": predictor.step,
+summary = {"backend": runtime.backend, "devices": runtime.devices, "size": SIZE, "step": predictor.step,
            **{k: v for k, v in metrics.items() if k.startswith("test/")},
            "captions": [o["caption"] for o in outs], "greedy": [g["caption"] for g in greedy],
            "figures": [str(curves), str(samples)]}

@@ -2,7 +2,8 @@
 
 colab/NN_name.py (jupytext percent format) is each notebook's source; colab/NN_name.ipynb holds
 the same cells with the outputs of a headless CPU run (colab/execute.py). The install cell is
-run in this process with bad sources and a faked TPU: it must stop with a clear message. Then each
+run in this process with bad sources: it must stop with a clear message; the next cell's
+`mmjax.notebook.start` is called with a faked TPU and on the CPU. Then each
 notebook runs in a fresh python3 kernel of this interpreter (jupyter_client starts a kernelspec
 whose argv[0] is "python" with `sys.executable`), with the test's environment: mmjax from this
 checkout, size tiny, the 8 fake CPU devices of conftest.py, a temporary data folder and workdir.
@@ -32,6 +33,7 @@ import pyflakes.reporter
 import pytest
 from PIL import Image
 
+from mmjax import notebook
 from mmjax.train.config import load_config
 from mmjax.train.tasks import TASKS
 
@@ -47,7 +49,7 @@ def cells(nb) -> list[tuple[str, str]]:
 
 
 def setup_cells(name: str) -> list[str]:
-  """The first two code cells (install, then configs and workdir) of colab/<name>.py."""
+  """The first two code cells (install, then `mmjax.notebook.start`) of colab/<name>.py."""
   code = [c.source for c in jupytext.read(os.path.join(COLAB, f"{name}.py")).cells if c.cell_type == "code"]
   return code[:2]
 
@@ -97,16 +99,15 @@ def test_committed_notebooks_carry_a_cpu_run():
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), name
     outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], name
-    assert "size 'tiny'" in code[0].outputs[0].text and "No TPU or GPU" in code[0].outputs[0].text, name
+    assert code[0].outputs[0].text.startswith("mmjax "), name  # the install cell's one line
+    assert "size 'tiny'" in code[1].outputs[0].text and "No TPU or GPU" in code[1].outputs[0].text, name
     assert inline_images(nb) >= 1, name
     assert ROOT not in json.dumps(outputs), f"{name}: an output names the local checkout {ROOT}"
 
 
-def run_install_cell(monkeypatch, source: str, **env) -> dict:
+def run_install_cell(monkeypatch, source: str) -> dict:
   """Runs the install cell of notebook 01 in this process with MMJAX_NOTEBOOK_SOURCE=`source`."""
   monkeypatch.setenv("MMJAX_NOTEBOOK_SOURCE", source)
-  for k, v in env.items():
-    monkeypatch.setenv(k, v)
   namespace = {"__name__": "__main__"}
   exec(compile(setup_cells(NAMES[0])[0], "install cell", "exec"), namespace)
   return namespace
@@ -126,13 +127,21 @@ def test_install_cell_stops_on_a_bad_source(monkeypatch, tmp_path, source, messa
     run_install_cell(monkeypatch, source.format(tmp=tmp_path))
 
 
-def test_install_cell_on_a_tpu_runtime_installs_jax_tpu_and_stops_where_jax_sees_no_tpu(monkeypatch):
-  """A faked TPU (/dev/accel0) whose JAX backend is the CPU: the cell pins jax[tpu] to the
+def test_notebook_module_imports_no_jax():
+  """On a TPU, `start` installs jax[tpu] before this kernel's first import of jax: importing the
+  module must not import it."""
+  code = "import sys, mmjax.notebook; print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib'}))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_start_on_a_tpu_runtime_installs_jax_tpu_and_stops_where_jax_sees_no_tpu(monkeypatch, tmp_path):
+  """A faked TPU (/dev/accel0) whose JAX backend is the CPU: `start` pins jax[tpu] to the
   installed jax and stops instead of training on the CPU."""
   pips = []
 
   def fake_run(args, **kwargs):
-    assert args[1:4] == ["-m", "pip", "install"], args  # the only program run: mmjax is installed
+    assert args[1:4] == ["-m", "pip", "install"], args  # the only program run
     pips.append(args[-1])
     return subprocess.CompletedProcess(args, 0, "", "")
 
@@ -140,14 +149,31 @@ def test_install_cell_on_a_tpu_runtime_installs_jax_tpu_and_stops_where_jax_sees
   monkeypatch.setattr(subprocess, "run", fake_run)
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
   with pytest.raises(RuntimeError, match="has a TPU, but JAX .* sees none"):
-    run_install_cell(monkeypatch, ROOT)
+    notebook.start(NAMES[0], workdir_root=str(tmp_path), repo=ROOT)
   assert pips == [f"jax[tpu]=={jax.__version__}"]
 
 
-def test_install_cell_on_a_cpu_says_so(monkeypatch, capsys):
-  namespace = run_install_cell(monkeypatch, ROOT, MMJAX_NOTEBOOK_SIZE="auto")
-  assert namespace["REPO"] == ROOT and namespace["ACCELERATOR"] == "cpu" and namespace["SIZE"] == "small"
+def test_install_cell_on_an_installed_checkout_installs_nothing_and_says_so(monkeypatch, capsys):
+  def no_run(args, **kwargs):
+    raise AssertionError(f"ran {args}: this checkout is installed already")
+
+  monkeypatch.setattr(subprocess, "run", no_run)
+  namespace = run_install_cell(monkeypatch, ROOT)
+  assert namespace["REPO"] == ROOT
+  assert capsys.readouterr().out == f"mmjax {namespace['importlib'].metadata.version('mmjax')} from {ROOT!r}\n"
+
+
+def test_start_on_a_cpu_says_so_and_rounds_batches_to_the_devices(tmp_path, capsys):
+  runtime = notebook.start(NAMES[0], size="auto", workdir_root=str(tmp_path), accelerator_size="default", repo=ROOT)
+  assert (runtime.accelerator, runtime.backend, runtime.devices, runtime.size) == ("cpu", "cpu", 8, "small")
+  assert runtime.workdir == tmp_path / NAMES[0] and runtime.workdir.is_dir()
   assert "No TPU or GPU on this runtime: the notebook runs the CPU-sized config (small)" in capsys.readouterr().out
+  config = runtime.load("mmjax/projects/sort_of_clevr/configs/vqa.py:size=tiny", "data.batch_size=3")
+  assert config.data.batch_size == 8 and config.data.eval_batch_size % 8 == 0  # split over 8 devices
+  with pytest.raises(FileNotFoundError, match="configs/missing.py is not in"):
+    runtime.load("configs/missing.py")
+  with pytest.raises(ValueError, match="SIZE='huge': expected auto, tiny, small or default"):
+    notebook.start(NAMES[0], size="huge", workdir_root=str(tmp_path))
 
 
 @pytest.fixture(scope="module")

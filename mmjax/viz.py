@@ -30,6 +30,8 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mmjax import io_paths
+
 DPI = 100
 
 
@@ -54,12 +56,13 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 
 
 def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
-  """Writes `fig` as a PNG at `path` (folders created) when given; returns it."""
+  """Writes `fig` at `path` (a local path or a bucket URL; folders created; the format from its
+  suffix, PNG without one) when given; returns it."""
   if path is not None:
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-      os.makedirs(folder, exist_ok=True)
-    fig.savefig(os.fspath(path), dpi=DPI)
+    path = io_paths.as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:  # a file object: matplotlib would take a URL for a local name
+      fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", dpi=DPI)
   return fig
 
 

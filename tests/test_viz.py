@@ -327,3 +327,18 @@ def test_trained_attention_peaks_on_the_named_object():
   assert after > 0.6, (before, best, after)
   # It follows the question: its peak is rarely on another colour's object.
   assert max(peak_on_object(test, best, k)[0] for k in range(1, n_colors)) < 0.2
+
+
+def test_figures_are_written_into_a_bucket(gcs_emulator, tmp_path, monkeypatch):
+  """A gs:// path gets the figure in the bucket (the workdir of a run in a bucket), byte for byte
+  the local file's, and nothing on the local disk (matplotlib alone would write `cwd/gs:/...`)."""
+  import gcsfs  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.chdir(tmp_path)
+  url = gcs_emulator.bucket() + "/run/figures/confusion.png"
+  local = tmp_path / "local" / "confusion.png"
+  for path in (url, local):
+    viz.confusion_matrix_figure(np.array([[3, 1], [0, 4]]), ["a", "b"], path=path)
+  fs = gcsfs.GCSFileSystem(token="anon", use_listings_cache=False, skip_instance_cache=True)
+  assert fs.cat(url.removeprefix("gs://")) == local.read_bytes()
+  assert sorted(os.listdir(tmp_path)) == ["local"]

@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from mmjax.train.config import CommandLineConfig
+
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots: a local folder or a bucket URL (gs://...).", required=True)
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "Start the JAX distributed runtime: auto (when JAX's cluster detection finds a "
@@ -28,17 +30,7 @@ flags.DEFINE_integer("process_id", None, "This process's index, with --coordinat
 flags.DEFINE_string("config", None, "Config file, optionally with ':args'; then --config.KEY=VALUE "
                     "overrides (mmjax.train.config.load_config: unknown keys are errors).")
 FLAGS = flags.FLAGS
-_CONFIG: list = []  # (spec, overrides) taken from the command line before absl parses the rest
-
-
-def parse_flags(argv):
-  from mmjax.train.config import split_config_args
-
-  spec, overrides, rest = split_config_args(argv)
-  if spec is None:
-    sys.exit("train.py: --config is required (e.g. --config configs/vqa.py:size=tiny)")
-  _CONFIG[:] = [spec, overrides]
-  return FLAGS(rest)
+CONFIG = CommandLineConfig("train.py")
 
 
 def main(argv):
@@ -56,16 +48,12 @@ def main(argv):
     sys.exit(f"train.py: {e}")
 
   from mmjax.train import trainer
-  from mmjax.train.config import load_config
 
-  try:
-    config = load_config(*_CONFIG)
-  except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
-    sys.exit(f"train.py: config: {e}")
+  config = CONFIG.load()
   final = trainer.train(config, FLAGS.workdir)
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in final.items() if not k.startswith("train/")}, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=CONFIG.parse)

@@ -422,3 +422,19 @@ def test_command_line_config_arguments_load_through_load_config():
   assert isinstance(c.model.fusion_kwargs.dropout, float)
   with pytest.raises(KeyError, match="train.stepz"):
     load_config(spec, ["train.stepz=3"])
+
+
+def test_command_line_config_errors_name_the_script():
+  """A missing --config, a --config without a value and an unknown key end the script with one line
+  naming it (not a traceback); a good command line loads."""
+  from mmjax.train.config import CommandLineConfig
+  cli = CommandLineConfig("train.py")
+  for argv, message in [(["train.py"], "train.py: --config is required"),
+                        (["train.py", "--config"], "train.py: --config: expected a value")]:
+    with pytest.raises(SystemExit, match=message):
+      cli.parse(argv)
+  assert cli.parse(["train.py", "--config=configs/vqa.py:size=tiny", "--config.train.steps", "7"]) == ["train.py"]
+  assert cli.load().train.steps == 7
+  cli.parse(["train.py", "--config=configs/vqa.py:size=tiny", "--config.train.stepz=7"])
+  with pytest.raises(SystemExit, match="train.py: config: .*train.stepz"):
+    cli.load()

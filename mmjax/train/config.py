@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -88,6 +89,37 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[
     else:
       rest.append(a)
   return spec, overrides, rest
+
+
+class CommandLineConfig:
+  """The `--config FILE[:arg]` and `--config.KEY=VALUE` arguments of a script run by absl.app.
+
+  `parse` is the script's `flags_parser`: it takes the config arguments out of argv (absl cannot
+  parse dotted overrides) and hands the rest to absl. `load()` loads what they named, exiting with
+  a message that names the script on a missing file or a bad key.
+  """
+
+  def __init__(self, prog: str):
+    self.prog = prog
+    self.spec: str | None = None
+    self.overrides: list[str] = []
+
+  def parse(self, argv: Sequence[str]) -> list[str]:
+    from absl import flags
+
+    try:
+      self.spec, self.overrides, rest = split_config_args(argv)
+    except ValueError as e:
+      sys.exit(f"{self.prog}: {e}")
+    if self.spec is None:
+      sys.exit(f"{self.prog}: --config is required (e.g. --config configs/vqa.py:size=tiny)")
+    return flags.FLAGS(rest)
+
+  def load(self) -> ml_collections.ConfigDict:
+    try:
+      return load_config(self.spec, self.overrides)
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+      sys.exit(f"{self.prog}: config: {e}")
 
 
 def set_path(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:

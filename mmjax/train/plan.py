@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from mmjax.train import topology as topo
+from mmjax.train.config import CommandLineConfig
 from mmjax.train.trainer import Setup, _pad
 
 
@@ -227,30 +228,15 @@ def format_plan(p: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-_CONFIG: list = []  # (spec, overrides) taken from the command line before absl parses the rest
-
-
-def parse_flags(argv):
-  from absl import flags
-
-  from mmjax.train.config import split_config_args
-  spec, overrides, rest = split_config_args(argv)
-  if spec is None:
-    sys.exit("plan: --config is required (e.g. --config configs/vqa.py:size=tiny)")
-  _CONFIG[:] = [spec, overrides]
-  return flags.FLAGS(rest)
+CONFIG = CommandLineConfig("plan")
 
 
 def main(argv):
   del argv
   from absl import flags
 
-  from mmjax.train.config import load_config
   f = flags.FLAGS
-  try:
-    config = load_config(*_CONFIG)
-  except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
-    sys.exit(f"plan: config: {e}")
+  config = CONFIG.load()
   try:
     p = plan(config, f.topology, f.num_slices, eval_step=f.eval)
   except RuntimeError as e:  # no libtpu: say how to install it
@@ -269,4 +255,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_slices", 1, "Slices of --topology (the mesh's first divisible axis spans them).")
   flags.DEFINE_bool("eval", True, "Also compile the eval step.")
   flags.DEFINE_bool("json", False, "Print the plan as JSON.")
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=CONFIG.parse)

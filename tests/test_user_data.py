@@ -635,3 +635,37 @@ def test_a_pretrained_tokenizer_is_kept_in_a_bucket_workdir(gcs_emulator, tmp_pa
   again = UserCLIP(config, workdir=workdir).tokenizer
   words = ["a red square", "the quick dog"]
   np.testing.assert_array_equal(tokenizer_lib.encode(again, words, 16)[0], tokenizer_lib.encode(own, words, 16)[0])
+
+
+def test_a_pretrained_text_tower_keeps_its_padded_embedding_table(tmp_path):
+  """A BERT checkpoint whose embedding table has more rows than its tokenizer has tokens (tables
+  are often padded to a multiple of 64 or 128) loads whole: the model's table takes the
+  checkpoint's size, not the tokenizer's."""
+  import torch
+  import transformers
+  from flax import nnx
+
+  from mmjax.data import tokenizer as tokenizer_lib
+  from mmjax.tasks.user_data import UserClassification
+  from mmjax.transfer.model_init import check_model_init
+
+  rows = [{"text": f"a {color} {shape}", "label": shape} for color, shape in _scenes(8)]
+  train = _jsonl(tmp_path / "train.jsonl", rows)
+  own = tokenizer_lib.train_wordpiece([r["text"] for r in rows], vocab_size=200)
+  padded = (len(own) // 64 + 1) * 64
+  cfg = transformers.BertConfig(vocab_size=padded, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=4, intermediate_size=128, max_position_embeddings=32)
+  torch.manual_seed(0)
+  transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "hf", safe_serialization=True)
+  tokenizer_lib.save_tokenizer(own, tmp_path / "hf")
+  config = load_config("configs/classify.py:size=tiny,modality=text",
+                       [f"input.train={train}", f"model_init={{'encoders/text': '{tmp_path / 'hf'}'}}"])
+  task = UserClassification(config)
+  assert len(task.tokenizer) == len(own)
+  model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+  import safetensors
+  with safetensors.safe_open(tmp_path / "hf" / "model.safetensors", "np") as f:
+    tensors = len(list(f.keys()))
+  assert check_model_init(config.model_init.to_dict(), model) == tensors  # every one, the table too
+  # The table's size is kept in the config (config.json), which serving reads without model_init.
+  assert config.model.encoders.text.vocab_size == padded

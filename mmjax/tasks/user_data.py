@@ -297,6 +297,8 @@ class UserDataTask(pipeline.ConfigInput):
         raise ValueError(f"data.image_size: expected the side (pixels) images are resized to, got {size!r}")
       self.image_shape = (size, size, 3)  # RGB: image.decode converts grey and RGBA
     self.tokenizer = self._tokenizer() if self.text_fields else None
+    if self.tokenizer is not None:
+      self._keep_pretrained_vocab()
 
   # -- sources ---------------------------------------------------------------------------------
   def _columns(self) -> dict[str, str]:
@@ -399,6 +401,19 @@ class UserDataTask(pipeline.ConfigInput):
     if int(spec.get("vocab_size", 0) or 0):
       return int(spec["vocab_size"]), "model.encoders.text.vocab_size"
     return None, ""
+
+  def _keep_pretrained_vocab(self) -> None:
+    """A pretrained text tower keeps its embedding table, which may be padded past its tokenizer
+    (whose ids were checked to fit): a text spec asking for the data's size (vocab_size 0) gets
+    the checkpoint's, which the workdir's config.json keeps for serving without the checkpoint."""
+    spec = self.text_spec() or {}
+    if spec.get("vocab_size", None) != 0:
+      return
+    vocab = pretrained_text_vocab(_hf_config(model_init_source(self.config, "encoders/text", "")))
+    if vocab is not None and vocab != len(self.tokenizer):
+      log.info("model.encoders.text.vocab_size: %d, the pretrained embedding table's (the "
+               "tokenizer has %d tokens)", vocab, len(self.tokenizer))
+      self.config.model.encoders.text.vocab_size = vocab
 
   def _pretrained_tokenizer(self):
     """(tokenizer, where from) given by the config or the pretrained text encoder, or (None, "")."""

@@ -598,11 +598,15 @@ def test_siglip_checkpoint_sets_the_architecture(tmp_path):
   tokenizer_lib.save_tokenizer(own, tmp_path / "hf")
   # The config asks for CLIP towers of another size and a remat option: the checkpoint's
   # architecture replaces them; the run-time option stays.
-  config = _clip_config(train, f"model_init={tmp_path / 'hf'}", "data.image_size=64")
+  # A SigLIP pools its last text position: texts are padded to all 16 of its positions.
+  config = _clip_config(train, f"model_init={tmp_path / 'hf'}", "data.image_size=64", "data.max_len=8")
   config.model.encoders.image.remat = "full"
   task = UserCLIP(config, workdir=tmp_path / "work")
   m = config.model
   assert (m.loss_type, m.projection, m.embed_dim, config.data.image_size) == ("siglip", False, 32, 32)
+  assert config.data.max_len == 16
+  batch = next(iter(task.dataset("train", train=False, batch_size=2, shard_index=0, shard_count=1)))
+  assert batch["caption_ids"].shape[-1] == 16
   assert (m.encoders.image.pool, m.encoders.image.remat, m.encoders.text.pool) == ("map", "full", "last")
   words = ["a red square", "the quick dog"]
   for tok in (task.tokenizer, tokenizer_lib.load_tokenizer(tmp_path / "work" / "tokenizer")):
@@ -669,3 +673,17 @@ def test_a_pretrained_text_tower_keeps_its_padded_embedding_table(tmp_path):
   assert check_model_init(config.model_init.to_dict(), model) == tensors  # every one, the table too
   # The table's size is kept in the config (config.json), which serving reads without model_init.
   assert config.model.encoders.text.vocab_size == padded
+
+
+def test_siglip_trains_from_scratch(tmp_path):
+  """configs/clip.py:loss=siglip without a checkpoint: the text tower pools the last position, so
+  the CLIP default end token (49407, beyond a small trained vocabulary) must not stop the build."""
+  from flax import nnx
+
+  from mmjax.tasks.user_data import UserCLIP
+
+  train = _caption_data(tmp_path, n=8)
+  task = UserCLIP(load_config("configs/clip.py:size=tiny,loss=siglip", [f"input.train={train}"]))
+  batch = next(iter(task.dataset("train", train=True, batch_size=8, shard_index=0, shard_count=1)))
+  loss, _ = task.loss_fn(task.build_model(nnx.Rngs(0)), batch, True)
+  assert np.isfinite(float(loss))

@@ -262,7 +262,8 @@ class ClipTextEncoder(nnx.Module):
     if bad:
       raise TypeError(f"unknown CLIP text field(s) {bad}; known: {sorted(known)}")
     spec = ClipTextSpec(**fields)
-    if spec.eos_id is not None and not 0 <= spec.eos_id < spec.vocab_size:
+    # pool="last" never reads eos_id (a CLIP config's default one may exceed a small vocabulary).
+    if spec.pool == "eos" and spec.eos_id is not None and not 0 <= spec.eos_id < spec.vocab_size:
       raise ValueError(f"eos_id: expected an id in [0, {spec.vocab_size}) or None, got {spec.eos_id}")
     if spec.pool not in ("eos", "last"):
       raise ValueError(f"pool: expected 'eos' or 'last', got {spec.pool!r}")

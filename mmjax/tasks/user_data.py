@@ -528,7 +528,8 @@ class UserCLIP(UserDataTask, ContrastiveTask):
 
   @staticmethod
   def _adopt(config: ml_collections.ConfigDict, arch: dict[str, Any], source: str) -> None:
-    """Sets config.model and data.image_size to the checkpoint's architecture, logging changes."""
+    """Sets config.model, data.image_size (and a SigLIP's data.max_len) to the checkpoint's
+    architecture, logging changes."""
     old = _plain(config.model.get("encoders")) or {}
     for m, spec in arch["model"]["encoders"].items():
       spec.update({k: v for k, v in (old.get(m) or {}).items() if k in ENCODER_OPTIONS})
@@ -543,6 +544,12 @@ class UserCLIP(UserDataTask, ContrastiveTask):
     if config.data.get("image_size") != arch["image_size"]:
       log.info("data.image_size := %d (the %s checkpoint %s)", arch["image_size"], arch["kind"], source)
     config.data.image_size = arch["image_size"]
+    if arch["kind"] == "siglip":  # it pools the last position: texts padded as in its training
+      positions = int(arch["model"]["encoders"]["text"]["max_len"])
+      if config.data.get("max_len") != positions:
+        log.info("data.max_len := %d (the SigLIP checkpoint %s pools the last of its %d text "
+                 "positions)", positions, source, positions)
+      config.data.max_len = positions
 
   def _match_end_token(self, from_checkpoint: bool) -> None:
     """Makes a CLIP text tower pool at the tokenizer's end token (`eos_id`)."""

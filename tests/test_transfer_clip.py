@@ -233,3 +233,65 @@ def test_a_sharded_checkpoint_loads_as_the_single_file(hf_dir, tmp_path):
   assert whole.keys() == sharded.keys()
   for k in whole:
     np.testing.assert_array_equal(sharded[k], whole[k], err_msg=k)
+
+
+def test_text_config_dict_overrides_text_config_as_in_hf(hf_dir, tmp_path):
+  """Older hub configs carry text_config_dict / vision_config_dict, which HF lays over
+  text_config / vision_config: the activation (no tensor shows it) must follow them."""
+  cfg = json.loads((hf_dir / "config.json").read_text())
+  # HF takes every field from text_config_dict (over the defaults), text_config says exact GELU.
+  cfg["text_config_dict"] = {**CFG["text_config"], "hidden_act": "quick_gelu"}
+  cfg["text_config"]["layer_norm_eps"] = 0.1  # ignored by HF: text_config_dict's default 1e-5 wins
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  os.symlink(hf_dir / "model.safetensors", tmp_path / "model.safetensors")
+  ref = CLIPModel.from_pretrained(tmp_path).eval()
+  assert (ref.config.text_config.hidden_act, ref.config.text_config.layer_norm_eps) == ("quick_gelu", 1e-5)
+  ids, mask = IDS.astype(np.int32), MASK.astype(np.int32)
+  with torch.no_grad():
+    want = ref.text_model(input_ids=torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK))
+  model = load_clip(tmp_path)
+  assert model.encoders["text"].spec.act == "quick_gelu"
+  got = nnx.jit(lambda m, i, k: m(i, k).pooled)(model.encoders["text"], ids, mask)
+  _close(got, want.pooler_output.numpy(), "pooled under text_config_dict")
+
+
+def test_what_hf_clip_cannot_express_is_refused_on_export(hf_dir, tmp_path):
+  """A text tower HF's CLIPTextModel would run differently (bidirectional, pooled at the last
+  position, with a head) or an end token id 2 (HF's legacy "largest id" rule) is not written."""
+  for change, field in [(dict(causal=False), "causal"), (dict(pool="last"), "pool"),
+                        (dict(out_dim=8), "head")]:
+    vision = dict(width=16, depth=1, heads=2, mlp_dim=32, patch=8, image_size=16, pre_norm=True,
+                  patch_bias=False)
+    text = dict(vocab_size=50, hidden=16, depth=1, heads=2, mlp_dim=32, max_len=8, eos_id=49, **change)
+    model = blank_module(lambda r: build_clip(vision, text, 8, rngs=r), nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"text tower: HF CLIP layout needs .*'{field}'"):
+      save_clip(model, tmp_path / field)
+    assert not (tmp_path / field).exists()
+  text = dict(vocab_size=50, hidden=16, depth=1, heads=2, mlp_dim=32, max_len=8, eos_id=2)
+  model = blank_module(lambda r: build_clip(vision, text, 8, rngs=r), nnx.Rngs(0))
+  with pytest.raises(ValueError, match="eos_id 2 cannot be written"):
+    save_clip(model, tmp_path / "eos2")
+
+
+def test_a_folder_of_another_model_type_is_named(hf_dir, tmp_path):
+  cfg = json.loads((hf_dir / "config.json").read_text())
+  cfg["model_type"] = "siglip"
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  os.symlink(hf_dir / "model.safetensors", tmp_path / "model.safetensors")
+  with pytest.raises(ValueError, match="model_type 'siglip' is not a CLIP model"):
+    load_clip(tmp_path)
+
+
+def test_a_log_scale_past_the_cap_is_exported_as_the_forward_pass_uses_it(hf_dir, pixels, tmp_path):
+  """Training caps exp(t) at 100 in the forward pass while t itself may drift past log(100) (its
+  gradient is 0 there, momentum carries it on): the export writes the capped value, so
+  transformers' logits equal ours."""
+  model = load_clip(hf_dir, max_logit_scale=100.0)
+  model.log_scale[...] = np.float32(5.0)  # exp(5) = 148 > 100
+  save_clip(model, tmp_path)
+  ref = CLIPModel.from_pretrained(tmp_path).eval()
+  assert float(ref.logit_scale) == pytest.approx(math.log(100.0), abs=1e-6)
+  assert ref.config.logit_scale_init_value == pytest.approx(math.log(100.0), abs=1e-6)
+  got = _forward(model, pixels.transpose(0, 2, 3, 1), IDS.astype(np.int32), MASK.astype(np.int32))[-1]
+  # The scale 100 multiplies the embeddings' float32 error (2e-5 at the scale 20 above).
+  _close(got, _torch_run(ref, pixels)["logits_per_image"], "logits after export", atol=1e-4)

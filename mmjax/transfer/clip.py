@@ -80,8 +80,18 @@ def vision_rules(spec: ViTSpec, ours: str = f"encoders.{IMAGE}", hf: str = "visi
   return rules + layer_norm_rule(f"{ours}.encoder.final_norm", f"{hf}.post_layernorm")
 
 
+def check_text(spec: ClipTextSpec) -> None:
+  """A clear error unless `spec` has CLIP's text tower shape (HF pools at the end token, causally)."""
+  shape = dict(causal=spec.causal, pool=spec.pool, head=spec.out_dim > 0)
+  want = dict(causal=True, pool="eos", head=False)
+  if shape != want:
+    raise ValueError(f"text tower: HF CLIP layout needs a clip_text encoder with causal=True, "
+                     f"pool='eos' and out_dim=0, got {shape}")
+
+
 def text_rules(spec: ClipTextSpec, ours: str = f"encoders.{TEXT}", hf: str = "text_model") -> list[Rule]:
   """Rules between a `ClipTextEncoder` at `ours` and HF `CLIPTextModel` names under `hf`."""
+  check_text(spec)
   rules = [
       Rule(f"{ours}.word_embed.embedding", f"{hf}.embeddings.token_embedding.weight"),
       Rule(f"{ours}.position_embed.embedding", f"{hf}.embeddings.position_embedding.weight"),
@@ -105,6 +115,14 @@ def check_clip(model: DualEncoder) -> tuple[ViTSpec, ClipTextSpec]:
   return image.spec, text.spec
 
 
+def log_scale_rule(model: DualEncoder, name: str = "logit_scale", shape: tuple[int, ...] = ()) -> Rule:
+  """The log logit scale, exported as the forward pass uses it: capped at `max_log_scale` (the
+  stored value may have drifted past the cap, where its gradient is 0), so HF's logits equal ours."""
+  cap = model.max_log_scale
+  to_foreign = lambda a: (a if cap is None else np.minimum(a, cap).astype(a.dtype)).reshape(shape)
+  return Rule("log_scale", name, lambda a: a.reshape(()), to_foreign)
+
+
 def clip_rules(model: DualEncoder) -> list[Rule]:
   """Rules between a CLIP-shaped `DualEncoder`'s parameter paths and HF `CLIPModel` names."""
   vspec, tspec = check_clip(model)
@@ -113,7 +131,7 @@ def clip_rules(model: DualEncoder) -> list[Rule]:
       *vision_rules(vspec), *text_rules(tspec),
       Rule(f"proj.{IMAGE}.kernel", "visual_projection.weight", t, t),
       Rule(f"proj.{TEXT}.kernel", "text_projection.weight", t, t),
-      Rule("log_scale", "logit_scale"),
+      log_scale_rule(model),
   ]
 
 
@@ -136,8 +154,10 @@ def _act(cfg: dict[str, Any], field: str) -> str:
 
 def spec_from_hf_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
   """(`ViTSpec` fields, `ClipTextSpec` fields, projection width) from an HF CLIP config dict."""
-  v = {**_VISION_DEFAULTS, **cfg.get("vision_config", {})}
-  t = {**_TEXT_DEFAULTS, **cfg.get("text_config", {})}
+  # Older hub configs also carry *_config_dict: HF's CLIPConfig then takes it (over the defaults)
+  # for every field, whatever *_config says.
+  v = {**_VISION_DEFAULTS, **(cfg.get("vision_config_dict") or cfg.get("vision_config") or {})}
+  t = {**_TEXT_DEFAULTS, **(cfg.get("text_config_dict") or cfg.get("text_config") or {})}
   vision = dict(
       width=v["hidden_size"], depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
       mlp_dim=v["intermediate_size"], patch=v["patch_size"], image_size=v["image_size"],
@@ -163,10 +183,13 @@ def hf_config(model: DualEncoder) -> dict[str, Any]:
   if v.patch[0] != v.patch[1] or v.image_size[0] != v.image_size[1]:
     raise ValueError(f"image tower: HF CLIP needs square patches and images, got patch {v.patch}, "
                      f"image_size {v.image_size}")
+  if t.eos_id == _LEGACY_EOS:  # HF reads eos_token_id 2 as "pool at the largest id"
+    raise ValueError(f"text tower: eos_id {_LEGACY_EOS} cannot be written to an HF CLIP config "
+                     f"(HF reads it as the legacy rule, pooling at the largest id)")
   e = model.embed_dim
   return {
       "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": e,
-      "logit_scale_init_value": float(model.log_scale[...]),
+      "logit_scale_init_value": float(model.effective_log_scale()),
       "text_config": {
           "model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.hidden,
           "intermediate_size": t.mlp_dim, "num_hidden_layers": t.depth,
@@ -215,6 +238,8 @@ def load_clip(path: str | os.PathLike, *, max_logit_scale: float | None = None,
     The model; call it as `model({"image": images (B, H, W, C), "text": ids (B, L)})`.
   """
   cfg, tensors = read_hf_checkpoint(path)
+  if cfg.get("model_type", "clip") != "clip":
+    raise ValueError(f"{os.fspath(path)}: config.json's model_type {cfg['model_type']!r} is not a CLIP model ('clip')")
   vision, text, embed_dim = spec_from_hf_config(cfg)
   model = blank_module(lambda r: build_clip(vision, text, embed_dim, max_logit_scale=max_logit_scale,
                                             dtype=dtype, param_dtype=param_dtype, rngs=r),

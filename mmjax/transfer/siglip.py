@@ -29,7 +29,7 @@ from mmjax.encoders.vision import ViT, ViTSpec
 from mmjax.layers.common import Dtype
 from mmjax.models.dual_encoder import DualEncoder
 from mmjax.transfer.bert import blank_module
-from mmjax.transfer.clip import _ACTS, _HF_ACTS, clip_layer_rules
+from mmjax.transfer.clip import _ACTS, _HF_ACTS, clip_layer_rules, log_scale_rule
 from mmjax.transfer.io import (Rule, _flat_params, export_weights, find_modules, import_weights,
                                join_path, layer_norm_rule, linear_rule, read_hf_checkpoint,
                                write_hf_folder)
@@ -133,7 +133,7 @@ def siglip_rules(model: DualEncoder) -> list[Rule]:
   (vpath, image), (tpath, text) = towers(model)
   scalar = dict(to_mmjax=lambda a: a.reshape(()), to_foreign=lambda a: a.reshape(1))
   return [*vision_rules(image.spec, vpath), *text_rules(text.spec, tpath),
-          Rule("log_scale", "logit_scale", **scalar), Rule("bias", "logit_bias", **scalar)]
+          log_scale_rule(model, shape=(1,)), Rule("bias", "logit_bias", **scalar)]
 
 
 def import_siglip(model: DualEncoder, tensors: dict[str, np.ndarray]) -> None:

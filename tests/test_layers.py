@@ -182,8 +182,13 @@ def test_patch_embed_errors_and_shapes():
   assert tokens.shape == (2, 12, 8) and grid == (4, 3)
   with pytest.raises(ValueError, match="images"):
     pe(jnp.zeros((16, 16, 3)))
-  with pytest.raises(ValueError, match="multiples"):
-    pe(jnp.zeros((1, 15, 16, 3)))
+  # Off the patch grid the last rows / columns are dropped (HF's strided convolution does too).
+  x = jax.random.normal(jax.random.key(0), (1, 15, 18, 3))
+  tokens, grid = pe(x)
+  assert grid == (3, 4)
+  np.testing.assert_array_equal(tokens, pe(x[:, :12, :16])[0])
+  with pytest.raises(ValueError, match="smaller than one patch"):
+    pe(jnp.zeros((1, 3, 16, 3)))
 
 
 def test_bfloat16_compute_keeps_f32_params():

@@ -158,3 +158,19 @@ def test_mismatches_are_named(hf_dir):
 def model_examples(vision, text):
   return {"image": jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
           "text": jax.ShapeDtypeStruct((1, text["max_len"]), jnp.int32)}
+
+
+def test_an_image_size_off_the_patch_grid_drops_the_edge_as_hf(tmp_path):
+  """SigLIP So400m/14 runs at 384 px, no multiple of 14: the strided patch convolution drops the
+  last 6 rows and columns. Here 36 px with 8 px patches: a 4 x 4 grid, 4 pixels dropped."""
+  cfg = {**CFG, "vision_config": {**CFG["vision_config"], "image_size": 36}}
+  model = randomized(SiglipModel(SiglipConfig(**cfg)), STDS)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  ref = SiglipModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+  pixels = np.random.default_rng(1).normal(size=(3, 3, 36, 36)).astype(np.float32)
+  with torch.no_grad():
+    want = ref.vision_model(torch.from_numpy(pixels)).pooler_output.numpy()
+  ours = load_siglip(tmp_path)
+  assert ours.encoders["image"].spec.grid == (4, 4)
+  got = nnx.jit(lambda m, x: m(x).pooled)(ours.encoders["image"], pixels.transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)

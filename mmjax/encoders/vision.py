@@ -162,8 +162,10 @@ class ViT(nnx.Module):
       raise ValueError(f"pool: expected 'cls', 'gap' or 'map', got {spec.pool!r}")
     if spec.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"posemb: expected 'learn' or 'sincos2d', got {spec.posemb!r}")
-    if spec.image_size[0] % spec.patch[0] or spec.image_size[1] % spec.patch[1]:
-      raise ValueError(f"image_size: {spec.image_size} must be a multiple of patch {spec.patch}")
+    # A size that is no multiple of the patch drops the last rows and columns, as a strided
+    # convolution does in HF and big_vision (SigLIP So400m/14 at 384 px: a 27 x 27 grid).
+    if min(spec.grid) < 1:
+      raise ValueError(f"image_size: {spec.image_size} is smaller than one patch {spec.patch}")
     self.spec = spec
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     d = spec.width

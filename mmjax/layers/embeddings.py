@@ -70,7 +70,8 @@ class LearnedPositions(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-  """Non-overlapping patches of (B, H, W, C) images -> (B, H/p * W/p, D) tokens via a strided conv."""
+  """Non-overlapping patches of (B, H, W, C) images -> (B, H//p * W//p, D) tokens via a strided
+  conv; a size that is no multiple of the patch drops the last rows / columns, as HF's does."""
 
   def __init__(self, patch: int | tuple[int, int], in_channels: int, features: int, *,
                use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
@@ -87,8 +88,8 @@ class PatchEmbed(nnx.Module):
     if x.ndim != 4:
       raise ValueError(f"images: expected shape (B, H, W, C), got {x.shape}")
     ph, pw = self.patch
-    if x.shape[1] % ph or x.shape[2] % pw:
-      raise ValueError(f"images: height/width {x.shape[1:3]} must be multiples of the patch size {self.patch}")
+    if x.shape[1] < ph or x.shape[2] < pw:
+      raise ValueError(f"images: height/width {x.shape[1:3]} smaller than one patch {self.patch}")
     y = self.conv(x)  # (B, h, w, D)
     b, h, w, d = y.shape
     return y.reshape(b, h * w, d), (h, w)

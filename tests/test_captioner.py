@@ -222,6 +222,11 @@ def test_encoder_by_name_and_input_errors():
                                max_len=8, rngs=nnx.Rngs(0))
   assert isinstance(model.encoders["image"], TinyEncoder)
   assert model.layers[0].cross_attn.key.kernel.shape[0] == ENC_D  # the encoder's width, read off it
+  # An encoder that takes no param_dtype is built in float32, and refused for another one.
+  with pytest.raises(ValueError, match="encoder 'test_captioner_tiny' takes no param_dtype"):
+    TransformerCaptioner(V, encoders={"image": {"name": "test_captioner_tiny", "features": ENC_D}},
+                         image_shape=(8, 8, 3), features=16, depth=2, num_heads=2, max_len=8,
+                         param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"encoders: expected one encoder spec per modality \['image'\]"):
     make("lstm", encoders={"text": {"name": "test_captioner_tiny", "features": 4}})
   with pytest.raises(TypeError, match="encoder"):

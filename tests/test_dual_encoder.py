@@ -194,3 +194,23 @@ def test_tower_order_does_not_follow_the_dict_order():
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
   built = DualEncoder(encoders=reverse, input_examples=EXAMPLES, embed_dim=E, rngs=nnx.Rngs(0))
   assert built.names == ("image", "text")
+
+
+def test_param_dtype_reaches_the_towers():
+  """The model's param_dtype is every tower's too (a spec's own param_dtype wins); only the logit
+  scale and bias stay float32."""
+  def dtypes(model):
+    out = {}
+    for path, v in nnx.iter_graph(model):
+      if isinstance(v, nnx.Param):
+        out.setdefault(str(v[...].dtype), set()).add(path[0])
+    return out
+
+  model = MODELS.build("dual_encoder", encoders=TOWERS, input_examples=EXAMPLES, embed_dim=E,
+                       loss_type="siglip", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert dtypes(model) == {"bfloat16": {"encoders", "proj"}, "float32": {"log_scale", "bias"}}
+  towers = {**TOWERS, "text": {**TOWERS["text"], "param_dtype": jnp.float32}}
+  model = MODELS.build("dual_encoder", encoders=towers, input_examples=EXAMPLES, embed_dim=E,
+                       loss_type="clip", param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert {str(v[...].dtype) for _, v in nnx.iter_graph(model.encoders["text"]) if isinstance(v, nnx.Param)} == {"float32"}
+  assert {str(v[...].dtype) for _, v in nnx.iter_graph(model.encoders["image"]) if isinstance(v, nnx.Param)} == {"bfloat16"}

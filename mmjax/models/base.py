@@ -42,28 +42,41 @@ def modality_order(names) -> tuple[str, ...]:
   return tuple(sorted(names, key=lambda m: (known.get(m, len(known)), m)))
 
 
-def build_encoder(spec: Mapping[str, Any], *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.Module:
-  """Builds an encoder from {'name': registered name, **constructor kwargs}."""
+def build_encoder(spec: Mapping[str, Any], *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                  param_dtype: Dtype = jnp.float32) -> nnx.Module:
+  """Builds an encoder from {'name': registered name, **constructor kwargs}.
+
+  A registered encoder takes `rngs` and `dtype`, and gets the model's `param_dtype` where it takes
+  one (a `param_dtype` in the spec wins); one that takes none is built in float32 only."""
   spec = dict(spec)
   if "name" not in spec:
     raise ValueError(f"encoder spec {spec}: needs a 'name' (one of {ENCODERS.names()})")
   name = spec.pop("name")
-  return ENCODERS.build(name, rngs=rngs, dtype=dtype, **spec)
+  builder = ENCODERS.get(name)
+  params = inspect.signature(builder.__init__ if isinstance(builder, type) else builder).parameters
+  if "param_dtype" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    spec = {"param_dtype": param_dtype, **spec}
+  elif jnp.dtype(param_dtype) != jnp.float32 and "param_dtype" not in spec:
+    raise ValueError(f"encoder {name!r} takes no param_dtype: it cannot be built in the model's "
+                     f"param_dtype {jnp.dtype(param_dtype).name}")
+  return builder(rngs=rngs, dtype=dtype, **spec)
 
 
-def make_encoder(spec: Mapping[str, Any] | nnx.Module, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.Module:
+def make_encoder(spec: Mapping[str, Any] | nnx.Module, *, rngs: nnx.Rngs, dtype: Dtype,
+                 param_dtype: Dtype = jnp.float32) -> nnx.Module:
   """An encoder module given as is, or built from a spec {'name': ..., **kwargs}."""
   if isinstance(spec, nnx.Module):
     return spec
   if not isinstance(spec, Mapping):
     raise TypeError(f"encoder spec: expected a dict {{'name': ..., **kwargs}} or an nnx.Module, "
                     f"got {type(spec).__name__}")
-  return build_encoder(spec, rngs=rngs, dtype=dtype)
+  return build_encoder(spec, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
 def make_encoders(encoders: Any, names: tuple[str, ...] | None, *, rngs: nnx.Rngs,
-                  dtype: Dtype) -> nnx.Dict:
-  """`encoders` (modality -> spec or module) built in `MODALITY_ORDER`, as an `nnx.Dict`.
+                  dtype: Dtype, param_dtype: Dtype = jnp.float32) -> nnx.Dict:
+  """`encoders` (modality -> spec or module) built in `MODALITY_ORDER`, as an `nnx.Dict`, with the
+  model's compute and parameter dtypes.
 
   `names`: the modalities the model needs exactly, or None for any non-empty set."""
   if not isinstance(encoders, Mapping) or not encoders:
@@ -71,7 +84,8 @@ def make_encoders(encoders: Any, names: tuple[str, ...] | None, *, rngs: nnx.Rng
     raise ValueError(f"encoders: expected a non-empty dict of modality -> encoder spec, got {got}")
   if names is not None and set(encoders) != set(names):
     raise ValueError(f"encoders: expected one encoder spec per modality {list(names)}, got {list(encoders)}")
-  return nnx.Dict({m: make_encoder(encoders[m], rngs=rngs, dtype=dtype) for m in modality_order(encoders)})
+  return nnx.Dict({m: make_encoder(encoders[m], rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                   for m in modality_order(encoders)})
 
 
 def encode(encoder: nnx.Module, args: Any, *, deterministic: bool = True) -> EncoderOutput:

@@ -28,11 +28,11 @@ from mmjax.models.decoding import DecodeContext, DecodeResult, tile_beams
 
 
 def _image_encoder(encoders: Mapping[str, Any], image_shape: tuple[int, ...], rngs: nnx.Rngs,
-                   dtype: Dtype) -> tuple[nnx.Dict, tuple[int, int]]:
+                   dtype: Dtype, param_dtype: Dtype) -> tuple[nnx.Dict, tuple[int, int]]:
   """encoders {"image": spec or module} built, and the image encoder's (token, pooled) widths."""
   if len(tuple(image_shape)) != 3:
     raise ValueError(f"image_shape: expected (H, W, C), got {image_shape!r}")
-  built = make_encoders(encoders, ("image",), rngs=rngs, dtype=dtype)
+  built = make_encoders(encoders, ("image",), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
   return built, encoder_dims(built["image"], jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
 
 
@@ -107,7 +107,7 @@ class ShowAndTell(_CaptionerBase):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.hidden, self.dtype = vocab_size, hidden, dtype
-    self.encoders, (_, pooled_dim) = _image_encoder(encoders, image_shape, rngs, dtype)
+    self.encoders, (_, pooled_dim) = _image_encoder(encoders, image_shape, rngs, dtype, param_dtype)
     self.image_proj = dense(pooled_dim, features, (None, "embed"), **kw)
     self.embed = Embed(vocab_size, features, **kw)
     self.cell = nnx.LSTMCell(features, hidden, kernel_metadata={"logical_axes": ("embed", "mlp")},
@@ -208,7 +208,7 @@ class TransformerCaptioner(_CaptionerBase):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.max_len = vocab_size, max_len
-    self.encoders, (token_dim, _) = _image_encoder(encoders, image_shape, rngs, dtype)
+    self.encoders, (token_dim, _) = _image_encoder(encoders, image_shape, rngs, dtype, param_dtype)
     self.embed = Embed(vocab_size, features, **kw)
     self.positions = LearnedPositions(max_len, features, param_dtype=param_dtype, rngs=rngs)
     self.layers = nnx.List([

@@ -119,7 +119,7 @@ class MultimodalClassifier(nnx.Module):
     self.num_classes, self.label_smoothing = num_classes, float(label_smoothing)
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     kw = dict(rngs=rngs, dtype=dtype)
-    self.encoders = make_encoders(encoders, None, **kw)
+    self.encoders = make_encoders(encoders, None, param_dtype=param_dtype, **kw)
     dims = {m: encoder_dims(self.encoders[m], input_examples[m]) for m in self.names}
     self.fusion = build_fusion(fusion, modalities={m: d[0] for m, d in dims.items()}, features=features,
                                param_dtype=param_dtype, **kw, **dict(fusion_kwargs or {}))

@@ -91,7 +91,7 @@ class DualEncoder(nnx.Module):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     check_examples(input_examples, tuple(encoders))
     self.loss_type, self.embed_dim = loss_type, embed_dim
-    self.encoders = make_encoders(encoders, None, rngs=rngs, dtype=dtype)
+    self.encoders = make_encoders(encoders, None, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.names = modality_order(encoders)
     widths = {m: encoder_dims(self.encoders[m], input_examples[m])[1] for m in self.names}
     if projection:

@@ -23,8 +23,15 @@ def is_url(path: PathLike) -> bool:
 
 
 def as_path(path: PathLike) -> epath.Path:
-  """`path` as an `epath.Path`: a URL as it is, a local path absolute with `~` expanded."""
-  p = epath.Path(path)
+  """`path` as an `epath.Path`: a URL as it is, a local path absolute with `~` expanded.
+
+  A URL of a scheme epath does not serve (`https://`) is a ValueError naming it.
+  """
+  try:
+    p = epath.Path(path)
+  except KeyError:  # epath's lookup of the URL's scheme
+    raise ValueError(f"{os.fspath(path)!r}: unsupported URL; expected a local path or a bucket URL "
+                     "(gs://bucket/..., s3://bucket/...)") from None
   return p if is_url(p) else p.expanduser().resolve()
 
 

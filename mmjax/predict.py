@@ -21,9 +21,12 @@
   python -m mmjax.predict --workdir workdirs/clip --image scene.png --gallery "a red circle" "two squares"
 
 The workdir is what `mmjax.train.trainer.train` writes: `config.json` and Orbax `checkpoints/`,
-in a local folder or a bucket (`--workdir gs://bucket/run`; image and wav paths may be URLs too).
-Only the parameters and model state are restored (not the optimizer state), onto the shardings
-the config's mesh gives them, so a checkpoint saved on any mesh loads on any device count.
+in a local folder or a bucket (`--workdir gs://bucket/run`; image and wav paths may be bucket URLs
+too). The model is served data parallel over this machine's devices whatever mesh trained it
+(`from_workdir(..., mesh=...)` picks another), so a checkpoint saved on any mesh loads on any
+device count. The checkpoint is restored as the trainer restores it, checked against the
+checksums saved with it: a damaged step asked for is an error; by default the newest step that
+reads is served instead, with a warning. Only the parameters and model state are kept.
 
 Each task owns its predict functions: its `predictor` attribute names the `Predictor` subclass
 that `from_workdir` builds (`answer` for VQA, `caption`, `classify`, `zero_shot` and `retrieve`
@@ -45,7 +48,9 @@ or recompiles.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import os
 import sys
 from typing import Any, Callable, Sequence, Union
@@ -58,6 +63,8 @@ from PIL import Image
 
 from mmjax import io_paths, sharding
 from mmjax.data import manifest
+
+log = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, jax.Array]
 WavInput = Union[str, os.PathLike, np.ndarray, jax.Array]
@@ -114,46 +121,69 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.fspath(directory)
 
 
-def workdir_setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+def workdir_setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                  mesh: dict[str, int] | jax.sharding.Mesh | None = None):
   """The trainer's `Setup` of a workdir's config, its task reading what the data decided
-  (tokenizer, answer vocabulary, classes) from `workdir` where the task keeps them there."""
+  (tokenizer, answer vocabulary, classes) from `workdir` where the task keeps them there.
+
+  `mesh`: {axis: size} as `config.mesh` takes it (one size may be -1; the config's other axes
+  are 1), or a `Mesh`; default: data parallel over every device, whatever mesh trained the model
+  (it may need more devices than this machine has).
+  """
   from mmjax.train.trainer import Setup  # pylint: disable=g-import-not-at-top
 
   if config.get("model_init"):  # the checkpoint holds the trained weights: the init's files may be gone
     config = ml_collections.ConfigDict(config.to_dict())
     config.model_init = None
-  return Setup(config, workdir=workdir)
+  if mesh is None:
+    mesh = {"data": -1}
+  if isinstance(mesh, dict):  # the training mesh's axes (the sharding rules name them): 1 unless given
+    mesh = sharding.make_mesh({**{axis: 1 for axis in config.get("mesh", {})}, **mesh})
+  return Setup(config, mesh=mesh, workdir=workdir)
 
 
 def restore_params(setup, workdir: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], int]:
   """Restores {'params', 'model_state'} of `step` (default best, else latest) onto `setup`'s shardings.
 
-  Returns the state and the step restored. Raises FileNotFoundError naming what was looked for
-  when the workdir has no checkpoint or not the asked step.
+  The trainer's checked restore (`Checkpointer.restore`): a step that is incomplete, unreadable or
+  does not match its saved checksums is a `CorruptCheckpointError` naming it when asked for;
+  without `step`, it is skipped with a warning for the newest step that restores (the workdir is
+  left as it is). Returns the state and the step restored. Raises FileNotFoundError naming what
+  was looked for when the workdir has no checkpoint or not the asked step.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  from mmjax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from mmjax.train.checkpoint import Checkpointer, CorruptCheckpointError  # pylint: disable=g-import-not-at-top
 
   directory = checkpoint_dir(workdir)
   ckpt = Checkpointer(directory, best_metric=setup.task.best_metric)
   try:
-    steps = sorted(ckpt.manager.all_steps())
+    steps = ckpt.all_steps()
     if not steps:
       raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no checkpoint in {directory!r}")
-    if step is None:
-      step = ckpt.best_step()
-      step = steps[-1] if step is None else step
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise FileNotFoundError(f"workdir {os.fspath(workdir)!r}: no checkpoint of step {step} in "
                               f"{directory!r}; available steps: {steps}")
-    abstract = {k: setup.abstract_state[k] for k in ("params", "model_state")}
-    restore = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-    state = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+    best = ckpt.best_step()
+    tries = [step] if step is not None else list(dict.fromkeys([steps[-1] if best is None else best,
+                                                                *reversed(steps)]))
+    failures = []
+    for s in tries:
+      try:
+        keep = {k: setup.abstract_state[k] for k in ("params", "model_state")}
+        state, _ = ckpt.restore(s, keep, with_data=False, partial=True)
+      except CorruptCheckpointError as e:
+        if step is not None:
+          raise
+        log.warning("%s; trying another checkpoint", e)
+        failures.append(e)
+        continue
+      if failures:
+        log.warning("serving checkpoint step %d instead of the unreadable step(s) %s", s,
+                    tries[:len(failures)])
+      return {k: state[k] for k in ("params", "model_state")}, int(s)
+    raise CorruptCheckpointError(f"no checkpoint in {directory} can be restored:\n" +
+                                 "\n".join(str(e) for e in failures)) from failures[0]
   finally:
     ckpt.close()
-  return dict(state), int(step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,10 +231,12 @@ def check_text(text: Any, field: str = "question") -> str:
   return text
 
 
-def read_wav(wav: WavInput, *, field: str = "wav") -> str | np.ndarray:
-  """A wav file path or a mono (T,) float waveform -> an audio field for the pp string's `audio.load`
-  (a bucket URL's file is read here, as bytes).
+def read_wav(wav: WavInput, *, field: str = "wav", sr: int = 16000) -> str | bytes:
+  """A wav file path or a mono (T,) float waveform at `sr` Hz -> an audio field for the pp
+  string's `audio.load` (a bucket URL's file is read here, as bytes).
 
+  A file carries its own sample rate; a waveform becomes the bytes of a float WAV file of rate
+  `sr` (default 16 kHz), so that `audio.load` reads its rate as a file's for any pp string.
   A missing file is a FileNotFoundError; a file that is not audio or has no samples
   (`manifest.check_media`), or a waveform that is empty or holds NaN or Inf, a ValueError; a
   waveform that is not mono float a TypeError; each naming `field`.
@@ -224,7 +256,13 @@ def read_wav(wav: WavInput, *, field: str = "wav") -> str | np.ndarray:
       raise ValueError(f"{field}: the audio is empty (zero samples)")
     if not np.all(np.isfinite(wave)):
       raise ValueError(f"{field}: the audio contains NaN or Inf")
-    return wave
+    if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
+      raise ValueError(f"sr: expected the waveform's sample rate in Hz (a positive int), got {sr!r}")
+    import soundfile  # pylint: disable=g-import-not-at-top
+
+    buffer = io.BytesIO()  # FLOAT: the samples as they are, unclipped
+    soundfile.write(buffer, wave.astype(np.float32), int(sr), format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
   raise TypeError(f"{field}: expected a wav file path or a (T,) float waveform, got {type(wav).__name__}")
 
 
@@ -297,15 +335,17 @@ class Predictor:
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None, *,
-                   batch_size: int | None = None) -> "Predictor":
+                   batch_size: int | None = None,
+                   mesh: dict[str, int] | jax.sharding.Mesh | None = None) -> "Predictor":
     """Loads `workdir`'s config and checkpoint `step` (default: best by the task's metric, else
     latest), served by the task's `predictor` class (this class for a task without one, e.g.
-    `ClassifyPredictor.from_workdir(w)`)."""
+    `ClassifyPredictor.from_workdir(w)`) on `mesh` ({axis: size} as `config.mesh`, e.g.
+    {"data": 4, "fsdp": 2}, or a `Mesh`; default: data parallel over every device)."""
     if not io_paths.as_path(workdir).is_dir():
       raise FileNotFoundError(f"workdir {os.fspath(workdir)!r} does not exist")
     config = load_workdir_config(workdir)
     checkpoint_dir(workdir)  # fail before building anything
-    setup = workdir_setup(config, workdir)
+    setup = workdir_setup(config, workdir, mesh)
     served = getattr(setup.task, "predictor", None) or cls
     if not issubclass(served, cls):
       raise TypeError(f"{cls.__name__}.from_workdir: the workdir's task {config.task!r} is served by "
@@ -357,6 +397,9 @@ class Predictor:
     """The task's parse of the eval pp string, with `image.resize` after `image.decode` if `resize`."""
     from mmjax.data.pp import registry  # pylint: disable=g-import-not-at-top
 
+    if resize and getattr(self.task, "image_shape", None) is None:
+      raise ValueError(f"resize: this workdir's model takes no images (the task {self.config.task!r}); "
+                       "there is nothing to resize")
     if resize not in self._preprocess:
       specs = registry.split_ops(self.config.input.pp_eval)
       if resize:
@@ -484,13 +527,17 @@ class ClassifyPredictor(Predictor):
     return tuple(self.FLAGS[m] for m in self.task.modalities)
 
   @property
+  def request_options(self) -> tuple[str, ...]:
+    return ("resize",) if "image" in self.task.modalities else ()  # nothing to resize without images
+
+  @property
   def classes(self) -> tuple[str, ...]:
     """The class names (index -> string)."""
     return tuple(self.task.classes)
 
   def classify_batch(self, *, images: Sequence[ImageInput] | None = None,
                      wavs: Sequence[WavInput] | None = None, texts: Sequence[str] | None = None,
-                     resize: bool = False) -> list[dict[str, Any]]:
+                     resize: bool = False, sr: int = 16000) -> list[dict[str, Any]]:
     """Classifies request i of the given sequences (one per modality of the task); see `classify`."""
     given = {"image": images, "audio": wavs, "text": texts}
     args = {"image": "images", "audio": "wavs", "text": "texts"}
@@ -506,7 +553,7 @@ class ClassifyPredictor(Predictor):
                        f"{[len(v) for v in seqs.values()]}")
     names = {m: request_names(self.FLAGS[m], n) for m in seqs}
     read = {"image": lambda x, f: read_image(x, field=f, channels=self.image_shape[-1]),
-            "audio": lambda x, f: read_wav(x, field=f), "text": check_text}
+            "audio": lambda x, f: read_wav(x, field=f, sr=sr), "text": check_text}
     records = [{m: read[m](seqs[m][i], names[m][i]) for m in seqs} for i in range(n)]
     x = self.preprocess(records, resize=resize, image_names=names.get("image"))
     keys = sorted(x)
@@ -520,15 +567,18 @@ class ClassifyPredictor(Predictor):
              "probabilities": o["probabilities"]} for o in top_classes(probs, self.classes, "class")]
 
   def classify(self, *, image: ImageInput | None = None, wav: WavInput | None = None,
-               text: str | None = None, resize: bool = False) -> dict[str, Any]:
+               text: str | None = None, resize: bool = False, sr: int = 16000) -> dict[str, Any]:
     """Classifies one request: the task's modalities among `image` (a file path, PIL image or
-    uint8 array), `wav` (a wav file or a (T,) float waveform) and `text`.
+    uint8 array), `wav` (an audio file, which carries its sample rate, or a mono (T,) float
+    waveform at `sr` Hz, 16 kHz by default) and `text`. `resize` (a task with images only)
+    resizes an image of another size instead of raising.
 
     Returns {'class': the most probable class name, 'label': its index, 'probabilities':
     {name: p} over every class, most probable first}.
     """
     wrap = lambda v: None if v is None else [v]
-    return self.classify_batch(images=wrap(image), wavs=wrap(wav), texts=wrap(text), resize=resize)[0]
+    return self.classify_batch(images=wrap(image), wavs=wrap(wav), texts=wrap(text), resize=resize,
+                               sr=sr)[0]
 
   def predict(self, *, image=None, wav=None, text=None, resize: bool = False) -> dict[str, Any]:
     """The command line's request: `classify`."""
@@ -549,16 +599,17 @@ def _batch_shards(setup) -> int:
 REQUEST_FLAGS = {
     "image": dict(help="image file"),
     "question": dict(help="question about the image (VQA)"),
-    "wav": dict(help="audio file"),
+    "wav": dict(help="audio file (WAV, FLAC or OGG; its header gives the sample rate)"),
     "text": dict(help="a text (dual encoder: to embed, or to retrieve --gallery images for)"),
-    "labels": dict(nargs="+", help="zero-shot class names for --image (dual encoder), "
-                   "comma-separated or one per argument"),
+    "labels": dict(nargs="+", help="zero-shot class names for --image (dual encoder): one per "
+                   'argument ("red, white and blue flag" "green circle"), or comma-separated in a '
+                   'single argument ("circle,square")'),
     "template": dict(help='zero-shot prompt with {} for the label (default "a photo of {}")'),
     "gallery": dict(nargs="+", help="retrieval gallery (dual encoder): image files for a --text "
                     "query, texts for an --image query"),
     "top_k": dict(type=int, help="how many gallery items to retrieve (default 5)"),
     "beam": dict(action="store_true", help="caption with beam search (default: the config's)"),
-    "resize": dict(action="store_true", help="resize an image of another size"),
+    "resize": dict(action="store_true", help="resize an image of another size (tasks with images)"),
 }
 
 
@@ -579,8 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
   given = {f: getattr(args, f) for f in REQUEST_FLAGS if getattr(args, f) is not None}
-  if "labels" in given:  # "circle,square" or circle square
-    given["labels"] = [x.strip() for item in given["labels"] for x in item.split(",")]
+  if len(given.get("labels", ())) == 1:  # "circle,square"; several arguments are a label each
+    given["labels"] = [x.strip() for x in given["labels"][0].split(",")]
   # The class the tasks subclass: under `python -m`, this module's own classes are __main__'s.
   from mmjax.predict import Predictor as served  # pylint: disable=g-import-not-at-top,import-self
   try:

@@ -170,3 +170,65 @@ def test_source_feeds_the_pipeline_which_drops_skips(data):
                                   shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
   with pytest.raises(pp.BadExample, match="record id='m.jsonl:2': field 'image'"):
     list(strict)
+
+
+def test_manifests_with_a_byte_order_mark_read_as_without(data):
+  """Excel's "CSV UTF-8" and Notepad's "UTF-8 with BOM" start the file with EF BB BF."""
+  bom = b"\xef\xbb\xbf"
+  (data / "m.csv").write_bytes(bom + b"image,label\r\nimg/a.png,cat\r\nimg/b.png,dog\r\n")
+  _jsonl(data / "m.jsonl", [{"image": "img/a.png", "label": "cat"}, {"image": "img/b.png", "label": "dog"}])
+  (data / "m.jsonl").write_bytes(bom + (data / "m.jsonl").read_bytes())
+  for name in ("m.csv", "m.jsonl"):
+    for columns in (None, {"image": "image", "label": "label"}):
+      src = manifest.load_manifest(data / name, columns=columns)
+      assert src.classes == ["cat", "dog"] and [src[i]["label"] for i in range(2)] == [0, 1], name
+      assert src[1]["image"] == (data / "img" / "b.png").read_bytes()
+
+
+def test_a_manifest_not_in_utf8_names_its_line_and_byte(data):
+  # Excel's plain "CSV (comma delimited)" writes Windows-1252: "é" is the byte E9.
+  (data / "m.csv").write_bytes("image,text\nimg/a.png,a red square\nimg/b.png,un café rouge\n".encode("cp1252"))
+  with pytest.raises(manifest.ManifestError) as e:
+    manifest.load_manifest(data / "m.csv")
+  assert str(e.value) == (f"{data / 'm.csv'}: line 3: byte 0xe9 is not UTF-8; save the manifest as "
+                          "UTF-8 (Excel: 'CSV UTF-8')")
+  (data / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + '{"image": "img/a.png"}\n{"text": "café"}\n'.encode("latin-1"))
+  with pytest.raises(manifest.ManifestError, match=r"m.jsonl: line 2: byte 0xe9 is not UTF-8"):
+    manifest.load_manifest(data / "m.jsonl")  # the line counted after the BOM
+
+
+def test_bad_json_is_reported_with_every_other_problem(data):
+  m = data / "m.jsonl"
+  m.write_text('{"image": "img/a.png", "title": "a"}\n{not json\n{"image": "img/b.png"}\n'
+               '{"image": "img/gone.png", "title": "b"}\n')
+  with pytest.raises(manifest.ManifestError) as e:
+    manifest.load_manifest(m, columns={"image": "image", "captions": "title"})
+  assert str(e.value).splitlines()[1:] == [
+      "  line 2: invalid JSON (Expecting property name enclosed in double quotes)",
+      "  line 3: no column 'title' (the captions); it has ['image']",
+      "  line 4: image: file not found: 'img/gone.png' (under " + str(data) + ")"]
+
+
+def test_a_class_folder_from_a_mac_keeps_only_the_images(tmp_path):
+  root = tmp_path / "pets"
+  apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 40
+  for cls in ("cat", "dog"):
+    _png(root / cls / "1.png", 1)
+    (root / cls / "._1.png").write_bytes(apple_double)  # macOS's resource fork beside each file
+    (root / cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+  _png(root / "cat" / ".ipynb_checkpoints" / "1-checkpoint.png", 2)
+  (root / "__MACOSX" / "cat").mkdir(parents=True)  # a macOS zip's folder of resource forks
+  (root / "__MACOSX" / "cat" / "._1.png").write_bytes(apple_double)
+  src = manifest.load_manifest(root)
+  assert src.classes == ["cat", "dog"] and [e.id for e in src.entries] == ["cat/1.png", "dog/1.png"]
+  manifest.verify_files(src)
+
+
+def test_an_unsupported_url_is_named(data):
+  for path in ("https://example.com/m.jsonl", "ftp://example.com/pets"):
+    with pytest.raises(ValueError) as e:
+      manifest.load_manifest(path)
+    assert str(e.value) == (f"{path!r}: unsupported URL; expected a local path or a bucket URL "
+                            "(gs://bucket/..., s3://bucket/...)")
+  with pytest.raises(ValueError, match="'https://example.com/data': unsupported URL"):
+    manifest.load_manifest(_jsonl(data / "m.jsonl", [{"image": "img/a.png"}]), root="https://example.com/data")

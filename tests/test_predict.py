@@ -1,9 +1,14 @@
 """Inference from a trained workdir: answers agree with the trainer's eval path, errors, no retracing, CLI;
 the generic predictors of your own data's VQA and classification tasks."""
 
+import io
 import json
+import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +19,7 @@ from mmjax import predict, viz
 from mmjax.data.datasets import sort_of_clevr
 from mmjax.projects.sort_of_clevr.task import VqaPredictor
 from mmjax.train import trainer
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.checkpoint import Checkpointer, CorruptCheckpointError
 from mmjax.train.config import load_config
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "mmjax/projects/sort_of_clevr/configs/vqa.py")
@@ -113,6 +118,33 @@ def test_missing_workdir_and_checkpoints(workdir, tmp_path):
   shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "config.json")
   with pytest.raises(FileNotFoundError, match="checkpoint"):
     predict.Predictor.from_workdir(tmp_path)
+  with pytest.raises(ValueError) as e:  # epath serves bucket URLs only
+    predict.Predictor.from_workdir("https://example.com/run")
+  assert str(e.value) == ("'https://example.com/run': unsupported URL; expected a local path or a "
+                          "bucket URL (gs://bucket/..., s3://bucket/...)")
+
+
+def test_a_damaged_checkpoint_is_named_or_skipped_for_the_newest_that_reads(workdir, predictor, tmp_path,
+                                                                           caplog):
+  wd = tmp_path / "wd"
+  shutil.copytree(workdir, wd)
+  shutil.copytree(wd / "checkpoints" / "2", wd / "checkpoints" / "1")  # a second, identical step
+  ckpt = Checkpointer(wd / "checkpoints", best_metric=predictor.task.best_metric)
+  best = ckpt.best_step()  # the step served by default is the one damaged
+  ckpt.close()
+  other = 3 - best
+  data = next((wd / "checkpoints" / str(best) / "state" / "d").iterdir())
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])  # cut short, as by a full disk
+  with caplog.at_level(logging.WARNING, logger="mmjax.predict"):
+    state, step = predict.restore_params(predictor.setup, wd)
+  assert step == other and set(state) == {"params", "model_state"}
+  assert f"checkpoint step {best} in {wd / 'checkpoints'} cannot be read: " in caplog.text
+  assert f"serving checkpoint step {other} instead of the unreadable step(s) [{best}]" in caplog.text
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(predictor.state)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(CorruptCheckpointError, match=rf"^checkpoint step {best} in .* cannot be read: "):
+    predict.restore_params(predictor.setup, wd, step=best)
+  assert sorted(os.listdir(wd / "checkpoints")) == ["1", "2"]  # a reader moves nothing aside
 
 
 def test_missing_step(predictor, workdir):
@@ -251,9 +283,10 @@ def user_workdirs(tmp_path_factory):
   out = {"rows": rows, "root": root}
   overrides = [f"input.train={path}", f"input.eval={path}", "train.steps=2", "train.eval_every=2",
                "train.checkpoint_every=2"]
-  for kind, spec in (("vqa", "vqa_open.py:size=tiny"),
-                     ("classify", "classify.py:size=tiny,modality=image+audio+text")):
-    config = load_config(os.path.join(REPO, "configs", spec), overrides)
+  for kind, spec, more in (("vqa", "vqa_open.py:size=tiny", []),
+                           ("classify", "classify.py:size=tiny,modality=image+audio+text",
+                            ["mesh.data=4", "mesh.fsdp=2"])):  # served on any devices all the same
+    config = load_config(os.path.join(REPO, "configs", spec), overrides + more)
     out[kind] = str(tmp_path_factory.mktemp(kind))
     trainer.train(config, out[kind], progress=False)
   return out
@@ -293,3 +326,79 @@ def test_classify_predictor_serves_an_image_audio_text_workdir(user_workdirs, ca
   assert f"wav: {str(root / 'data.jsonl')!r} is not an audio file" in capsys.readouterr().err
   with pytest.raises(TypeError, match=r"expected \['images', 'wavs', 'texts'\], got \['images'\]"):
     p.classify_batch(images=[str(root / rows[0]["image"])])
+
+
+@pytest.fixture(scope="module")
+def classify_predictor(user_workdirs):
+  return predict.Predictor.from_workdir(user_workdirs["classify"])
+
+
+def _classify_request(user_workdirs, i: int) -> dict[str, str]:
+  row, root = user_workdirs["rows"][i], user_workdirs["root"]
+  return {"image": str(root / row["image"]), "wav": str(root / row["audio"]), "text": row["text"]}
+
+
+def test_a_workdir_trained_on_8_devices_serves_on_1(user_workdirs, classify_predictor):
+  wd, p = user_workdirs["classify"], classify_predictor
+  with open(os.path.join(wd, "config.json")) as f:
+    assert json.load(f)["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+  request = _classify_request(user_workdirs, 3)
+  expected = p.classify(**request)["probabilities"]
+  script = ("import json, sys, jax; from mmjax import predict; "
+            "p = predict.Predictor.from_workdir(sys.argv[1]); "
+            "print(json.dumps([jax.device_count(), p.batch_size, p.classify(**json.loads(sys.argv[2]))]))")
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  env = {**os.environ, "XLA_FLAGS": flags + " --xla_force_host_platform_device_count=1"}
+  run = subprocess.run([sys.executable, "-c", script, wd, json.dumps(request)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  devices, batch_size, out = json.loads(run.stdout.splitlines()[-1])
+  assert devices == batch_size == 1
+  assert list(out["probabilities"]) == list(expected)
+  np.testing.assert_allclose(list(out["probabilities"].values()), list(expected.values()), rtol=1e-5, atol=1e-7)
+  # Data parallel over this process's 8 devices by default; the training mesh when asked for.
+  assert dict(p.setup.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1} and p.batch_size == 8
+  on_mesh = predict.Predictor.from_workdir(wd, mesh={"data": 4, "fsdp": 2})
+  assert dict(on_mesh.setup.mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(on_mesh.state))  # sharded as trained
+  again = on_mesh.classify(**request)["probabilities"]
+  np.testing.assert_allclose([again[k] for k in expected], list(expected.values()), rtol=1e-5, atol=1e-7)
+
+
+def test_classify_takes_a_waveform_at_its_sample_rate(user_workdirs, classify_predictor, tmp_path):
+  import soundfile  # pylint: disable=g-import-not-at-top
+
+  p = classify_predictor
+  request = _classify_request(user_workdirs, 5)
+  path = request.pop("wav")
+  wave, rate = soundfile.read(path, dtype="float32")  # (T,) at 16 kHz
+  assert rate == 16000
+  from_file = p.classify(wav=path, **request)["probabilities"]
+  assert p.classify(wav=wave, **request)["probabilities"] == from_file
+  # At another rate, a waveform is resampled by the pp string as a file of that rate is.
+  soundfile.write(tmp_path / "8k.wav", wave[::2], 8000, subtype="FLOAT")
+  at_8k = p.classify(wav=str(tmp_path / "8k.wav"), **request)["probabilities"]
+  assert p.classify(wav=wave[::2], sr=8000, **request)["probabilities"] == at_8k
+  # The waveform's WAV bytes: its rate in the header, its samples unclipped.
+  data = predict.read_wav(2 * wave, sr=8000)
+  assert soundfile.info(io.BytesIO(data)).samplerate == 8000
+  np.testing.assert_array_equal(soundfile.read(io.BytesIO(data), dtype="float32")[0], 2 * wave)
+  with pytest.raises(ValueError, match=r"^sr: expected the waveform's sample rate in Hz"):
+    predict.read_wav(wave, sr=0)
+
+
+def test_resize_is_no_option_of_a_workdir_without_images(user_workdirs, tmp_path, monkeypatch, capsys):
+  root = user_workdirs["root"]
+  config = load_config(os.path.join(REPO, "configs", "classify.py:size=tiny,modality=audio"),
+                       [f"input.train={root / 'data.jsonl'}", "input.eval="])
+  setup = trainer.Setup(config, workdir=str(tmp_path))
+  p = predict.ClassifyPredictor(setup, setup.init_state())  # an audio-only classifier
+  wav = str(root / user_workdirs["rows"][0]["audio"])
+  assert p.request_fields == ("wav",) and p.request_options == ()
+  with pytest.raises(ValueError, match=r"^resize: this workdir's model takes no images"):
+    p.classify(wav=wav, resize=True)
+  monkeypatch.setattr(predict.Predictor, "from_workdir", classmethod(lambda cls, *args: p))
+  with pytest.raises(SystemExit):
+    predict.main(["--workdir", str(tmp_path), "--wav", wav, "--resize"])
+  assert capsys.readouterr().err == ("error: --resize: not an option of this workdir's task 'classify' "
+                                     "(served by ClassifyPredictor, which takes --wav)\n")

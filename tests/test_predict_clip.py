@@ -143,6 +143,9 @@ def test_cli_prints_what_the_api_returns(workdir, predictor, files, capsys):
                              rtol=1e-6)
   assert cli("--image", paths[0], "--labels", "red", "green", "blue", "--template",
              "a {} shape")["probabilities"] == out["probabilities"]  # one label per argument too
+  flag = ["red, white and blue flag", "green circle"]  # several arguments: commas are the labels' own
+  api = predictor.zero_shot([paths[0]], flag, template="a photo of {}")[0]
+  assert cli("--image", paths[0], "--labels", *flag)["probabilities"] == api["probabilities"]
 
   out = cli("--text", captions[1], "--gallery", *paths, "--top_k", "2")
   indices, scores = predictor.retrieve([captions[1]], paths, k=2)

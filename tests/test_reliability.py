@@ -145,8 +145,11 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_step(six_steps, 
       else:
         f.truncate(size // 2)
     ck = Checkpointer(str(wd / "checkpoints"))
+    abstract = trainer.Setup(toy_config(6, ONE)).abstract_state
     with pytest.raises(CorruptCheckpointError, match="checkpoint step 6 .*(corrupted|cannot be read)"):
-      ck.restore(6, trainer.Setup(toy_config(6, ONE)).abstract_state)
+      ck.restore(6, abstract)
+    with pytest.raises(CorruptCheckpointError, match="checkpoint step 6 .*(corrupted|cannot be read)"):
+      ck.restore(6, {"params": abstract["params"]}, partial=True)  # serving reads the parameters only
     caplog.clear()
     with caplog.at_level(logging.WARNING):
       step, state, data = ck.restore_latest(trainer.Setup(toy_config(6, ONE)).abstract_state)
@@ -393,3 +396,30 @@ def test_keeps_the_last_steps_and_the_best(tmp_path, scores, kept):
     ck.save(step, {"x": np.full(3, step, np.float32)}, metrics=None if score is None else {"acc": score})
   assert ck.all_steps() == kept
   assert ck.best_step() == 1 + int(np.argmax([-1 if s is None else s for s in scores]))
+
+
+def test_a_partial_restore_checks_what_it_reads(tmp_path):
+  """Serving restores the parameters without the optimizer state (`partial`): the checksums of
+  what it reads are checked, those of what it leaves are not."""
+  import json
+
+  import jax.numpy as jnp
+
+  state = {"params": {"w": jnp.arange(4.0)}, "opt": {"m": jnp.ones(4)}}
+  ck = Checkpointer(str(tmp_path))
+  ck.save(1, state)
+  ck.wait()
+  abstract = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                     state["params"])}
+  meta = tmp_path / "1" / "integrity" / "metadata"
+  saved = json.loads(meta.read_text())
+  for entry, readable in (("opt/m", True), ("params/w", False)):
+    meta.write_text(json.dumps({**saved, "checksums": {**saved["checksums"], entry: 7}}))
+    if readable:
+      got, _ = ck.restore(1, abstract, with_data=False, partial=True)
+      assert sorted(got) == ["params"]
+      np.testing.assert_array_equal(got["params"]["w"], np.arange(4.0))
+    else:
+      with pytest.raises(CorruptCheckpointError, match=r"step 1 .* corrupted: 1 array\(s\) .*\(params/w\)"):
+        ck.restore(1, abstract, with_data=False, partial=True)
+  ck.close()

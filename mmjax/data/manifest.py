@@ -30,6 +30,7 @@ predictor's requests use it too, and decode an image whole).
 
 from __future__ import annotations
 
+import codecs
 import concurrent.futures
 import csv
 import dataclasses
@@ -76,8 +77,9 @@ class Entry:
 
 
 def _data_path(path: str | os.PathLike) -> pathlib.Path | epath.Path:
-  """A local path (`~` expanded) as a `pathlib.Path`, a bucket URL as an `epath.Path`."""
-  return epath.Path(path) if io_paths.is_url(path) else pathlib.Path(path).expanduser()
+  """A local path (`~` expanded) as a `pathlib.Path`, a bucket URL as an `epath.Path` (another
+  URL is a ValueError naming it)."""
+  return io_paths.as_path(path) if io_paths.is_url(path) else pathlib.Path(path).expanduser()
 
 
 def resolve_under(root: pathlib.Path | epath.Path, rel: str) -> pathlib.Path | epath.Path:
@@ -139,6 +141,12 @@ def _raise_if(problems: list[str], what: str) -> None:
                         "\n  ".join(problems[:_MAX_REPORTED]) + more)
 
 
+def _hidden(name: str) -> bool:
+  """Whether a file or folder is another tool's leftover: hidden (`.DS_Store`, macOS's `._x.png`)
+  or a macOS archive's `__MACOSX`."""
+  return name.startswith(".") or name == "__MACOSX"
+
+
 def _under(folder: pathlib.Path | epath.Path) -> list[pathlib.Path | epath.Path]:
   """Every file and folder under `folder`, sorted (a bucket has no recursive glob: folder by folder)."""
   if not io_paths.is_url(folder):
@@ -169,8 +177,9 @@ def from_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTEN
                 field: str = "image", classes: Sequence[str] | None = None) -> ManifestSource:
   """A source over `root/<class>/<file>`: classes are the sorted subfolder names.
 
-  Files whose extension is not in `extensions` are ignored; a class folder with no such files,
-  and any file or folder that resolves outside `root`, is an error.
+  Files whose extension is not in `extensions` are ignored, and so are hidden files and folders
+  (names starting with ".", such as macOS's `._1.png`) and `__MACOSX`; a class folder with no such
+  files, and any file or folder that resolves outside `root`, is an error.
 
   Args:
     field: the record field the files' bytes go to ("image"; "audio" with `AUDIO_EXTENSIONS`).
@@ -182,7 +191,7 @@ def from_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTEN
     raise ManifestError(f"data root {root} is not a folder")
   local = not io_paths.is_url(root)
   real_root = root.resolve() if local else root
-  found_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+  found_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
   if not found_classes:
     raise ManifestError(f"{root}: no class subfolders (expected root/<class>/<{field} files>)")
   if classes is None:
@@ -198,6 +207,8 @@ def from_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTEN
     found = 0
     for path in _under(root / name):
       rel = path.relative_to(root).as_posix()
+      if any(_hidden(part) for part in rel.split("/")[1:]):
+        continue
       if local and not path.resolve().is_relative_to(real_root):
         problems.append(f"{rel}: resolves to {path.resolve()}, outside the data root (a symlink?)")
         continue
@@ -210,10 +221,23 @@ def from_folder(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTEN
   return ManifestSource(root, entries, classes)
 
 
+def _read_text(path: pathlib.Path | epath.Path) -> str:
+  """The manifest's text: UTF-8, with or without the BOM that Excel and Notepad write; other
+  bytes are a ManifestError naming the line and byte."""
+  data = path.read_bytes()
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:  # e.start counts from after the BOM
+    body = data.removeprefix(codecs.BOM_UTF8)
+    line = body.count(b"\n", 0, e.start) + 1
+    raise ManifestError(f"{path}: line {line}: byte 0x{body[e.start]:02x} is not UTF-8; save the "
+                        "manifest as UTF-8 (Excel: 'CSV UTF-8')") from None
+
+
 def _read_jsonl(path: pathlib.Path | epath.Path) -> tuple[list[tuple[int, dict]], list[str]]:
   """(line number, row) pairs of a JSONL file, and problems found."""
   rows, problems = [], []
-  with io.StringIO(path.read_bytes().decode("utf-8"), newline=None) as f:  # universal newlines, as open()
+  with io.StringIO(_read_text(path), newline=None) as f:  # universal newlines, as open()
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -232,7 +256,7 @@ def _read_jsonl(path: pathlib.Path | epath.Path) -> tuple[list[tuple[int, dict]]
 def _read_csv(path: pathlib.Path | epath.Path) -> tuple[list[tuple[int, dict]], list[str]]:
   """(line number, row) pairs of a CSV file with a header line, and problems found."""
   rows, problems = [], []
-  with io.StringIO(path.read_bytes().decode("utf-8"), newline="") as f:
+  with io.StringIO(_read_text(path), newline="") as f:
     reader = csv.DictReader(f)
     if not reader.fieldnames:
       return [], ["line 1: no header line (expected columns among image, text, audio, label)"]
@@ -321,7 +345,7 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
   if columns is None and rows and (not fields or fields - set(FIELDS) or fields == {"label"}):
     problems.append(f"line {rows[0][0]}: fields {sorted(fields)}; expected a subset of "
                     f"{list(FIELDS)} with at least one of image, text, audio")
-  _raise_if(problems, str(path))
+    _raise_if(problems, str(path))  # every other line would be reported against these fields
 
   labels = [r["label"] for _, r in rows if "label" in r]
   label_kinds = {_label_kind(v) for v in labels}
@@ -372,10 +396,9 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
       else:
         label = index[row["label"].strip()]
     entries.append(Entry(id=f"{path.name}:{number}", paths=paths, text=text, label=label, values=values))
-  if missing:  # in line order among the others
-    line = lambda p: int(re.match(r"line (\d+)", p).group(1)) if re.match(r"line \d+", p) else 0
-    problems = sorted(problems + missing, key=line)
-  _raise_if(problems, str(path))
+  # In line order: the lines that did not read (bad JSON, missing columns) among the others.
+  line = lambda p: int(re.match(r"line (\d+)", p).group(1)) if re.match(r"line \d+", p) else 0
+  _raise_if(sorted(problems + missing, key=line), str(path))
   return ManifestSource(root, entries, classes)
 
 

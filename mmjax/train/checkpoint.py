@@ -170,33 +170,46 @@ class Checkpointer:
       self.manager.close()
 
   # -- restoring -------------------------------------------------------------------------------
-  def restore(self, step: int, abstract_state: Any, with_data: bool = True) -> tuple[Any, dict | None]:
+  def restore(self, step: int, abstract_state: Any, with_data: bool = True,
+              partial: bool = False) -> tuple[Any, dict | None]:
     """Restores `step` onto `abstract_state` (ShapeDtypeStructs with shardings: any mesh works).
+
+    `partial`: `abstract_state` names only some of the saved state's entries (serving reads the
+    parameters, not the optimizer state); the others are not read.
 
     Raises CorruptCheckpointError naming the step when it is incomplete, its files cannot be read
     or its arrays do not match the checksums saved with them.
     """
     items = self._saved_items(step)
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
     has_data = with_data and "data" in items
     has_integrity = "integrity" in items
+    args = {}
     if has_data:
       args["data"] = ocp.args.JsonRestore()
     if has_integrity:
       args["integrity"] = ocp.args.JsonRestore()
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(**args))
+      if partial:  # the manager's handler for "state" restores whole trees only: read it directly
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+          state = reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+              item=abstract_state, partial_restore=True, restore_args=restore_args))
+        out = dict(self.manager.restore(step, args=ocp.args.Composite(**args))) if args else {}
+      else:
+        out = dict(self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), **args)))
+        state = out["state"]
     except Exception as e:  # pylint: disable=broad-except
       raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: "
                                    f"{type(e).__name__}: {e}") from e
     if has_integrity:
-      want, got = out["integrity"]["checksums"], checksums(out["state"])
-      bad = sorted(k for k in want if got.get(k) != want[k])
+      want, got = out["integrity"]["checksums"], checksums(state)
+      bad = sorted(k for k in (got if partial else want) if got.get(k) != want.get(k))
       if bad:
         raise CorruptCheckpointError(
             f"checkpoint step {step} in {self.directory} is corrupted: {len(bad)} array(s) do not "
             f"match their saved checksums ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
-    return out["state"], (out["data"] if has_data else None)
+    return state, (out["data"] if has_data else None)
 
   def _saved_items(self, step: int) -> set[str]:
     """The items `step` was saved with; CorruptCheckpointError if the step is not complete."""

@@ -20,7 +20,8 @@ nothing has a counterpart, the export is an error. `out` is a new or empty folde
 bucket (`gs://...`: written locally first, then copied up).
 
 From Python, `export(workdir, out)`, or `export_model(model, out, tokenizer=...)` for a model in
-memory.
+memory; a bare `BertEncoder` or `ViT` (`mmjax.transfer.bert.load_bert`, ...) is written as the
+whole model, in `out/` itself.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 from typing import Any, Callable, Sequence
@@ -119,6 +121,14 @@ def _encoder(path: str, encoder) -> Part | str:
 
 def plan(model: nnx.Module) -> tuple[list[Part], list[dict[str, str]]]:
   """(the parts to write, [{'module', 'reason'}] of those that are not) of `model`."""
+  from mmjax.encoders.text import BertEncoder  # pylint: disable=g-import-not-at-top
+  from mmjax.encoders.vision import ViT  # pylint: disable=g-import-not-at-top
+
+  if isinstance(model, (BertEncoder, ViT)):  # a bare encoder (`bert.load_bert`, ...) is the model
+    got = _encoder(WHOLE, model)
+    if isinstance(got, Part):
+      return [got], []
+    return [], [{"module": "(the whole model)", "reason": got}]
   whole = _whole(model)
   if isinstance(whole, Part):
     return [whole], []
@@ -194,8 +204,8 @@ def export_model(model: nnx.Module, out: io_paths.PathLike, *, tokenizer: Any = 
           rel = os.path.relpath(os.path.join(root, name), local)
           dest = target / rel
           dest.parent.mkdir(parents=True, exist_ok=True)
-          with open(os.path.join(root, name), "rb") as f:
-            dest.write_bytes(f.read())
+          with open(os.path.join(root, name), "rb") as f, dest.open("wb") as g:
+            shutil.copyfileobj(f, g)  # streamed: a weights file never sits whole in memory
   return summary
 
 

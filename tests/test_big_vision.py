@@ -17,6 +17,7 @@ from mmjax.transfer import siglip as hf_siglip
 from mmjax.transfer import vit as hf_vit
 from mmjax.transfer.bert import blank_module
 from mmjax.transfer.io import WeightMismatchError, import_weights, open_npz, read_safetensors
+from mmjax.transfer.model_init import check_model_init
 
 # big_vision computes GELU-tanh and LayerNorm eps 1e-6 (flax defaults): the HF ViT is set so.
 VIT_CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -231,3 +232,43 @@ def test_mismatched_heads_and_names_are_reported(vit_files):
   msg = str(e.value)
   assert "missing tensors (1): Transformer/encoder_norm/scale" in msg
   assert "expected (D, 2 heads, head_dim)" in msg and "mis-shaped tensors (14)" in msg
+
+
+def test_model_init_refuses_a_tower_not_built_with_big_vision_settings(vit_files, siglip_files):
+  """A big_vision file records no activation or LayerNorm eps: each tower must have big_vision's
+  (gelu_tanh, 1e-6), as an HF folder's must have config.json's, or every output differs."""
+  _, npz, _ = vit_files
+  fields = big_vision.vit_fields(big_vision.read_npz(npz))
+  vit = lambda **kw: nnx.eval_shape(lambda: ViT(None, rngs=nnx.Rngs(0), **{**fields, **kw}))  # noqa: E731
+  assert check_model_init(str(npz), vit()) > 0
+  with pytest.raises(ValueError, match=r"\): the ViT is not built like the checkpoint \(ln_eps: module "
+                     r"1e-12, checkpoint 1e-06; act: module 'gelu', checkpoint 'gelu_tanh'\)"):
+    check_model_init(str(npz), vit(act="gelu", ln_eps=1e-12))
+  _, two = siglip_files
+  tensors = big_vision.read_npz(two)
+  vision = big_vision.vit_fields(big_vision.subtree(tensors, big_vision.IMG))
+  text = big_vision.text_fields(big_vision.subtree(tensors, big_vision.TXT))
+  siglip = lambda t: nnx.eval_shape(lambda: hf_siglip.build_siglip(vision, t, rngs=nnx.Rngs(0)))  # noqa: E731
+  assert check_model_init(str(two), siglip(text)) > 0
+  clip_like = {**text, "act": "quick_gelu", "ln_eps": 1e-5}  # CLIP's settings
+  with pytest.raises(ValueError, match=r"\(text tower\): the ClipTextEncoder is not built like the "
+                     r"checkpoint \(ln_eps: module 1e-05, checkpoint 1e-06; act: module 'quick_gelu'"):
+    check_model_init(str(two), siglip(clip_like))
+  holder = nnx.eval_shape(lambda: hf_siglip.build_siglip(vision, clip_like, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"\['encoders/text'\] .*: the ClipTextEncoder is not built"):
+    check_model_init({"encoders/text": str(two)}, holder)
+
+
+def test_a_compressed_scanned_stack_is_read_once_for_all_its_rows(vit_files, monkeypatch):
+  """Each layer of a compressed stack read alone would decompress the whole stack per layer."""
+  _, _, npz_scan = vit_files
+  key = "Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+  want = np.load(npz_scan)[key]  # (depth, D, mlp_dim)
+  reads, getitem = [], np.lib.npyio.NpzFile.__getitem__
+  monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda f, k: reads.append(k) or getitem(f, k))
+  stack = open_npz(npz_scan)[key]
+  assert stack.span is None and len(want) == 2  # compressed
+  for i in reversed(range(len(want))):
+    np.testing.assert_array_equal(stack.row(i).read(), want[i])
+  assert reads == [key]
+  assert stack._rows is None  # pylint: disable=protected-access (freed once every row was read)

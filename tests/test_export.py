@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import jax
 import numpy as np
@@ -18,8 +19,12 @@ import pytest
 import torch
 import transformers
 
+from flax import nnx
+
 from mmjax import export, predict
 from mmjax.data.datasets import shapes_captions
+from mmjax.encoders.text import BertEncoder
+from mmjax.encoders.vision import ViT
 from mmjax.train import trainer
 from mmjax.train.config import load_config
 
@@ -141,6 +146,50 @@ def test_export_to_a_bucket(vqa_workdir, gcs_emulator):
   assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
   summary = json.loads((epath.Path(out) / "export.json").read_text())
   assert summary["exported"][0]["architecture"] == "BertModel"
+
+
+def test_a_bare_encoder_exports_as_the_whole_model(tmp_path):
+  """A `BertEncoder` or `ViT` in memory (`bert.load_bert` gives one) is its HF model, in `out/`."""
+  bert = BertEncoder("tiny", vocab_size=100, depth=1, max_len=16, rngs=nnx.Rngs(0))
+  vit = ViT(None, width=32, depth=1, heads=4, mlp_dim=64, patch=8, image_size=16, rngs=nnx.Rngs(1))
+  for model, arch in ((bert, "BertModel"), (vit, "ViTModel")):
+    summary = export.export_model(model, tmp_path / arch)
+    assert [(e["folder"], e["architecture"]) for e in summary["exported"]] == [(".", arch)]
+    assert summary["not_exported"] == []
+  ids = np.array([[2, 17, 33, 91, 5, 3]])
+  with torch.no_grad():
+    theirs = transformers.BertModel.from_pretrained(tmp_path / "BertModel").eval()(torch.tensor(ids))
+  ours = bert(ids, np.ones_like(ids, bool))
+  np.testing.assert_allclose(theirs.last_hidden_state.numpy(), ours.tokens, **TOL)
+  np.testing.assert_allclose(theirs.pooler_output.numpy(), ours.pooled, **TOL)
+  pixels = np.random.default_rng(0).normal(size=(1, 16, 16, 3)).astype(np.float32)
+  hf_vit = transformers.ViTModel.from_pretrained(tmp_path / "ViTModel", add_pooling_layer=False)
+  with torch.no_grad():
+    theirs = hf_vit.eval()(torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+  np.testing.assert_allclose(theirs[:, 1:], vit(pixels).tokens, **TOL)
+
+
+def test_a_bucket_upload_streams_each_file(gcs_emulator):
+  """Files go up in chunks: a 48 MB one (a large tokenizer file here) never sits whole in memory."""
+  from etils import epath
+
+  class LargeTokenizer:
+    def save_pretrained(self, folder):
+      with open(os.path.join(folder, "vocab.bin"), "wb") as f:
+        for _ in range(48):
+          f.write(bytes(1 << 20))
+
+  out = gcs_emulator.bucket()
+  model = BertEncoder("tiny", vocab_size=100, depth=1, max_len=16, rngs=nnx.Rngs(0))
+  export.export_model(model, out + "/warm_up")  # first-call allocations (clients, imports)
+  tracemalloc.start()
+  try:  # 11 MiB streamed; read whole and sent, 188 MiB
+    export.export_model(model, out + "/export", tokenizer=LargeTokenizer())
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert (epath.Path(out) / "export" / "vocab.bin").stat().length == 48 << 20
+  assert peak < 24 << 20, f"peak {peak / 2**20:.0f} MiB"
 
 
 def test_bad_targets_and_nothing_to_export(clip_workdir, tmp_path, capsys):

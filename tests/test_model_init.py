@@ -8,8 +8,10 @@ entries are refused naming the entry and every mismatch.
 """
 
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,8 +32,8 @@ from mmjax.encoders.text import BertEncoder
 from mmjax.encoders.vision import ViT
 from mmjax.transfer import clip, siglip
 from mmjax.transfer.bert import blank_module
-from mmjax.transfer.io import (WeightMismatchError, read_safetensors, transformed_shape,
-                               write_safetensors)
+from mmjax.transfer.io import (WeightMismatchError, open_safetensors, read_safetensors,
+                               transformed_shape, write_safetensors)
 from mmjax.transfer.lora import apply_lora
 from mmjax.transfer.minilm import encode_sentences, load_minilm, minilm_path
 from mmjax.transfer.model_init import apply_model_init, check_model_init, load_model_init
@@ -307,6 +309,82 @@ def test_bad_entries_are_named(tiny_bert, tmp_path):
 class _Wrap(nnx.Module):
   def __init__(self, encoder, rngs, name="text"):
     self.encoders = nnx.Dict({name: encoder})
+
+
+def test_a_pooler_the_module_lacks_is_skipped_a_head_or_grid_it_lacks_refused(tiny_bert, tmp_path, caplog):
+  """bert-base-uncased and ViT-in21k ship their poolers: a module built without one takes the rest
+  (as a headless ViT leaves a classifier). A ViT with a head from a checkpoint without a
+  classifier, or with as many patches on another grid, is refused naming the cause."""
+  folder, _ = tiny_bert  # a BertModel saved with its pooler
+  model = _bert(pooler=False)
+  with caplog.at_level(logging.INFO, logger="mmjax.transfer.io"):
+    apply_model_init(model, str(folder))
+  assert "not loading the checkpoint's pooler (pooler.dense.weight, pooler.dense.bias)" in caplog.text
+  np.testing.assert_array_equal(_params(model)["encoder.layers.1.mlp.fc2.kernel"],
+                                read_safetensors(folder)["encoder.layer.1.output.dense.weight"].T)
+  cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64, image_size=32, patch_size=8)
+  randomized(transformers.ViTModel(cfg), {}).save_pretrained(tmp_path / "vit")  # with its pooler
+  source = str(tmp_path / "vit")
+  vit = lambda **kw: nnx.eval_shape(lambda: ViT(None, width=32, depth=1, heads=4, mlp_dim=64, patch=8,  # noqa: E731
+                                                 ln_eps=1e-12, rngs=nnx.Rngs(0), **kw))
+  assert check_model_init(source, vit(image_size=32)) == 22
+  with pytest.raises(ValueError, match=rf"^model_init\[''\] \({re.escape(source)}\): the checkpoint has "
+                     r"no classifier .* build the ViT with num_classes=0 to load its encoder$"):
+    check_model_init(source, vit(image_size=32, num_classes=3))
+  # 32x32 images in 4x4 patches of 8, 16x64 images in 2x8 patches: 16 positions either way.
+  with pytest.raises(ValueError, match=r"the ViT is not built like the checkpoint \(patch grid: module "
+                     r"\(2, 8\) \(image_size \(16, 64\), patch \(8, 8\)\), checkpoint \(4, 4\)"):
+    check_model_init(source, vit(image_size=(16, 64)))
+
+
+def test_broken_shard_indexes_are_named(tiny_bert, tmp_path):
+  """An index without its weight_map, or a tensor in two shards (which copy is meant?), is refused."""
+  _, sharded = tiny_bert
+  abstract = nnx.eval_shape(_bert)
+  for name in ("no_map", "twice"):
+    shutil.copytree(sharded, tmp_path / name)
+  (tmp_path / "no_map" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+  with pytest.raises(ValueError, match=r"model.safetensors.index.json': no 'weight_map' object"):
+    check_model_init(str(tmp_path / "no_map"), abstract)
+  first, second = sorted((tmp_path / "twice").glob("*.safetensors"))[:2]
+  extra = sorted(read_safetensors(second).items())[0]
+  write_safetensors(first, read_safetensors(first) | dict([extra]))
+  with pytest.raises(ValueError, match=rf"tensor '{re.escape(extra[0])}' is in two shards, '.*{first.name}'"
+                                       rf" and '.*{second.name}'"):
+    check_model_init(str(tmp_path / "twice"), abstract)
+
+
+def test_safetensors_of_every_numpy_dtype_and_one_mmjax_cannot_read(tmp_path):
+  """Unsigned and float8 tensors read as torch wrote them; a tensor of a type numpy lacks (4-bit
+  floats, packed) fails when read, not for the whole file."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  gen = torch.Generator().manual_seed(0)
+  want = {"f8_e4m3": torch.randn(3, 4, generator=gen).to(torch.float8_e4m3fn),
+          "f8_e5m2": torch.randn(3, 4, generator=gen).to(torch.float8_e5m2),
+          **{f"u{b}": torch.tensor([0, 1, 2**b - 1], dtype=getattr(torch, f"uint{b}")) for b in (16, 32)},
+          "u64": torch.tensor([0, 1, 2**63], dtype=torch.uint64)}
+  save_file(want, tmp_path / "typed.safetensors")
+  got = open_safetensors(tmp_path / "typed.safetensors")
+  for name, t in want.items():
+    a = got[name].read()
+    assert a.dtype.name == str(t.dtype).removeprefix("torch."), name
+    if name.startswith("f8"):
+      np.testing.assert_array_equal(a.astype(np.float32), t.float().numpy(), err_msg=name)
+    else:
+      assert [int(x) for x in a] == t.tolist(), name
+  # A hand-written file: an F4 tensor (8 values packed in 4 bytes) beside an F32 one.
+  head = json.dumps({"packed": {"dtype": "F4", "shape": [8], "data_offsets": [0, 4]},
+                     "plain": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+  (tmp_path / "f4.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + bytes(4)
+                                            + np.array([1.5, -2], np.float32).tobytes())
+  got = open_safetensors(tmp_path / "f4.safetensors")
+  np.testing.assert_array_equal(got["plain"].read(), [1.5, -2])
+  assert got["packed"].shape == (8,)
+  with pytest.raises(ValueError, match=r"f4.safetensors': tensor 'packed' has dtype 'F4', which mmjax "
+                                       r"cannot read; supported: \['BF16', 'BOOL', 'C64', 'F16'"):
+    got["packed"].read()
 
 
 def test_an_hf_vit_into_a_vit_hf_cannot_express_is_refused_naming_the_fields(tmp_path):

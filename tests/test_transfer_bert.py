@@ -1,6 +1,7 @@
 """BERT / MiniLM weight import against HF transformers' PyTorch BertModel on the same weights."""
 
 import json
+import logging
 import os
 
 import jax.numpy as jnp
@@ -106,6 +107,19 @@ def test_hidden_states_and_pooler_match_torch(hf_dir):
       m.eps = 1e-6
   moved, moved_pooled = _torch_run(ref_model)
   assert min(np.abs(a - b).max() for a, b in zip(moved + [moved_pooled], ref + [ref_pooled])) > 1e-4
+
+
+def test_a_checkpoint_pooler_is_left_out_of_an_encoder_without_one(hf_dir, caplog):
+  """bert-base-uncased ships its pooler; an encoder built without one (a token-level question
+  encoder) takes the rest, and the log names what it left."""
+  with caplog.at_level(logging.INFO, logger="mmjax.transfer.io"):
+    model = load_bert(hf_dir, pooler=False)
+  assert model.pooler is None
+  assert "not loading the checkpoint's pooler (pooler.dense.weight, pooler.dense.bias)" in caplog.text
+  ours, _ = _run(model)
+  ref, _ = _torch_outputs(hf_dir)
+  for i, (a, b) in enumerate(zip(ours, ref)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"hidden state {i}")
 
 
 def test_built_module_follows_the_hf_config(hf_dir, tmp_path):

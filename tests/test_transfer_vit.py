@@ -93,6 +93,24 @@ def test_vit_model_matches_pytorch_layer_by_layer(hf_dirs, pixels):
   assert min(diffs) > 1e-4, diffs
 
 
+def test_a_checkpoint_pooler_head_or_patch_grid_the_vit_lacks(hf_dirs, pixels):
+  """A ViTModel's pooler is left out of a ViT without one (as ViT-in21k ships one); a head the
+  checkpoint has no classifier for, or as many patches on another grid, is refused by its cause."""
+  ref = ViTModel.from_pretrained(hf_dirs["model"], attn_implementation="eager").eval()
+  _, last, _ = _torch_run(ref, pixels)
+  model = load_vit(hf_dirs["model"], pooler=False)
+  assert model.pooler is None
+  _close(nnx.jit(lambda m, x: m(x))(model, pixels.transpose(0, 2, 3, 1)).tokens, last[:, 1:], "tokens")
+  with pytest.raises(ValueError, match=r"^the checkpoint has no classifier \(a ViTModel, no "
+                     r"'classifier.weight'\) but the ViT has a head \(num_classes=3\): build the "
+                     r"ViT with num_classes=0 to load its encoder$"):
+    load_vit(hf_dirs["model"], pooler=False, num_classes=3)
+  # 32x32 images in 4x4 patches of 8 and 16x64 images in 2x8 patches: 16 positions either way.
+  with pytest.raises(ValueError, match=r"patch grid: module \(2, 8\) \(image_size \(16, 64\), patch "
+                     r"\(8, 8\)\), checkpoint \(4, 4\) \(image_size \(32, 32\), patch_size \(8, 8\)\)"):
+    load_vit(hf_dirs["model"], image_size=(16, 64))
+
+
 def test_built_module_follows_the_hf_config(hf_dirs):
   """Every LayerNorm's eps, every feed-forward activation and the position scheme are HF's."""
   for which in ("model", "classifier"):

@@ -19,8 +19,8 @@ from flax import nnx
 from mmjax.encoders.text import BertEncoder, BertSpec
 from mmjax.layers.common import Dtype
 from mmjax.transfer.io import (Rule, encoder_layer_rules, export_weights, import_weights,
-                               layer_norm_rule, linear_rule,
-                               read_hf_checkpoint, write_hf_folder)
+                               layer_norm_rule, linear_rule, read_hf_checkpoint, skipped_pooler,
+                               write_hf_folder)
 
 PREFIX = "bert."
 # Buffers HF sometimes saves that carry no learned weights.
@@ -94,10 +94,17 @@ def hf_config(spec: BertSpec) -> dict[str, Any]:
   }
 
 
+def ignored(spec: BertSpec, tensors: dict[str, Any]) -> tuple[str, ...]:
+  """Checkpoint names `spec`'s encoder leaves unread: buffers, and a pooler it does not have."""
+  return BUFFERS + skipped_pooler(spec.pooler, tensors)
+
+
 def import_bert(model: BertEncoder, tensors: dict[str, np.ndarray]) -> None:
-  """Assigns HF BertModel tensors into `model` in place (strict; raises `WeightMismatchError`)."""
+  """Assigns HF BertModel tensors into `model` in place (strict; raises `WeightMismatchError`); a
+  `model` without a pooler leaves the checkpoint's."""
   tensors = normalize_names(tensors)
-  import_weights(model, tensors, bert_rules(model.spec.depth, model.spec.pooler), ignore=BUFFERS)
+  import_weights(model, tensors, bert_rules(model.spec.depth, model.spec.pooler),
+                 ignore=ignored(model.spec, tensors))
 
 
 def export_bert(model: BertEncoder) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ What the rules convert:
 big_vision's ViT and text transformer compute GELU in its tanh form and LayerNorm with eps 1e-6
 (flax's defaults), and the text transformer attends both ways and pools the last position; a
 checkpoint carries no such settings, so the module it loads into must have them (`load_vit` and
-`load_siglip` build it so from the tensors' shapes).
+`load_siglip` build it so from the tensors' shapes; `model_init` refuses a module without them).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ checks every name and shape (from shapes alone), and reports all problems at onc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -20,6 +21,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy")
+# HF BertModel's and ViTModel's pooler (dense + tanh).
+HF_POOLER = ("pooler.dense.weight", "pooler.dense.bias")
 
 
 class WeightMismatchError(ValueError):
@@ -62,6 +65,18 @@ def encoder_layer_rules(ours: str, hf: str, *, qkv: str, attn_norm: str, mlp_nor
   return rules
 
 
+def skipped_pooler(has_pooler: bool, tensors: Mapping[str, Any]) -> tuple[str, ...]:
+  """HF pooler names a module without a pooler leaves unread (logged when the checkpoint has them):
+  bert-base-uncased and ViT-in21k ship one that an encoder of tokens has no use for."""
+  if has_pooler:
+    return ()
+  found = [n for n in HF_POOLER if n in tensors]
+  if found:
+    logging.getLogger(__name__).info("not loading the checkpoint's pooler (%s): the module has none",
+                                     ", ".join(found))
+  return HF_POOLER
+
+
 def _checked_safetensors_path(path: str | os.PathLike) -> str:
   """The .safetensors file of `path` (a file, or a folder's model.safetensors); refuses pickles."""
   path = os.fspath(path)
@@ -93,19 +108,31 @@ class LazyTensor:
   """One tensor of a weights file: `shape` and `dtype` from its header, data read by `read()`.
 
   `span` = (file, byte offset) when the data lie uncompressed in C order in a file: `row(i)` then
-  reads only row i (a scanned checkpoint's layer i).
+  reads only row i (a scanned checkpoint's layer i). Otherwise (a compressed member) the first row
+  read reads the whole tensor once for all its rows, freed when each row has been read.
   """
 
   def __init__(self, shape: tuple[int, ...], dtype: np.dtype, reader: Callable[[], np.ndarray],
                where: str = "", span: tuple[str, int] | None = None):
     self.shape, self.dtype, self._reader, self.where = tuple(shape), np.dtype(dtype), reader, where
     self.span = span
+    self._rows, self._unread = None, set()  # the whole tensor while rows of it remain unread
+
+  def _row(self, i: int) -> np.ndarray:
+    """Row i of the tensor, read whole once for all rows (decompressing per row is quadratic)."""
+    if self._rows is None:
+      self._rows, self._unread = self.read(), set(range(self.shape[0]))
+    row = np.array(self._rows[i])  # a copy: a view would keep the whole tensor alive
+    self._unread.discard(i)
+    if not self._unread:
+      self._rows = None
+    return row
 
   def row(self, i: int) -> LazyTensor:
     """The tensor's row `i` (shape[1:]), as a `LazyTensor`."""
     shape, where = self.shape[1:], f"{self.where}[{i}]"
     if self.span is None:
-      return LazyTensor(shape, self.dtype, lambda: self.read()[i], where)
+      return LazyTensor(shape, self.dtype, lambda: self._row(i), where)
     path, offset = self.span
     count = int(np.prod(shape, dtype=np.int64))
     offset += i * count * self.dtype.itemsize
@@ -124,10 +151,19 @@ class LazyTensor:
     return f"LazyTensor({self.dtype}{list(self.shape)} in {self.where})"
 
 
-# safetensors' dtype names (the format section of the safetensors README).
+# safetensors' dtype names (the format section of the safetensors README); F8_E4M3 is torch's
+# float8_e4m3fn. Packed sub-byte types (F4, F6_*) have no numpy dtype.
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+              "F8_E8M0": ml_dtypes.float8_e8m0fnu, "C64": np.complex64, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+              "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _unreadable(message: str) -> Callable[[], np.ndarray]:
+  def read():
+    raise ValueError(message)
+  return read
 
 
 def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
@@ -150,10 +186,13 @@ def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info.get("dtype") not in _ST_DTYPES:
-      raise ValueError(f"{path!r}: tensor {name!r} has dtype {info.get('dtype')!r}; supported: "
-                       f"{sorted(_ST_DTYPES)}")
-    dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(int(d) for d in info["shape"])
+    shape = tuple(int(d) for d in info["shape"])
+    if info.get("dtype") not in _ST_DTYPES:  # an error when read: the other tensors stay readable
+      message = (f"{path!r}: tensor {name!r} has dtype {info.get('dtype')!r}, which mmjax cannot "
+                 f"read; supported: {sorted(_ST_DTYPES)}")
+      out[name] = LazyTensor(shape, "V1", _unreadable(message), f"{path}:{name}")  # opaque bytes
+      continue
+    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
     lo, hi = (int(o) for o in info["data_offsets"])
     count = int(np.prod(shape, dtype=np.int64))
     if hi - lo != count * dtype.itemsize or start + hi > size:
@@ -224,7 +263,10 @@ def open_hf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
       files = [os.path.join(path, "model.safetensors")]
     elif os.path.exists(index):
       with open(index) as f:
-        files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index!r}: no 'weight_map' object (tensor name -> shard file)")
+      files = [os.path.join(path, s) for s in sorted(set(weight_map.values()))]
     else:
       pickled = [n for n in sorted(os.listdir(path)) if n.endswith(PICKLE_SUFFIXES)]
       if pickled:
@@ -238,9 +280,12 @@ def open_hf_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     raise FileNotFoundError(f"no config.json in {folder!r}: it names the architecture")
   with open(cfg_path) as f:
     cfg = json.load(f)
-  tensors = {}
+  tensors, found_in = {}, {}
   for file in files:
-    tensors.update(open_safetensors(file))
+    for name, t in open_safetensors(file).items():
+      if name in found_in:  # which copy is meant is unknowable: refuse rather than pick one
+        raise ValueError(f"tensor {name!r} is in two shards, {found_in[name]!r} and {file!r}")
+      tensors[name], found_in[name] = t, file
   return cfg, tensors
 
 

@@ -16,6 +16,9 @@ model itself, and a plain string stands for {"": it}. Values are:
     into a `DualEncoder`, or one tower of them into a `ViT` / `ClipTextEncoder`;
   - "minilm": all-MiniLM-L6-v2 as shipped by the `minilm` extra, into a `BertEncoder`.
 A module wrapped by LoRA takes the weights into its base layers; the adapters keep their values.
+Settings no tensor shows are checked too: the activation and LayerNorm eps against config.json
+(against big_vision's for an .npz) and a ViT's patch grid. A module without a pooler leaves a BERT
+or ViT checkpoint's pooler unread (logged), as a headless ViT leaves a classifier.
 
 `load_model_init` takes the params of the model as they are (placed arrays, or abstract
 `jax.ShapeDtypeStruct`s with a sharding) and returns them with every imported parameter replaced.
@@ -71,10 +74,12 @@ def _strip_dots(rules: list[Rule]) -> list[Rule]:
 
 
 def _check_settings(where: str, module: nnx.Module, want: Mapping[str, Any]) -> None:
-  """Raises unless the module's activation and LayerNorm eps are the checkpoint's: shapes alone
-  do not show them, and a mismatch changes every output."""
+  """Raises unless the module's activation and LayerNorm eps (and a ViT's patch grid) are the
+  checkpoint's: shapes alone do not show them, and a mismatch changes every output."""
   bad = [f"{k}: module {getattr(module.spec, k)!r}, checkpoint {v!r}" for k, v in want.items()
          if k in ("act", "ln_eps") and getattr(module.spec, k) != v]
+  if isinstance(module, ViT) and "image_size" in want:  # mmjax does not interpolate positions
+    bad += filter(None, [vit.grid_problem(module.spec, want["image_size"], want["patch"])])
   if bad:
     raise ValueError(f"{where}: the {type(module).__name__} is not built like the checkpoint ("
                      + "; ".join(bad) + "); set these in its encoder spec")
@@ -99,16 +104,16 @@ def _hf_plan(where: str, module: nnx.Module, cfg: dict[str, Any],
   if family == "bert":
     _check_settings(where, module, bert.spec_from_hf_config(cfg))
     rules = bert.bert_rules(module.spec.depth, module.spec.pooler)
-    return rules, bert.normalize_names(tensors), bert.BUFFERS
+    tensors = bert.normalize_names(tensors)
+    return rules, tensors, bert.ignored(module.spec, tensors)
   if family == "vit":
     _check_settings(where, module, vit.spec_from_hf_config(cfg, tensors))
-    if not module.spec.num_classes:
-      tensors = vit.backbone_names(tensors)
     try:
-      rules = vit.vit_rules(module.spec)
-    except ValueError as e:  # a ViT whose options HF ViT lacks (a pre-norm, no patch bias, ...)
+      rules = vit.vit_rules(module.spec)  # raises for options HF ViT lacks (a pre-norm, ...)
+      tensors = vit.checkpoint_names(module.spec, tensors)  # and for a head with no classifier
+    except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
-    return rules, tensors, vit.IGNORED + tuple(vit.PREFIX + n for n in vit.IGNORED)
+    return rules, tensors, vit.ignored(module.spec, tensors)
   lib = clip if family == "clip" else siglip
   lone = {("vision_config" if targets == (ViT,) else "text_config"): cfg}
   vision, text = lib.spec_from_hf_config(cfg if kind == family else lone)[:2]
@@ -149,6 +154,12 @@ def plan(where: str, module: nnx.Module, source: str) -> tuple[list[Rule], dict[
       rules, tensors = big_vision.rules_for(module, big_vision.read_npz(path))
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from e
+    # big_vision's settings, which its files do not record (as config.json does for HF folders).
+    towers = [("", module)]
+    if isinstance(module, DualEncoder):
+      towers = [(" (image tower)", _tower(module, ViT)), (" (text tower)", _tower(module, ClipTextEncoder))]
+    for suffix, tower in towers:
+      _check_settings(where + suffix, tower, big_vision.BV_DEFAULTS)
     return rules, tensors, ()
   if not os.path.exists(path):
     raise FileNotFoundError(f"{where}: no such folder or file {path!r} (expected an HF folder, a "

@@ -20,7 +20,8 @@ from flax import nnx
 from mmjax.encoders.vision import ViT, ViTSpec
 from mmjax.layers.common import Dtype
 from mmjax.transfer.io import (Rule, encoder_layer_rules, export_weights, import_weights,
-                               layer_norm_rule, linear_rule, read_hf_checkpoint, write_hf_folder)
+                               layer_norm_rule, linear_rule, read_hf_checkpoint, skipped_pooler,
+                               write_hf_folder)
 
 PREFIX = "vit."
 # Tensors HF may save that mmjax's ViT has no use for (masked-image-modeling token).
@@ -146,6 +147,18 @@ def hf_config(spec: ViTSpec) -> dict[str, Any]:
   return cfg
 
 
+def grid_problem(spec: ViTSpec, image_size: Any, patch: Any) -> str | None:
+  """What differs when `spec` lays its patches on another grid than a checkpoint built for
+  `image_size` / `patch` (config.json's, ints or pairs); None when the grids agree. As many
+  positions on another grid fit every shape, and would give each learned position another place."""
+  image_size, patch = (tuple(np.broadcast_to(v, 2).tolist()) for v in (image_size, patch))
+  grid = (image_size[0] // patch[0], image_size[1] // patch[1])
+  if tuple(spec.grid) == grid:
+    return None
+  return (f"patch grid: module {spec.grid} (image_size {spec.image_size}, patch {spec.patch}), "
+          f"checkpoint {grid} (image_size {image_size}, patch_size {patch})")
+
+
 def backbone_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A `ViTForImageClassification` checkpoint's encoder tensors under `ViTModel` names."""
   if not any(k.startswith(PREFIX) for k in tensors):
@@ -153,15 +166,31 @@ def backbone_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
 
 
+def checkpoint_names(spec: ViTSpec, tensors: dict[str, Any]) -> dict[str, Any]:
+  """`tensors` under the names `vit_rules(spec)` reads: a headless ViT takes the encoder of a
+  classification checkpoint (its classifier left out); a ViT with a head needs the classifier."""
+  if not spec.num_classes:
+    return backbone_names(tensors)
+  if "classifier.weight" not in tensors:
+    raise ValueError(f"the checkpoint has no classifier (a ViTModel, no 'classifier.weight') but "
+                     f"the ViT has a head (num_classes={spec.num_classes}): build the ViT with "
+                     "num_classes=0 to load its encoder")
+  return tensors
+
+
+def ignored(spec: ViTSpec, tensors: dict[str, Any]) -> tuple[str, ...]:
+  """Checkpoint names `spec`'s ViT leaves unread: the mask token, and a pooler it does not have."""
+  return IGNORED + tuple(PREFIX + n for n in IGNORED) + skipped_pooler(spec.pooler, tensors)
+
+
 def import_vit(model: ViT, tensors: dict[str, np.ndarray]) -> None:
   """Assigns HF ViT tensors into `model` in place (strict; raises `WeightMismatchError`).
 
-  A headless `model` takes the encoder of a classification checkpoint and leaves its classifier.
+  A headless `model` takes the encoder of a classification checkpoint and leaves its classifier;
+  one without a pooler leaves the checkpoint's pooler.
   """
-  if not model.spec.num_classes:
-    tensors = backbone_names(tensors)
-  ignore = IGNORED + tuple(PREFIX + n for n in IGNORED)
-  import_weights(model, tensors, vit_rules(model.spec), ignore=ignore)
+  tensors = checkpoint_names(model.spec, tensors)
+  import_weights(model, tensors, vit_rules(model.spec), ignore=ignored(model.spec, tensors))
 
 
 def export_vit(model: ViT) -> dict[str, np.ndarray]:
@@ -184,6 +213,8 @@ def load_vit(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
   cfg, tensors = read_hf_checkpoint(path)
   fields = {**spec_from_hf_config(cfg, tensors), **overrides}
   model = ViT(None, dtype=dtype, param_dtype=param_dtype, rngs=rngs or nnx.Rngs(0), **fields)
+  if problem := grid_problem(model.spec, cfg.get("image_size", 224), cfg.get("patch_size", 16)):
+    raise ValueError(f"{os.fspath(path)!r}: {problem}; mmjax does not interpolate position tables")
   import_vit(model, tensors)
   return model
 

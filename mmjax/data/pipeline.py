@@ -1,15 +1,19 @@
 """Grain input pipelines: shuffle, shard per host, repeat, preprocess, batch, prefetch.
 
-  source -> seed -> shuffle (per epoch) -> shard -> repeat -> random_map(preprocess)
-         -> to_iter_dataset -> batch -> [mp_prefetch]
+  source -> seed -> shuffle (per epoch) -> [pad to equal shards] -> shard -> repeat
+         -> random_map(preprocess) -> to_iter_dataset -> batch -> [pad batch] -> [mp_prefetch]
 
 The shuffle is global and reshuffled every epoch; each host then takes every
 `shard_count`-th element of that permutation, so hosts see disjoint data that is mixed
-afresh across hosts every epoch (all hosts must use the same source and seed). `preprocess`
-runs with a `numpy.random.Generator` seeded from (seed, host, element index), so augmentation
-is reproducible and independent of worker count. The iterator is checkpointable:
-`it.get_state()` / `it.set_state(state)` resume exactly (also under `mp_prefetch`), and Grain's
-`grain.checkpoint.CheckpointSave`/`CheckpointRestore` save it with Orbax.
+afresh across hosts every epoch (all hosts must use the same source and seed). With
+`pad_remainder` every shard yields the same number of examples (and so of batches), padding
+short shards with copies flagged `valid=False`. `preprocess` runs with a
+`numpy.random.Generator` seeded from (seed, host, element index), so each example's
+augmentation is reproducible and independent of worker count; how examples are grouped into
+batches is not (each worker batches its own share). The iterator is checkpointable:
+`it.get_state()` / `it.set_state(state)` resume exactly under the same `worker_count` (also
+under `mp_prefetch`), and Grain's `grain.checkpoint.CheckpointSave`/`CheckpointRestore` save it
+with Orbax.
 
 Tasks parse `preprocess` from their config's pp strings (`config.input.pp_train` and
 `config.input.pp_eval`, `mmjax.data.pp.parse`) and build each split with `split_pipeline`;
@@ -61,20 +65,78 @@ class _SkippingMap:
 
 
 @dataclasses.dataclass(frozen=True)
+class _FlagPadding:
+  """Pairs a record with whether it is a padding copy: (record, is_padding)."""
+
+  size: int  # real records per epoch
+  length: int  # records per epoch with the padding copies at the end
+
+  def __call__(self, index: int, record: Any) -> tuple[Any, bool]:
+    return record, index % self.length >= self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnRecord:
+  """Applies `fn` to the record of a (record, is_padding) pair; None (dropped) stays None."""
+
+  fn: Preprocess
+
+  def __call__(self, pair: tuple[dict, bool], rng: np.random.Generator) -> tuple[dict, bool] | None:
+    out = self.fn(pair[0], rng)
+    return None if out is None else (out, pair[1])
+
+
+@dataclasses.dataclass(frozen=True)
 class _PadBatch:
-  """Pads a batch's leading axis to `batch_size` with zeros and adds `valid` (B,) bool."""
+  """Pads a (batch, is_padding) pair's leading axis to `batch_size` with zeros and adds `valid`
+  (B,) bool: False for the zeros and the padding copies."""
 
   batch_size: int
 
-  def __call__(self, batch: dict) -> dict:
-    n = len(jax.tree.leaves(batch)[0])
-    pad = self.batch_size - n
+  def __call__(self, pair: tuple[dict, np.ndarray]) -> dict:
+    batch, padding = pair
+    pad = self.batch_size - len(padding)
 
     def fill(x):
       x = np.asarray(x)
       return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
 
-    return {**jax.tree.map(fill, batch), "valid": np.arange(self.batch_size) < n}
+    return {**jax.tree.map(fill, batch), "valid": fill(~np.asarray(padding))}
+
+
+class _WorkerCountIterDataset(grain.IterDataset):
+  """`parent` whose iterators refuse a state saved under another `worker_count`."""
+
+  def __init__(self, parent: grain.IterDataset, worker_count: int):
+    super().__init__(parent)
+    self._worker_count = worker_count
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _WorkerCountIterator(self._parent.__iter__(), self._worker_count)
+
+
+class _WorkerCountIterator(grain.DatasetIterator):
+  """Passes `parent` through; `set_state` checks the worker count the state was saved with."""
+
+  def __init__(self, parent: grain.DatasetIterator, worker_count: int):
+    super().__init__(parent)
+    self._worker_count = worker_count
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    # mp_prefetch saves one state per worker; batches depend on the worker count, so a state
+    # saved under another one cannot resume this stream.
+    saved = len(state.get("iterators_in_use_states", ())) if isinstance(state, dict) else 0
+    if saved != self._worker_count:
+      raise ValueError(f"pipeline state was saved with worker_count={saved}, but this pipeline has "
+                       f"worker_count={self._worker_count}; batches depend on it, so resume with "
+                       f"worker_count={saved} (config data.worker_count)")
+    self._parent.set_state(state)
 
 
 def _default_shards(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -118,12 +180,16 @@ def make_pipeline(
     shard_index: this host's shard; default `jax.process_index()`.
     shard_count: number of shards; default `jax.process_count()`. With `drop_remainder`,
       each epoch first drops `len(source) % shard_count` examples so that all shards are
-      equally long; otherwise shards may differ by one example.
+      equally long; with `pad_remainder` every shard yields ceil(len(source) / shard_count)
+      examples per epoch, the missing ones copies of records marked `valid=False`; otherwise
+      shards may differ by one example. A shard left with no records is an error.
     drop_remainder: drop a last batch smaller than `batch_size` (batches may span epochs).
     pad_remainder: instead, zero-pad the last batch to `batch_size`; every batch then has a
       `valid` (B,) bool field. Requires `drop_remainder=False`.
     worker_count: preprocessing processes (`mp_prefetch`); 0 preprocesses in this process.
-      The output does not depend on it.
+      Examples and their augmentation do not depend on it, but with more than one worker each
+      batches its own share (every `worker_count`-th example), so batch contents and order do;
+      a saved state resumes only under the same `worker_count` (else `set_state` raises).
     worker_buffer_size: batches each worker prepares ahead.
     read_threads: threads reading and preprocessing examples in each process.
     read_buffer_size: examples read ahead in each process.
@@ -139,21 +205,32 @@ def make_pipeline(
     raise ValueError(f"worker_count must be >= 0, got {worker_count}")
   if pad_remainder and drop_remainder:
     raise ValueError("pad_remainder=True needs drop_remainder=False")
-  if len(source) == 0:
+  n = len(source)
+  if n == 0:
     raise ValueError("source is empty")
   index, count = _default_shards(shard_index, shard_count)
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:
     ds = ds.shuffle()
+  if pad_remainder:
+    # Equal shards, so that every host runs the same number of (collective) steps: the slots
+    # past the end repeat records, flagged as padding.
+    length = -(-n // count) * count
+    ds = ds.repeat(count)[:length].map_with_index(_FlagPadding(n, length))
   if count > 1:
     if drop_remainder:
       ds = ds[: len(ds) - len(ds) % count]
     ds = ds[index::count]
+  if len(ds) == 0:
+    why = " and drop_remainder keeps a multiple of shard_count" if drop_remainder else ""
+    raise ValueError(f"shard {index} of shard_count={count} gets no records: the source has {n}"
+                     f"{why}; use fewer shards or more records")
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   if preprocess is not None:
     map_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-    ds = ds.random_map(_SkippingMap(preprocess), seed=map_seed)
+    fn = _SkippingMap(preprocess)
+    ds = ds.random_map(_OnRecord(fn) if pad_remainder else fn, seed=map_seed)
   read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer_size)
   it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
   if pad_remainder:
@@ -163,7 +240,7 @@ def make_pipeline(
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
     )
-  return it
+  return _WorkerCountIterDataset(it, worker_count)
 
 
 def split_pipeline(
@@ -181,7 +258,8 @@ def split_pipeline(
 
   Training shuffles, repeats forever and drops the last partial batch, preprocessing in
   `worker_count` processes; evaluation reads each record once in order and zero-pads the last
-  batch (with a `valid` (B,) field), in this process.
+  batch (with a `valid` (B,) field), in this process, giving every shard the same number of
+  batches (padding copies are `valid=False`).
   """
   mode = (dict(shuffle=True, num_epochs=None, drop_remainder=True, worker_count=worker_count) if train
           else dict(shuffle=False, num_epochs=1, drop_remainder=False, pad_remainder=True))

@@ -320,8 +320,10 @@ def _frame(x, n, frame_length, hop_length, center, pad_mode):
   pos = slots - pad  # sample index each padded slot reads
   nn = n[:, None]
   if pad_mode == "reflect" and pad:
-    pos = jnp.abs(pos)
-    pos = jnp.clip(jnp.where(pos >= nn, 2 * (nn - 1) - pos, pos), 0, nn - 1)
+    # numpy's reflection is periodic (period 2 (n - 1)), also where the padding outruns the clip.
+    period = 2 * (nn - 1)
+    pos = jnp.abs(pos) % jnp.maximum(period, 1)
+    pos = jnp.where(pos >= nn, period - pos, pos)
     inside = slots < nn + 2 * pad
   else:
     inside = (pos >= 0) & (pos < nn)
@@ -405,8 +407,8 @@ def frame(audio: jax.Array, lengths: jax.Array | None = None, *, frame_length: i
   """Overlapping frames (B, F, frame_length) of audio (B, T), padded per example like librosa.
 
   With `center`, each clip is padded by frame_length // 2 on both sides of its own valid extent:
-  zeros ('constant') or a mirror image without the edge sample ('reflect', numpy's mode; clips
-  shorter than the padding reflect once and then repeat the edge sample). Samples past `lengths`
+  zeros ('constant') or a mirror image without the edge sample ('reflect', numpy's mode, which
+  keeps reflecting where the padding is longer than the clip). Samples past `lengths`
   never enter a frame; frames past `num_frames(lengths)` are to be masked by callers.
   """
   if pad_mode not in PAD_MODES:

@@ -56,9 +56,13 @@ def get_rate(example: Example, key: str, given: int | None = None) -> int:
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:
-  """Integer PCM to float32 in [-1, 1); floats cast to float32."""
-  if np.issubdtype(x.dtype, np.integer):
-    return (x.astype(np.float32) / float(-np.iinfo(x.dtype).min)).astype(np.float32)
+  """Integer PCM to float32 in [-1, 1) (unsigned as offset binary: 128 is silence for uint8);
+  floats cast to float32."""
+  if np.issubdtype(x.dtype, np.signedinteger):
+    return (x / float(-np.iinfo(x.dtype).min)).astype(np.float32)
+  if np.issubdtype(x.dtype, np.unsignedinteger):
+    half = float(np.iinfo(x.dtype).max // 2 + 1)
+    return ((x - half) / half).astype(np.float32)
   return x.astype(np.float32)
 
 
@@ -67,8 +71,10 @@ def _to_float(x: np.ndarray) -> np.ndarray:
 class Load:
   """Reads a waveform: a file path (str), encoded file bytes (WAV/FLAC/OGG), or a PCM array.
 
-  Writes a float32 mono (T,) waveform (channels averaged, integer PCM scaled to [-1, 1)) and, when
-  known, its rate in `{outkey}_sr`. A missing, unreadable or zero-length file is a `BadExample`.
+  Writes a float32 mono (T,) waveform (integer PCM scaled to [-1, 1), then channels averaged) and,
+  when known, its rate in `{outkey}_sr`. A PCM array is (T,) or (T, channels) (transpose the
+  (channels, T) layout of torchaudio or librosa). A missing, unreadable or zero-length file is a
+  `BadExample`.
 
   Attributes:
     sr: sample rate of raw arrays (files carry their own); None leaves `{outkey}_sr` as it is.
@@ -98,7 +104,12 @@ class Load:
         raise bad(example, self.key, "audio bytes are empty")
       wave, rate = self._read(example, io.BytesIO(x))
     elif isinstance(x, np.ndarray) and x.dtype.kind in "iuf" and x.ndim in (1, 2):
-      wave = _to_float(x if x.ndim == 1 else x.mean(axis=-1))
+      if x.ndim == 2 and x.shape[1] >= x.shape[0]:
+        raise ValueError(f"{record_name(example)}: field {self.key!r}: a 2-D PCM array must be "
+                         f"(T, channels) with more samples than channels, got shape {x.shape}; "
+                         "transpose a (channels, T) array")
+      wave = _to_float(x)
+      wave = wave if wave.ndim == 1 else wave.mean(axis=1)
     else:
       what = f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
       raise TypeError(f"{record_name(example)}: field {self.key!r}: expected a path, audio file "

@@ -11,6 +11,7 @@ import io
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 from scipy import ndimage
 
 from mmjax.data.pp.registry import Example, bad, field, record_name, register
@@ -56,6 +57,9 @@ def _cast_like(x: np.ndarray, like: np.ndarray) -> np.ndarray:
 class Decode:
   """Decodes PNG/JPEG bytes to a uint8 (H, W, channels) array; already-decoded arrays pass through.
 
+  Encoded images are turned upright by their EXIF orientation (as viewers display phone photos),
+  and 16-bit greyscale is scaled to 8 bits.
+
   Attributes:
     channels: 1 (grey), 3 (RGB) or 4 (RGBA).
     key: field holding the bytes (or an (H, W) / (H, W, C) uint8 array).
@@ -80,8 +84,12 @@ class Decode:
       try:
         img = PIL.Image.open(io.BytesIO(x))
         img.load()
+        PIL.ImageOps.exif_transpose(img, in_place=True)
       except (OSError, SyntaxError, ValueError) as e:
         raise bad(example, self.key, f"cannot decode image bytes ({e})") from None
+      if img.mode.startswith("I;16") or img.mode == "I":
+        # PIL's convert clips 16-bit values to 255 instead of scaling them.
+        img = PIL.Image.fromarray(np.clip(np.rint(np.asarray(img) / 257), 0, 255).astype(np.uint8))
     elif isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim in (2, 3):
       if x.ndim == 3 and x.shape[-1] not in _PIL_MODE:
         raise TypeError(f"{record_name(example)}: field {self.key!r}: image has {x.shape[-1]} "
@@ -124,7 +132,7 @@ class Resize:
     src = x if x.dtype == np.uint8 else x.astype(np.float32)
     chans = [np.asarray(PIL.Image.fromarray(np.ascontiguousarray(src[..., c]), mode=mode)
                         .resize((w, h), _RESAMPLE[self.method])) for c in range(x.shape[-1])]
-    out = np.stack(chans, axis=-1).astype(x.dtype)
+    out = _cast_like(np.stack(chans, axis=-1), x)
     return {**example, self.outkey or self.key: out}
 
 

@@ -423,3 +423,27 @@ def test_a_partial_restore_checks_what_it_reads(tmp_path):
       with pytest.raises(CorruptCheckpointError, match=r"step 1 .* corrupted: 1 array\(s\) .*\(params/w\)"):
         ck.restore(1, abstract, with_data=False, partial=True)
   ck.close()
+
+
+def test_data_states_are_per_process_and_another_process_count_starts_afresh(tmp_path, caplog):
+  """The data item holds every process's iterator state and a process restores its own; one with
+  the states of another number of processes restores the train state, the data streams start
+  afresh (a warning); a bare state (checkpoints before per-process states) is one process's."""
+  import json
+
+  state = {"x": jnp.arange(3.0)}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+  ck = Checkpointer(str(tmp_path))
+  ck.save(1, state, {"i": 5})
+  ck.wait()
+  meta = tmp_path / "1" / "data" / "metadata"
+  assert json.loads(meta.read_text()) == {"per_process": [{"i": 5}]}
+  assert ck.restore(1, abstract)[1] == {"i": 5}
+  meta.write_text(json.dumps({"i": 5}))
+  assert ck.restore(1, abstract)[1] == {"i": 5}
+  meta.write_text(json.dumps({"per_process": [{"i": 5}, {"i": 4}]}))
+  with caplog.at_level(logging.WARNING):
+    got, data = ck.restore(1, abstract)
+  assert data is None and "data iterator states of 2 process(es), this run has 1" in caplog.text
+  np.testing.assert_array_equal(got["x"], np.arange(3.0))
+  ck.close()

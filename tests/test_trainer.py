@@ -5,13 +5,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mmjax.train import optim, trainer
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.optim import path_str
-from toy_task import (FAIL_AFTER, FIRST_BATCH, ToyIterator, assert_states_close, assert_states_equal, leaves,
-                      toy_config)
+from toy_task import (FAIL_AFTER, FIRST_BATCH, TEST, ToyIterator, ToyTask, assert_states_close, assert_states_equal,
+                      leaves, toy_config)
 
 
 def _state(workdir, config):
@@ -203,3 +204,66 @@ def test_optimizer_moments_take_their_parameters_sharding(frozen):
 def leaves_of(tree):
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   return {path_str(p): x for p, x in flat}
+
+
+def test_schedules_count_optimizer_updates_under_grad_accum():
+  """With grad_accum=k, the k-th steps' updates follow the schedule of grad_accum=1 sampled every
+  k steps (warmup given in updates: steps / k), down to its end: not a schedule stretched k times."""
+  params = {"w": jnp.zeros((2, 2))}
+  grads = {"w": jnp.ones((2, 2))}  # constant: each Adam update's magnitude is the learning rate
+  steps, lrs = 16, {}
+  for accum in (1, 2, 4):
+    cfg = {"lr": 1.0, "schedule": "linear", "end_factor": 0.0, "warmup_steps": 4 // accum, "grad_accum": accum}
+    tx = optim.make_optimizer(cfg, params, steps)
+    opt, p, lrs[accum] = tx.init(params), params, []
+    for step in range(steps):
+      upd, opt = tx.update(grads, opt, p)
+      p = optax.apply_updates(p, upd)
+      if step % accum == accum - 1:  # an optimizer update (MultiSteps's others are zero)
+        lrs[accum].append(float(jnp.abs(upd["w"]).mean()))
+  assert len(lrs[1]) == steps and lrs[1][4] == pytest.approx(1.0, 1e-4) and lrs[1][-1] == pytest.approx(1 / 12, 1e-4)
+  for accum in (2, 4):
+    np.testing.assert_allclose(lrs[accum], lrs[1][::accum], rtol=1e-4, atol=1e-7, err_msg=f"grad_accum={accum}")
+  with pytest.raises(ValueError, match=r"optim.grad_accum=3: expected a positive divisor of train.steps=16"):
+    optim.make_optimizer({"lr": 1.0, "grad_accum": 3}, params, 16)
+
+
+def test_any_eval_batch_size_evaluates_exactly_on_8_devices(monkeypatch):
+  """An eval batch of 12 over 8 batch shards is padded to 16 (masked): the metrics, over every
+  example once, equal one device's."""
+  monkeypatch.setattr(ToyTask, "summarize", lambda self, s: {"accuracy": s["correct"] / s["count"],
+                                                             "count": s["count"]})
+  out = {}
+  for devices in (1, 8):
+    cfg = toy_config(4, {"data": devices, "fsdp": 1, "tensor": 1})
+    cfg.data.eval_batch_size = 12
+    setup = trainer.Setup(cfg)
+    out[devices] = trainer.evaluate(setup, setup.init_state(), setup.make_eval_step(), "test")
+  assert out[8] == out[1] and out[1]["test/count"] == len(TEST), out
+
+
+def test_training_config_errors_come_before_training(tmp_path):
+  cfg = toy_config(4, {"data": 8, "fsdp": 1, "tensor": 1})
+  cfg.data.batch_size = 12
+  with pytest.raises(ValueError, match=r"data.batch_size=12 must divide by 8, the number of shards of the batch"):
+    trainer.train(cfg, str(tmp_path / "batch"), progress=False)
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    cfg = toy_config(4)
+    cfg.train[key] = 0
+    with pytest.raises(ValueError, match=rf"train.{key}=0: expected a positive whole number of steps"):
+      trainer.train(cfg, str(tmp_path / key), progress=False)
+    assert not os.path.exists(tmp_path / key / "checkpoints")
+
+
+def test_the_plan_compiles_the_eval_batch_the_trainer_pads():
+  """`mmjax.train.plan` compiles the eval step on the padded batch the trainer feeds (12 -> 16 on
+  8 batch shards), and refuses a training batch the shards cannot divide, as `train` does."""
+  from mmjax.train.plan import abstract_batch
+
+  cfg = toy_config(4, {"data": 8, "fsdp": 1, "tensor": 1})
+  cfg.data.eval_batch_size = 12
+  setup = trainer.Setup(cfg)
+  assert {v.shape[0] for v in abstract_batch(setup, train=False).values()} == {16}
+  cfg.data.batch_size = 12
+  with pytest.raises(ValueError, match=r"data.batch_size=12 must divide by 8"):
+    abstract_batch(trainer.Setup(cfg), train=True)

@@ -1,4 +1,5 @@
-"""Trainer across processes: SIGKILL + resume is exact; two jax.distributed processes == one."""
+"""Trainer across processes: SIGKILL + resume is exact; two jax.distributed processes == one, also
+with unequal eval shards; each process resumes its own data stream."""
 
 import json
 import os
@@ -12,9 +13,11 @@ import time
 import jax
 import numpy as np
 
+from mmjax.data.pipeline import make_pipeline
+from mmjax.data.pp.registry import SkipExample
 from mmjax.train import trainer
 from mmjax.train.checkpoint import Checkpointer
-from toy_task import assert_states_close, assert_states_equal, toy_config
+from toy_task import TRAIN, assert_states_close, assert_states_equal, toy_config
 
 HERE = os.path.dirname(__file__)
 
@@ -47,12 +50,14 @@ def _finish(proc, timeout=300):
 
 
 def _final_state(workdir, steps):
+  """The latest step, its train state and its saved data item: every process's iterator state."""
   cfg = toy_config(steps, {"data": 1, "fsdp": 1, "tensor": 1})
   setup = trainer.Setup(cfg)
   ck = Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ck.latest_step()
-  state, data = ck.restore(step, setup.abstract_state)
+  state, _ = ck.restore(step, setup.abstract_state, with_data=False)
   ck.close()
+  data = json.loads((workdir / "checkpoints" / str(step) / "data" / "metadata").read_text())["per_process"]
   return step, jax.device_get(state), data
 
 
@@ -79,7 +84,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   assert resumed["resumed_from"] == killed_at and resumed["first_batch"] == killed_at, (resumed, left)
   sa, a, da = _final_state(tmp_path / "a", steps)
   sb, b, db = _final_state(tmp_path / "b", steps)
-  assert sa == sb == steps and da == db and da["i"] == steps
+  assert sa == sb == steps and da == db and da[0]["i"] == steps
   assert_states_equal(a, b)
   # The resumed run's logged losses after the restart equal the uninterrupted run's.
   la, lb = _logged(tmp_path / "a", "train/loss"), _logged(tmp_path / "b", "train/loss")
@@ -162,7 +167,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
   assert all(r["resumed_from"] == r["first_batch"] == stopped and not r["preempted"] for r in resumed)
   sa, a, da = _final_state(tmp_path / "a", steps)
   sb, b, db = _final_state(tmp_path / "b", steps)
-  assert sa == sb == steps and da == db
+  assert sa == sb == steps and da == db and len(da) == 2 and [d["i"] for d in da] == [steps, steps]
   assert_states_equal(a, b)
 
 
@@ -181,3 +186,139 @@ def test_max_minutes_on_process_0_stops_both_processes(tmp_path):
   stopped = finals[0]["step"]
   assert finals[0] == finals[1] and not finals[0]["preempted"] and stopped < steps, finals
   assert max(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == stopped
+
+
+def _skipping_preprocess(ids):
+  """A preprocess that skips the examples whose id is in `ids` (as one that cannot decode them)."""
+  def pre(example, rng):
+    if int(example["id"]) in ids:
+      raise SkipExample(f"id {example['id']}")
+    return example
+  return pre
+
+
+def _skipping(workdir, steps, skip, devices=1, pid=None, port=None):
+  """This file as a toy run whose preprocess skips examples by id (`skip`: split -> ids; its
+  eval splits are the keys other than "train"); alone, or process `pid` of two."""
+  env = _env(devices)
+  env["TOY_SKIP"] = json.dumps(skip)
+  args = [workdir, steps] + ([] if pid is None else [pid, 2, port])
+  log = tempfile.TemporaryFile("w+")
+  proc = subprocess.Popen([sys.executable, __file__, *map(str, args)], env=env, stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
+  proc.log = log
+  return proc
+
+
+def _finish_all(procs, timeout=150):
+  """Every run's FINAL summary; all killed if one fails or does not finish in time."""
+  try:
+    return [_finish(p, timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    stuck = [p for p in procs if p.poll() is None]
+    for p in stuck:
+      p.log.seek(0)
+    raise AssertionError(f"{len(stuck)} run(s) did not finish:\n" + "\n".join(p.log.read()[-2000:] for p in stuck)) from None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def test_unequal_eval_shards_across_processes_equal_one_process(tmp_path):
+  """A preprocess skips examples of process 1's eval shard only: of "test", enough for it to run
+  out of batches first; of "odd_skipped", all of them (it has no batch at all). The collective
+  eval step runs as often on both processes (without agreement one waits for the other forever)
+  and the metrics equal one process's over the same examples."""
+  odd = list(range(1, 24, 2))  # unshuffled, process 1 of 2 takes every other record: the odd ids
+  skip = {"test": odd[:5], "odd_skipped": odd}
+  port = _free_port()
+  runs = [_skipping(tmp_path / "one", 2, skip, devices=2)]
+  runs += [_skipping(tmp_path / "two", 2, skip, pid=i, port=port) for i in range(2)]
+  one, *two = _finish_all(runs)
+  assert one["test/count"] == 24 - 5 and one["odd_skipped/count"] == 12
+  for final in two:
+    assert {k: final[k] for k in one if "/" in k} == {k: one[k] for k in one if "/" in k}, (final, one)
+
+
+def test_each_process_resumes_its_own_data_stream(tmp_path):
+  """Process 1's training stream skips examples, so after some steps its position differs from
+  process 0's; resumed from a checkpoint, each process draws the batch its own stream would draw
+  next (not process 0's position)."""
+  stream = lambda i, skip: iter(make_pipeline(TRAIN, batch_size=4, preprocess=_skipping_preprocess(skip),
+                                              seed=0, shard_index=i, shard_count=2))
+  skip = [int(i) for i in next(stream(1, ()))["id"][:3]]  # in process 1's first batch
+  steps = 3
+  port = _free_port()
+  _finish_all([_skipping(tmp_path, steps, {"train": skip}, pid=i, port=port) for i in range(2)])
+  port = _free_port()
+  resumed = _finish_all([_skipping(tmp_path, steps + 2, {"train": skip}, pid=i, port=port) for i in range(2)])
+  for i, final in enumerate(resumed):
+    assert final["resumed_from"] == steps
+    it = stream(i, set(skip))
+    want = [next(it) for _ in range(steps + 1)][-1]["id"].tolist()
+    assert final["first_ids"] == want, (i, final["first_ids"], want)
+
+
+if __name__ == "__main__":
+  # python test_trainer_processes.py WORKDIR STEPS [PROCESS_ID NUM_PROCESSES PORT]: the toy task,
+  # its preprocess skipping the ids TOY_SKIP names ({split: [id, ...]}; eval splits: its keys but
+  # "train", each over the toy test set). FINAL: the final metrics and the ids of the first
+  # training batch drawn.
+  import logging
+
+  workdir, steps = sys.argv[1], int(sys.argv[2])
+  if len(sys.argv) > 3:
+    pid, n, port = map(int, sys.argv[3:6])
+    jax.distributed.initialize(f"localhost:{port}", num_processes=n, process_id=pid)
+  import toy_task
+  from mmjax.train.tasks import TASKS
+
+  skips = {k: set(v) for k, v in json.loads(os.environ["TOY_SKIP"]).items()}
+  first_ids = []
+
+  class Recording:
+    """The training stream; notes the ids of its first batch."""
+
+    def __init__(self, ds):
+      self.it = iter(ds)
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      batch = next(self.it)
+      if not first_ids:
+        first_ids.append(batch["id"].tolist())
+      return batch
+
+    def get_state(self):
+      return self.it.get_state()
+
+    def set_state(self, state):
+      self.it.set_state(state)
+
+  @TASKS.register("toy_skipping")
+  class Skipping(toy_task.ToyTask):
+    eval_splits = tuple(k for k in skips if k != "train") or ("test",)
+
+    def summarize(self, s):
+      return {"accuracy": s["correct"] / s["count"], "count": s["count"]}
+
+    def dataset(self, split, *, train, batch_size, shard_index, shard_count):
+      pre = _skipping_preprocess(skips.get(split, ()))
+      if train:
+        return Recording(make_pipeline(toy_task.TRAIN, batch_size=batch_size, preprocess=pre, seed=0,
+                                       shard_index=shard_index, shard_count=shard_count))
+      return make_pipeline(toy_task.TEST, batch_size=batch_size, preprocess=pre, shuffle=False,
+                           num_epochs=1, drop_remainder=False, pad_remainder=True,
+                           shard_index=shard_index, shard_count=shard_count)
+
+  cfg = toy_config(steps, {"data": -1, "fsdp": 1, "tensor": 1})
+  cfg.task = "toy_skipping"
+  cfg.train.update(eval_every=100, checkpoint_every=100)
+  logging.basicConfig(level=logging.INFO)
+  final = trainer.train(cfg, workdir, progress=False)
+  print("FINAL", json.dumps({**{k: final[k] for k in final if "/" in k and not k.startswith("train/")},
+                             "resumed_from": final["resumed_from"],
+                             "first_ids": first_ids[0] if first_ids else None}), flush=True)

@@ -20,10 +20,16 @@ Faults are handled so that a run never loses more than one checkpoint interval:
   step's reason.
 - A failed write (disk full, permissions) raises `CheckpointSaveError` naming the step and the
   last complete step, which is left intact.
+
+The data item holds every process's iterator state (`{"per_process": [state of process 0, ...]}`,
+gathered and written by process 0); each process restores its own. Restored by another number of
+processes, the data streams start afresh (with a warning): a shard's position means nothing to
+another split of the data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -38,6 +44,7 @@ from mmjax import io_paths
 log = logging.getLogger(__name__)
 
 CORRUPT_SUFFIX = ".corrupt"
+PER_PROCESS = "per_process"  # the data item's key: the list of every process's iterator state
 
 
 class CorruptCheckpointError(ValueError):
@@ -123,11 +130,15 @@ class Checkpointer:
   # -- saving ----------------------------------------------------------------------------------
   def save(self, step: int, state: Any, data_state: dict | None = None,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-    """Starts saving `step` (finished in the background); raises CheckpointSaveError on failure."""
+    """Starts saving `step` (finished in the background); raises CheckpointSaveError on failure.
+
+    `data_state`: this process's data iterator state (JSON); with several processes every one
+    passes its own (or every one None).
+    """
     args = {"state": ocp.args.StandardSave(state),
             "integrity": ocp.args.JsonSave({"step": int(step), "checksums": checksums(state)})}
-    if data_state is not None:
-      args["data"] = ocp.args.JsonSave(data_state)
+    if data_state is not None:  # JsonSave writes on process 0 only: it gets every process's state
+      args["data"] = ocp.args.JsonSave({PER_PROCESS: _gather_json(data_state)})
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
     self._check(self._finish_previous)
@@ -177,6 +188,8 @@ class Checkpointer:
     `partial`: `abstract_state` names only some of the saved state's entries (serving reads the
     parameters, not the optimizer state); the others are not read.
 
+    Returns (state, this process's data iterator state or None).
+
     Raises CorruptCheckpointError naming the step when it is incomplete, its files cannot be read
     or its arrays do not match the checksums saved with them.
     """
@@ -209,7 +222,18 @@ class Checkpointer:
         raise CorruptCheckpointError(
             f"checkpoint step {step} in {self.directory} is corrupted: {len(bad)} array(s) do not "
             f"match their saved checksums ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
-    return state, (out["data"] if has_data else None)
+    return state, (self._own_data_state(step, out["data"]) if has_data else None)
+
+  def _own_data_state(self, step: int, saved: Any) -> Any:
+    """This process's iterator state from a saved data item; None (a warning) when saved by
+    another number of processes."""
+    states = saved[PER_PROCESS] if isinstance(saved, dict) and PER_PROCESS in saved else [saved]  # older: one
+    if len(states) != jax.process_count():
+      log.warning("checkpoint step %d in %s holds the data iterator states of %d process(es), this run "
+                  "has %d: the data streams start afresh (from the first batch of their new shards)",
+                  step, self.directory, len(states), jax.process_count())
+      return None
+    return states[jax.process_index()]
 
   def _saved_items(self, step: int) -> set[str]:
     """The items `step` was saved with; CorruptCheckpointError if the step is not complete."""
@@ -266,6 +290,19 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("mmjax_checkpoint_move_aside")
     self.manager.reload()
+
+
+def _gather_json(obj: Any) -> list[Any]:
+  """`obj` (JSON-serialisable) of every process, in process order; collective across processes."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))  # (processes, 1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded)  # (processes, longest)
+  return [json.loads(bytes(row[:n])) for row, n in zip(np.asarray(rows), np.asarray(sizes)[:, 0])]
 
 
 def abstract_like(tree: Any) -> Any:

@@ -96,8 +96,15 @@ def make_optimizer(cfg: Mapping[str, Any], params: Any, total_steps: int) -> opt
   """AdamW per group, global-norm clipping and gradient accumulation, from an `optim` config.
 
   cfg: {lr, warmup_steps, schedule, weight_decay, clip_norm, grad_accum, groups: [{name, pattern,
-  lr | freeze, ...}]}; group keys not given inherit the top-level values.
+  lr | freeze, ...}]}; group keys not given inherit the top-level values. `total_steps`: training
+  steps (batches, `train.steps`), a multiple of `grad_accum`. Schedules, warmup included, count
+  optimizer updates: one every `grad_accum` steps, `total_steps // grad_accum` in all.
   """
+  accum = int(cfg.get("grad_accum", 1) or 1)
+  if accum < 1 or total_steps % accum:
+    raise ValueError(f"optim.grad_accum={accum}: expected a positive divisor of train.steps={total_steps} "
+                     "(each optimizer update takes grad_accum steps; a remainder would never be applied)")
+  total_steps //= accum  # MultiSteps advances the inner optimizer (and its schedule) once per update
   base = {k: cfg[k] for k in ("lr", "warmup_steps", "schedule", "end_factor", "weight_decay",
                               "b1", "b2", "eps") if k in cfg}
   if "lr" not in base:
@@ -126,7 +133,6 @@ def make_optimizer(cfg: Mapping[str, Any], params: Any, total_steps: int) -> opt
     chain.append(optax.clip_by_global_norm(cfg["clip_norm"]))
   chain.append(optax.multi_transform(txs, labels))
   tx = optax.chain(*chain)
-  accum = int(cfg.get("grad_accum", 1) or 1)
   return optax.MultiSteps(tx, every_k_schedule=accum) if accum > 1 else tx
 
 

@@ -47,6 +47,12 @@ def abstract_batch(setup: Setup, train: bool) -> dict[str, jax.ShapeDtypeStruct]
   """One global batch's shapes, sharded as the trainer shards it; eval batches carry `valid`."""
   cfg, task = setup.config, setup.task
   bs = int(cfg.data.batch_size if train else cfg.data.get("eval_batch_size", cfg.data.batch_size))
+  shards = setup.batch_shards()
+  if train and bs % shards:
+    raise ValueError(f"data.batch_size={bs} must divide by {shards}, the number of shards of the "
+                     f"batch axis on the mesh {dict(setup.mesh.shape)}")
+  if not train:  # the trainer pads eval batches to a size the batch's mesh axes divide
+    bs = -(-bs // shards) * shards
   split = "train" if train else task.eval_splits[0]
   if hasattr(task, "abstract_batch"):
     batch = dict(task.abstract_batch(split, bs))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -138,6 +139,11 @@ class Setup:
     names = ("batch",) + (None,) * (np.ndim(x) - 1)
     return NamedSharding(self.mesh, sharding.logical_to_spec(names, self.rules, self.mesh))
 
+  def batch_shards(self) -> int:
+    """How many shards the mesh splits the batch axis into: global batch sizes divide by it."""
+    axes = self.batch_sharding(np.zeros(1)).spec[0] or ()
+    return int(np.prod([self.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles per-host numpy batches into global arrays sharded over the batch axis."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding(v), np.asarray(v))
@@ -217,28 +223,57 @@ class _Both:
 # Evaluation.
 # ---------------------------------------------------------------------------------------------
 def evaluate(setup: Setup, state: dict[str, Any], eval_step, split: str) -> dict[str, float]:
-  """Runs `split` once; a short last batch is padded and masked with `valid`.
+  """Runs `split` once; padding rows are masked with `valid`.
 
-  Scalar outputs of `eval_fn` are summed over batches; array outputs (per-example rows with a
-  leading batch axis, e.g. decoded tokens or embeddings) are concatenated, padding included.
+  Each host's batches are padded to a size the batch's mesh axes divide, so any eval_batch_size
+  works. The eval step is collective: with several processes all run it equally often, a host
+  whose shard is done (shards can differ, e.g. by examples a preprocess skips) feeding fully
+  masked batches until every host is. Scalar outputs of `eval_fn` are summed over batches; array
+  outputs (per-example rows with a leading batch axis, e.g. decoded tokens or embeddings) are
+  concatenated, padding included.
   """
   cfg = setup.config
-  bs = int(cfg.data.eval_batch_size)
-  local_bs = bs // jax.process_count()
+  count, index = jax.process_count(), jax.process_index()
+  local_bs = int(cfg.data.eval_batch_size) // count
+  multiple = math.lcm(setup.batch_shards(), count) // count  # of the local batch size
+  size = -(-local_bs // multiple) * multiple
   sums: dict[str, Any] = {}
-  data = setup.task.dataset(split, train=False, batch_size=local_bs,
-                            shard_index=jax.process_index(), shard_count=jax.process_count())
-  with setup.context():
-    for batch in data:
-      batch = _pad(batch, local_bs)
+  data = iter(setup.task.dataset(split, train=False, batch_size=local_bs, shard_index=index,
+                                 shard_count=count))
+  has_batch, template = [True], None
+  more = distributed.StopVote(lambda: has_batch[0], lambda: False)  # its "any process" flag
+  while True:
+    batch = next(data, None)
+    has_batch[0] = batch is not None
+    if not more.result(more.cast())[0]:  # no host has a batch left
+      break
+    if batch is None:  # another host's shard goes on: a real batch's shapes, all rows masked
+      template = _other_shards_batch(setup, split, local_bs, size) if template is None else template
+      batch = {**template, "valid": np.zeros(size, bool)}
+    else:
+      batch = template = _pad(batch, size)
+    with setup.context():
       out = jax.device_get(eval_step(state, setup.global_batch(batch)))
-      for k, v in out.items():
-        if np.ndim(v):
-          sums.setdefault(k, []).append(np.asarray(v))
-        else:
-          sums[k] = sums.get(k, 0.0) + float(v)
+    for k, v in out.items():
+      if np.ndim(v):
+        sums.setdefault(k, []).append(np.asarray(v))
+      else:
+        sums[k] = sums.get(k, 0.0) + float(v)
   sums = {k: np.concatenate(v) if isinstance(v, list) else v for k, v in sums.items()}
   return {f"{split}/{k}": v for k, v in setup.task.summarize(sums).items()}
+
+
+def _other_shards_batch(setup: Setup, split: str, local_bs: int, size: int) -> dict[str, np.ndarray]:
+  """The first batch of another host's shard of `split`, padded to `size`: the shapes of the
+  masked batches of a host whose own shard has none."""
+  count = jax.process_count()
+  for i in range(count):
+    if i != jax.process_index():
+      data = setup.task.dataset(split, train=False, batch_size=local_bs, shard_index=i, shard_count=count)
+      batch = next(iter(data), None)
+      if batch is not None:
+        return _pad(batch, size)
+  raise RuntimeError(f"evaluation of {split!r}: no shard has a batch, though another host reported one")
 
 
 def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -421,6 +456,15 @@ def _window_average(host: list[dict]) -> dict[str, float]:
   return avg
 
 
+def _every(tcfg: ml_collections.ConfigDict, key: str) -> int:
+  """`train.<key>`, a period in steps; a ValueError naming it unless a positive whole number."""
+  v = tcfg.get(key)
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+    raise ValueError(f"train.{key}={v!r}: expected a positive whole number of steps (the last step "
+                     "always logs, evaluates and saves: a value >= train.steps does it there only)")
+  return int(v)
+
+
 def train(config: ml_collections.ConfigDict, workdir: io_paths.PathLike, *,
           progress: bool = True) -> dict[str, Any]:
   """Trains `config` in `workdir` (a local path or a bucket URL such as `gs://bucket/run`),
@@ -436,8 +480,9 @@ def train(config: ml_collections.ConfigDict, workdir: io_paths.PathLike, *,
   workdir = io_paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  setup = Setup(config, workdir=workdir)
   tcfg = config.train
+  log_every, eval_every, ckpt_every = (_every(tcfg, k) for k in ("log_every", "eval_every", "checkpoint_every"))
+  setup = Setup(config, workdir=workdir)
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   ckpt = Checkpointer(workdir / "checkpoints", keep=int(tcfg.get("keep", 3)),
@@ -445,6 +490,9 @@ def train(config: ml_collections.ConfigDict, workdir: io_paths.PathLike, *,
   bs = int(config.data.batch_size)
   if bs % jax.process_count():
     raise ValueError(f"data.batch_size={bs} must divide by the number of processes {jax.process_count()}")
+  if bs % setup.batch_shards():
+    raise ValueError(f"data.batch_size={bs} must divide by {setup.batch_shards()}, the number of shards "
+                     f"of the batch axis on the mesh {dict(setup.mesh.shape)}")
   train_iter = iter(setup.task.dataset("train", train=True, batch_size=bs // jax.process_count(),
                                        shard_index=jax.process_index(),
                                        shard_count=jax.process_count()))
@@ -459,8 +507,6 @@ def train(config: ml_collections.ConfigDict, workdir: io_paths.PathLike, *,
     start = 0
   writer = MetricWriter(workdir, enabled=is_main, resumed_from=start if restored is not None else None)
   train_step, eval_step = setup.make_train_step(), setup.make_eval_step()
-  log_every, eval_every = int(tcfg.log_every), int(tcfg.eval_every)
-  ckpt_every = int(tcfg.checkpoint_every)
   total = setup.total_steps
   max_minutes = tcfg.get("max_minutes")  # wall-clock budget from here, compiles included
   deadline = time.perf_counter() + 60 * float(max_minutes) if max_minutes else None

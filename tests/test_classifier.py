@@ -198,3 +198,10 @@ def test_bad_construction_and_inputs_are_rejected():
     plain({**inputs, "text": jnp.zeros((B, 4), jnp.int32)})
   with pytest.raises(ValueError, match="same batch size"):
     plain({**inputs, "image": inputs["image"][:3]})
+
+
+def test_param_dtype_reaches_every_parameter():
+  """param_dtype is the encoders', the fusion's and the head's (an MLP head included)."""
+  model = nnx.eval_shape(lambda: build(head_hidden=8, param_dtype=jnp.bfloat16))
+  dtypes = {str(p[:2]): str(v.get_value().dtype) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+  assert set(dtypes.values()) == {"bfloat16"}, {k: v for k, v in dtypes.items() if v != "bfloat16"}

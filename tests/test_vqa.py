@@ -109,6 +109,25 @@ def test_bad_inputs_are_named(data_dir, batch):
     model(batch["image"][:2], batch["question_ids"])
   with pytest.raises(ValueError, match="question_tokens"):
     _task(data_dir, "concat", "model.question_tokens=first").build_model(nnx.Rngs(0))
+  # presence: one (B,) bool per image and modality, each named
+  with pytest.raises(ValueError, match=r"presence\['text'\]: expected shape \(B,\) = \(4,\), one per image, got \(8,\)"):
+    model(batch["image"], batch["question_ids"], presence={"text": jnp.ones(8, bool)})
+  with pytest.raises(ValueError, match=r"presence: keys \['audio'\] unknown"):
+    model(batch["image"], batch["question_ids"], presence={"audio": jnp.ones(4, bool)})
+
+
+def test_modality_dropout_may_drop_a_modality_left_out_of_presence(data_dir, batch, monkeypatch):
+  """A modality that `presence` does not name is present, and modality dropout may drop it: with
+  only the image named, the dropout used to see the image alone and (keeping one) never drop."""
+  import mmjax.models.vqa as vqa_module
+
+  seen = []
+  real = vqa_module.modality_dropout
+  monkeypatch.setattr(vqa_module, "modality_dropout", lambda base, *a: seen.append(sorted(base)) or real(base, *a))
+  model = _task(data_dir, "concat", "model.modality_dropout=0.5").build_model(nnx.Rngs(0))
+  for presence in (None, {"image": jnp.ones(4, bool)}):
+    model(batch["image"], batch["question_ids"], batch["question_mask"], presence, deterministic=False)
+  assert seen == [["image", "text"], ["image", "text"]]
 
 
 def test_eval_metrics_match_numpy(data_dir, batch):

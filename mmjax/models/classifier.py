@@ -126,7 +126,8 @@ class MultimodalClassifier(nnx.Module):
     if head_hidden is None:
       self.head = dense(features, num_classes, ("embed", "vocab"), param_dtype=param_dtype, **kw)
     else:
-      self.head = AnswerHead(features, head_hidden, num_classes, dropout=head_dropout, **kw)
+      self.head = AnswerHead(features, head_hidden, num_classes, dropout=head_dropout,
+                             param_dtype=param_dtype, **kw)
     self.aux_heads = nnx.Dict({m: dense(dims[m][1], num_classes, ("embed", "vocab"),
                                         param_dtype=param_dtype, **kw)
                                for m in self.names if m in self.loss_weights})

@@ -32,10 +32,12 @@ class AnswerHead(nnx.Module):
   """
 
   def __init__(self, features: int, hidden: int, num_answers: int, *, act: str = "gelu",
-               dropout: float = 0.0, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.fc1 = dense(features, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-    self.norm = layer_norm(hidden, eps=1e-12, rngs=rngs, dtype=dtype)
-    self.fc2 = dense(hidden, num_answers, ("mlp", "vocab"), rngs=rngs, dtype=dtype)
+               dropout: float = 0.0, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.fc1 = dense(features, hidden, ("embed", "mlp"), **kw)
+    self.norm = layer_norm(hidden, eps=1e-12, **kw)
+    self.fc2 = dense(hidden, num_answers, ("mlp", "vocab"), **kw)
     self.act = activation(act)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
@@ -118,6 +120,13 @@ class VQAModel(nnx.Module):
       q_mask = (question_mask[:, None] if single else question_mask).astype(bool)
       if q_mask.shape != q_ids.shape:
         raise ValueError(f"question_mask: expected shape {q_ids.shape}, got {question_mask.shape}")
+    if presence is not None:
+      unknown = sorted(set(presence) - set(MODALITIES))
+      if unknown:
+        raise ValueError(f"presence: keys {unknown} unknown; expected some of {list(MODALITIES)}")
+      for k, v in presence.items():
+        if jnp.shape(v) != (B,):
+          raise ValueError(f"presence[{k!r}]: expected shape (B,) = ({B},), one per image, got {jnp.shape(v)}")
     if presence is not None and "image" in presence:  # absent images never reach arithmetic
       keep = jnp.asarray(presence["image"]).astype(bool).reshape(-1, 1, 1, 1)
       images = jnp.where(keep, images, jnp.zeros((), images.dtype))
@@ -128,7 +137,8 @@ class VQAModel(nnx.Module):
     if presence is not None:
       pres = {k: rep(jnp.asarray(v).astype(bool)) for k, v in presence.items()}
     if self.modality_dropout and not deterministic:
-      base = pres or {"image": jnp.ones((B * Q,), bool), "text": jnp.ones((B * Q,), bool)}
+      # Every modality takes part (one left out of `presence` is present), so either may drop.
+      base = {**{m: jnp.ones((B * Q,), bool) for m in MODALITIES}, **(pres or {})}
       pres = modality_dropout(base, self.modality_dropout, self.rngs.dropout())
     if self.question_tokens == "pooled":
       txt_tokens, txt_mask = txt.pooled[:, None], jnp.ones((B * Q, 1), bool)

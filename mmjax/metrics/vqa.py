@@ -14,11 +14,9 @@ Answer normalisation follows the official script rule for rule:
 
 Accuracy of a prediction against the n (normally 10) human answers is the mean, over the n ways of
 leaving one human out, of min(#remaining humans who gave the prediction / 3, 1). As in the script,
-normalisation happens only when the human answers are not all identical: then the prediction gets
-steps 1-3 and the human answers step 2; ten identical human answers are compared with the
-prediction stripped (step 1) and nothing else (the published annotations are already normalised,
-so "two" against ten "2" scores 0 there). `normalize_answers=True` fully normalises both sides
-always, for data sets whose answers are raw.
+the human answers get only step 2, and only when they are not all identical (the published
+annotations are already normalised); `normalize_answers=True` applies the full normalisation to
+them instead, for data sets whose answers are raw.
 """
 
 from __future__ import annotations
@@ -109,7 +107,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, normalize_answers: 
   """Official accuracy of one predicted answer against the human answers (normally 10).
 
   Args:
-    prediction: the model's answer, raw; it is normalised here as the script does.
+    prediction: the model's answer, raw; it is normalised here.
     answers: the human answers of one question.
     normalize_answers: fully normalise the human answers too (see the module docstring).
 
@@ -118,12 +116,13 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, normalize_answers: 
   """
   if isinstance(answers, str) or not answers:
     raise ValueError(f"answers: expected a non-empty list of strings, got {answers!r}")
+  pred = normalize_answer(prediction)
   if normalize_answers:
-    pred, gts = normalize_answer(prediction), [normalize_answer(a) for a in answers]
+    gts = [normalize_answer(a) for a in answers]
   elif len(set(answers)) > 1:
-    pred, gts = normalize_answer(prediction), [process_punctuation(a) for a in answers]
-  else:  # the script normalises nothing when the humans agree
-    pred, gts = prediction.replace("\n", " ").replace("\t", " ").strip(), list(answers)
+    gts = [process_punctuation(a) for a in answers]
+  else:
+    gts = list(answers)
   matches = [g == pred for g in gts]
   total = sum(matches)
   return float(np.mean([min(1.0, (total - m) / 3.0) for m in matches]))

@@ -238,6 +238,9 @@ def test_vqa_accuracy_normalises_the_prediction_and_follows_the_official_gt_rule
   assert vqa_accuracy("yes", ["yes!"] * 3 + ["no"] * 7) == 0.0
   # Ten identical human answers are left untouched: raw "Yes" never equals a normalised answer,
   assert vqa_accuracy("yes", ["Yes"] * 10) == 0.0
+  # while the prediction is always normalised (GT-Vision-Lab/VQA vqaEval.py: processPunctuation
+  # and processDigitArticle on resAns before the human answers are looked at).
+  assert vqa_accuracy(" Two.\n", ["2"] * 10) == 1.0
   # unless the human answers are normalised too.
   assert vqa_accuracy("yes", ["Yes"] * 10, normalize_answers=True) == 1.0
   with pytest.raises(ValueError, match="answers"):

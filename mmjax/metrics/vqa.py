@@ -15,9 +15,8 @@ Answer normalisation follows the official script rule for rule:
 Accuracy of a prediction against the n (normally 10) human answers is the mean, over the n ways of
 leaving one human out, of min(#remaining humans who gave the prediction / 3, 1). As in the script,
 the prediction always gets steps 1-3, the human answers only step 2, and only when they are not
-all identical (the published
-annotations are already normalised); `normalize_answers=True` applies the full normalisation to
-them instead, for data sets whose answers are raw.
+all identical (the published annotations are already normalised); `normalize_answers=True`
+applies the full normalisation to them instead, for data sets whose answers are raw.
 """
 
 from __future__ import annotations

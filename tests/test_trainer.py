@@ -267,3 +267,28 @@ def test_the_plan_compiles_the_eval_batch_the_trainer_pads():
   cfg.data.batch_size = 12
   with pytest.raises(ValueError, match=r"data.batch_size=12 must divide by 8"):
     abstract_batch(trainer.Setup(cfg), train=True)
+
+
+def test_sigterm_at_an_eval_step_saves_before_evaluating(tmp_path, monkeypatch):
+  """The save must fit train.preemption_grace_s: at a SIGTERM the step's evaluation (possibly a
+  long caption search) is skipped, the checkpoint written, and the run stops there."""
+  import signal
+
+  from toy_task import ToyIterator
+
+  evaluated = []
+  real_evaluate, real_next = trainer.evaluate, ToyIterator.__next__
+  monkeypatch.setattr(trainer, "evaluate", lambda s, st, e, split: evaluated.append(split) or real_evaluate(s, st, e, split))
+
+  def next_with_sigterm(self):
+    if self.i == 3:  # the signal arrives while step 4, an eval step, trains
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_next(self)
+
+  monkeypatch.setattr(ToyIterator, "__next__", next_with_sigterm)
+  cfg = toy_config(12)
+  cfg.train.update(eval_every=2, checkpoint_every=6)
+  final = trainer.train(cfg, str(tmp_path), progress=False)
+  assert final["preempted"] and final["step"] == 4
+  assert evaluated == ["test"]  # step 2's evaluation only
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]

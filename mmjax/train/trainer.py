@@ -559,7 +559,9 @@ def train(config: ml_collections.ConfigDict, workdir: io_paths.PathLike, *,
             bar.set_postfix(loss=f"{avg['train/loss']:.4f}", ex_s=f"{avg['train/examples_per_s']:.0f}")
           final.update(avg)
         evals = {}
-        if step % eval_every == 0 or step == total:
+        if preempted and step < total and step % eval_every == 0:  # the save must fit the grace period
+          log.warning("SIGTERM: evaluation at step %d skipped to save within train.preemption_grace_s", step)
+        elif step % eval_every == 0 or step == total:
           for split in setup.task.eval_splits:
             evals.update(evaluate(setup, state, eval_step, split))
           writer.write(step, evals)

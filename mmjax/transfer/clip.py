@@ -80,13 +80,18 @@ def vision_rules(spec: ViTSpec, ours: str = f"encoders.{IMAGE}", hf: str = "visi
   return rules + layer_norm_rule(f"{ours}.encoder.final_norm", f"{hf}.post_layernorm")
 
 
-def check_text(spec: ClipTextSpec) -> None:
-  """A clear error unless `spec` has CLIP's text tower shape (HF pools at the end token, causally)."""
+# The text tower options HF's CLIPTextModel and SiglipTextModel each run (head: out_dim > 0).
+TEXT_LAYOUTS = {"CLIP": dict(causal=True, pool="eos", head=False),
+                "SigLIP": dict(causal=False, pool="last", head=True)}
+
+
+def check_text(spec: ClipTextSpec, layout: str = "CLIP") -> None:
+  """A clear error unless `spec` has the text tower shape of HF's `layout` ("CLIP": causal, pooled
+  at the end token, no head; "SigLIP": bidirectional, pooled at the last position, a head)."""
   shape = dict(causal=spec.causal, pool=spec.pool, head=spec.out_dim > 0)
-  want = dict(causal=True, pool="eos", head=False)
-  if shape != want:
-    raise ValueError(f"text tower: HF CLIP layout needs a clip_text encoder with causal=True, "
-                     f"pool='eos' and out_dim=0, got {shape}")
+  if shape != TEXT_LAYOUTS[layout]:
+    raise ValueError(f"text tower: HF {layout} layout needs a clip_text encoder with "
+                     f"{TEXT_LAYOUTS[layout]}, got {shape}")
 
 
 def text_rules(spec: ClipTextSpec, ours: str = f"encoders.{TEXT}", hf: str = "text_model") -> list[Rule]:

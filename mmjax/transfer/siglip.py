@@ -29,6 +29,7 @@ from mmjax.encoders.vision import ViT, ViTSpec
 from mmjax.layers.common import Dtype
 from mmjax.models.dual_encoder import DualEncoder
 from mmjax.transfer.bert import blank_module
+from mmjax.transfer import clip
 from mmjax.transfer.clip import _ACTS, _HF_ACTS, clip_layer_rules, log_scale_rule
 from mmjax.transfer.io import (Rule, _flat_params, export_weights, find_modules, import_weights,
                                join_path, layer_norm_rule, linear_rule, read_hf_checkpoint,
@@ -60,11 +61,7 @@ def check_vision(spec: ViTSpec) -> None:
 
 def check_text(spec: ClipTextSpec) -> None:
   """A clear error unless `spec` has SigLIP's text tower shape."""
-  shape = dict(causal=spec.causal, pool=spec.pool, head=spec.out_dim > 0)
-  want = dict(causal=False, pool="last", head=True)
-  if shape != want:
-    raise ValueError(f"text tower: HF SigLIP layout needs a clip_text encoder with causal=False, "
-                     f"pool='last' and out_dim > 0, got {shape}")
+  clip.check_text(spec, "SigLIP")
 
 
 def vision_rules(spec: ViTSpec, ours: str = "", hf: str = "vision_model") -> list[Rule]:

@@ -47,6 +47,13 @@ def _example_weights(weights: jax.Array | None, shape: tuple[int, ...], field: s
   return weights.astype(jnp.float32)
 
 
+def _zero_unweighted(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """`x` with its zero-weight rows set to 0 before any arithmetic: a NaN or Inf there (a padded
+  example's garbage) then reaches neither the loss nor, through the backward pass, the gradients."""
+  keep = (weights != 0).reshape(weights.shape + (1,) * (x.ndim - weights.ndim))
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum(w * v) / sum(w), sum(w)); 0 when every weight is 0."""
   total = jnp.sum(weights)
@@ -83,7 +90,7 @@ def softmax_cross_entropy(
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"label_smoothing: expected a value in [0, 1), got {label_smoothing}")
   w = _example_weights(weights, labels.shape)
-  logits = logits.astype(jnp.float32)
+  logits = _zero_unweighted(logits.astype(jnp.float32), w)
   if label_smoothing:
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     per_example = optax.softmax_cross_entropy(logits, targets)
@@ -119,7 +126,7 @@ def soft_score_bce(
   if logits.ndim != 2 or scores.shape != logits.shape:
     raise ValueError(f"scores: expected the logits' shape (B, A) = {logits.shape}, got {scores.shape}")
   w = _example_weights(weights, logits.shape[:1])
-  logits, scores = logits.astype(jnp.float32), scores.astype(jnp.float32)
+  logits, scores = (_zero_unweighted(x.astype(jnp.float32), w) for x in (logits, scores))
   per_example = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, scores), axis=-1)  # (B,)
   loss, total = _weighted_mean(per_example, w)
   top = jnp.take_along_axis(scores, jnp.argmax(logits, axis=-1)[:, None], axis=-1)[:, 0]
@@ -150,7 +157,8 @@ def mse(
     raise ValueError(f"weights: expected a prefix of {predictions.shape}, got {jnp.shape(weights)}")
   lead = predictions.shape[:jnp.ndim(weights)] if weights is not None else predictions.shape[:1]
   w = _example_weights(weights, lead)
-  err = jnp.square(predictions.astype(jnp.float32) - targets.astype(jnp.float32))
+  err = jnp.square(_zero_unweighted(predictions.astype(jnp.float32), w)
+                   - _zero_unweighted(targets.astype(jnp.float32), w))
   per_example = jnp.mean(err.reshape(lead + (-1,)), axis=-1)
   loss, total = _weighted_mean(per_example, w)
   return loss, {"loss": loss, "weight": total}
@@ -165,7 +173,7 @@ def _contrastive_inputs(a: jax.Array, b: jax.Array, mask: jax.Array | None, norm
   if a.shape != b.shape:
     raise ValueError(f"{names[1]}: expected the {names[0]} shape {a.shape}, got {b.shape}")
   m = _example_weights(mask, a.shape[:1], "mask")
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  a, b = (_zero_unweighted(x.astype(jnp.float32), m) for x in (a, b))
   if normalize:
     a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), 1e-12))
     b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=-1, keepdims=True), 1e-12))

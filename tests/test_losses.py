@@ -231,3 +231,29 @@ def test_joint_loss_rejects_missing_unknown_and_bad_weights():
     losses.joint_loss({"vqa": jnp.ones(3)}, {"vqa": 1.0})
   with pytest.raises(TypeError, match="weights"):
     losses.joint_loss(terms, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("kind", ["softmax_ce", "soft_score_bce", "mse", "info_nce", "clip", "siglip"])
+def test_nan_at_a_masked_row_reaches_neither_the_loss_nor_the_gradients(kind):
+  """A padded example may carry garbage (NaN, Inf): its rows count for nothing in the value, and the
+  backward pass must not turn them into NaN gradients either (0 * NaN is NaN)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  mask = jnp.array([True, True, True, False])
+  labels, scores = jnp.array([0, 3, 5, 1]), jnp.asarray(rng.uniform(size=(4, 6)), jnp.float32)
+  fns = {
+      "softmax_ce": lambda a, b: losses.softmax_cross_entropy(a, labels, weights=mask)[0],
+      "soft_score_bce": lambda a, b: losses.soft_score_bce(a, scores, weights=mask)[0],
+      "mse": lambda a, b: losses.mse(a, b, weights=mask)[0],
+      "info_nce": lambda a, b: losses.info_nce(a, b, 2.0, mask=mask)[0],
+      "clip": lambda a, b: losses.clip_loss(a, b, 2.0, mask=mask)[0],
+      "siglip": lambda a, b: losses.siglip_loss(a, b, 2.0, -1.0, mask=mask)[0],
+  }
+  fn = fns[kind]
+  want = fn(x, y)
+  poisoned = x.at[3].set(jnp.nan), y.at[3].set(jnp.inf)
+  got, grads = jax.value_and_grad(fn, argnums=(0, 1))(*poisoned)
+  assert got == want
+  for g in grads:
+    assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.all(g[3] == 0))

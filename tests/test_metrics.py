@@ -301,8 +301,17 @@ def test_recall_at_k_matches_brute_force():
   assert ours["rsum"] == pytest.approx(sum(ref.values()))
   with pytest.raises(ValueError, match="at least one text"):
     recall_at_k(sim[:, owner != 0], np.where(owner[owner != 0] > 0, owner[owner != 0], 0))
-  # Ties resolve in favour of the ground truth: a constant matrix gives recall 1.
-  assert recall_at_k(np.zeros((3, 6)), np.array([0, 0, 1, 1, 2, 2]))["t2i_r@1"] == 1.0
+  # Ties resolve against the ground truth: a collapsed encoder (every score equal) retrieves
+  # nothing at rank 0 instead of everything, and a diverged one (NaN scores) nothing at all.
+  owners3 = np.array([0, 0, 1, 1, 2, 2])
+  flat = recall_at_k(np.zeros((3, 6)), owners3, (1, 3, 5))
+  assert (flat["t2i_r@1"], flat["t2i_r@3"], flat["i2t_r@1"], flat["i2t_r@5"]) == (0.0, 1.0, 0.0, 1.0)
+  assert recall_at_k(np.full((3, 6), np.nan), owners3, (1, 5))["rsum"] == 0.0
+  # A NaN caption does not hide its image's other caption; bool scores rank as 0/1 floats.
+  one = np.eye(3)[:, owners3] * 2.0 - 1.0  # each image scores its own captions 1, others -1
+  one[0, 0] = np.nan
+  assert recall_at_k(one, owners3, (1,))["i2t_r@1"] == 1.0
+  assert recall_at_k(one > 0, owners3, (1,))["i2t_r@1"] == recall_at_k((one > 0) * 1.0, owners3, (1,))["i2t_r@1"]
 
 
 def test_retrieval_accumulator_over_batches_equals_one_shot():
@@ -417,3 +426,13 @@ def test_gather_across_two_processes_equals_one_shot(tmp_path):
     assert results[0][k] == pytest.approx(v, abs=1e-9), k
   assert results[0]["accuracy"] == pytest.approx(4 / 7)
   assert results[0]["vqa_accuracy"] == pytest.approx((1.0 + 0.6) / 2)
+
+
+def test_contrastive_summary_of_an_empty_split_is_zeros():
+  """Every row padding (an empty evaluation shard): zeros, as the other tasks give, not a crash."""
+  from mmjax.tasks.clip import RECALL_KS, ContrastiveTask
+
+  sums = {"valid": np.zeros(4, bool), "image_emb": np.zeros((4, 8)), "text_emb": np.zeros((4, 2, 8)),
+          "loss": 0.0, "count": 0.0}
+  out = ContrastiveTask.summarize(None, sums)
+  assert out == {**{f"{d}_r@{k}": 0.0 for d in ("i2t", "t2i") for k in RECALL_KS}, "rsum": 0.0, "loss": 0.0}

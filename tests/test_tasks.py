@@ -107,9 +107,12 @@ def test_clip_summarize_ranks_the_whole_split(clip_run):
           "text_emb": np.concatenate([texts, np.repeat(pad[:, None], k, 1)]),
           "valid": np.array([True] * n + [False] * 2), "loss": 3.0, "count": 6.0}
   out = task.summarize(sums)
-  assert out["i2t_r@1"] == 1.0  # image 1 scores 0 with every caption (ties count as found)
-  assert out["t2i_r@1"] == pytest.approx(25 / 30)  # image 1's captions point to image 2 (ties win)
-  assert out["i2t_r@5"] == out["t2i_r@5"] == 1.0 and out["loss"] == 0.5
+  # Image 1 scores 0 with every caption: 25 other captions tie with its own, so it misses at 1
+  # and 5 (ties count against the ground truth); image 2 ties with image 1's five captions, which
+  # look like its own, and misses too. Image 1's captions point to image 2 and tie with four.
+  assert out["i2t_r@1"] == out["i2t_r@5"] == pytest.approx(4 / 6)
+  assert out["t2i_r@1"] == out["t2i_r@5"] == pytest.approx(25 / 30)
+  assert out["loss"] == 0.5
 
 
 def test_clip_predictor_embeds_as_the_model_does_on_the_eval_batch(clip_run):

@@ -1,9 +1,12 @@
 """Cross-modal retrieval recall@K from a similarity matrix, with several captions per image.
 
-Rank convention: the rank of a ground truth is the number of candidates scoring strictly higher
-than it (ties resolve in its favour, independently of candidate order). Image->text uses the best
-ranked of the image's captions; text->image the caption's one image. recall@K is the fraction of
-queries whose rank is < K.
+Rank convention: the rank of a ground truth is the number of other candidates scoring at least as
+high (ties resolve against it, independently of candidate order, so a collapsed encoder whose
+scores are all equal does not score perfect recall); a NaN ground-truth score has rank `MISS`, a
+miss at every K.
+Image->text uses the best ranked of the image's captions (the image's other captions are no
+competitors); text->image the caption's one image. recall@K is the fraction of queries whose rank
+is < K.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from mmjax.metrics.accumulate import Accumulator
 
 DEFAULT_KS = (1, 5, 10)
+MISS = np.iinfo(np.int64).max  # the rank of a NaN ground-truth score
 
 
 def retrieval_ranks(similarity, text_to_image) -> tuple[np.ndarray, np.ndarray]:
@@ -35,11 +39,15 @@ def retrieval_ranks(similarity, text_to_image) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"text_to_image: ids must lie in [0, {n_img})")
   if np.any(np.bincount(owners, minlength=n_img) == 0):
     raise ValueError("text_to_image: every image needs at least one text")
+  similarity = similarity.astype(np.result_type(similarity.dtype, np.float32))  # bool, int: NaN below
   gt = similarity[owners, np.arange(n_txt)]  # (T,) score of each text with its own image
-  best = np.full(n_img, -np.inf, similarity.dtype)
-  np.maximum.at(best, owners, gt)  # (I,) best own-caption score
-  i2t = np.sum(similarity > best[:, None], axis=1)
-  t2i = np.sum(similarity > gt[None, :], axis=0)
+  best = np.full(n_img, np.nan, similarity.dtype)
+  np.fmax.at(best, owners, gt)  # (I,) best own-caption score, NaN only where every one is NaN
+  own = owners[None, :] == np.arange(n_img)[:, None]  # (I, T)
+  i2t = np.sum((similarity >= best[:, None]) & ~own, axis=1)
+  t2i = np.sum(similarity >= gt[None, :], axis=0) - 1  # the ground truth itself is no competitor
+  i2t = np.where(np.isnan(best), MISS, i2t)  # a diverged model's NaN scores miss at every K
+  t2i = np.where(np.isnan(gt), MISS, t2i)
   return i2t, t2i
 
 

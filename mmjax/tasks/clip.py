@@ -247,6 +247,8 @@ class ContrastiveTask(pipeline.ConfigInput):
 
   def summarize(self, sums):
     valid = np.asarray(sums["valid"], bool)
+    if not valid.any():  # an empty split: nothing retrieved, as the other tasks' zeros
+      return {**{f"{d}_r@{k}": 0.0 for d in ("i2t", "t2i") for k in RECALL_KS}, "rsum": 0.0, "loss": 0.0}
     images, texts = sums["image_emb"][valid], sums["text_emb"][valid]  # (N, E), (N, K, E)
     n, k, _ = texts.shape
     similarity = images @ texts.reshape(n * k, -1).T  # (N, N*K); embeddings are L2-normalised

@@ -165,10 +165,10 @@ def restore_params(setup, workdir: str | os.PathLike, step: int | None = None) -
     best = ckpt.best_step()
     tries = [step] if step is not None else list(dict.fromkeys([steps[-1] if best is None else best,
                                                                 *reversed(steps)]))
+    keep = {k: setup.abstract_state[k] for k in ("params", "model_state")}
     failures = []
     for s in tries:
       try:
-        keep = {k: setup.abstract_state[k] for k in ("params", "model_state")}
         state, _ = ckpt.restore(s, keep, with_data=False, partial=True)
       except CorruptCheckpointError as e:
         if step is not None:
@@ -179,7 +179,7 @@ def restore_params(setup, workdir: str | os.PathLike, step: int | None = None) -
       if failures:
         log.warning("serving checkpoint step %d instead of the unreadable step(s) %s", s,
                     tries[:len(failures)])
-      return {k: state[k] for k in ("params", "model_state")}, int(s)
+      return dict(state), int(s)  # the partial restore read `keep`'s entries only
     raise CorruptCheckpointError(f"no checkpoint in {directory} can be restored:\n" +
                                  "\n".join(str(e) for e in failures)) from failures[0]
   finally:

@@ -389,10 +389,14 @@ class UserDataTask(pipeline.ConfigInput):
     spec = encoders.get("text")
     return dict(spec) if isinstance(spec, Mapping) else None
 
+  def _pretrained_text_rows(self) -> tuple[int | None, str | None]:
+    """(the embedding rows of the pretrained text tower model_init loads, or None; its source)."""
+    source = model_init_source(self.config, "encoders/text", "")
+    return pretrained_text_vocab(_hf_config(source)), source
+
   def text_vocab_limit(self) -> tuple[int | None, str]:
     """(most tokens the text encoder takes, where that comes from), or (None, "")."""
-    source = model_init_source(self.config, "encoders/text", "")
-    vocab = pretrained_text_vocab(_hf_config(source))
+    vocab, source = self._pretrained_text_rows()
     if vocab is not None:
       return vocab, f"the pretrained text encoder {source!r}"
     spec = self.text_spec() or {}
@@ -409,7 +413,7 @@ class UserDataTask(pipeline.ConfigInput):
     spec = self.text_spec() or {}
     if spec.get("vocab_size", None) != 0:
       return
-    vocab = pretrained_text_vocab(_hf_config(model_init_source(self.config, "encoders/text", "")))
+    vocab, _ = self._pretrained_text_rows()
     if vocab is not None and vocab != len(self.tokenizer):
       log.info("model.encoders.text.vocab_size: %d, the pretrained embedding table's (the "
                "tokenizer has %d tokens)", vocab, len(self.tokenizer))

@@ -211,9 +211,9 @@ def load_vit(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
       except `num_classes=0`, which loads only the encoder of a classification checkpoint.
   """
   cfg, tensors = read_hf_checkpoint(path)
-  fields = {**spec_from_hf_config(cfg, tensors), **overrides}
-  model = ViT(None, dtype=dtype, param_dtype=param_dtype, rngs=rngs or nnx.Rngs(0), **fields)
-  if problem := grid_problem(model.spec, cfg.get("image_size", 224), cfg.get("patch_size", 16)):
+  want = spec_from_hf_config(cfg, tensors)
+  model = ViT(None, dtype=dtype, param_dtype=param_dtype, rngs=rngs or nnx.Rngs(0), **{**want, **overrides})
+  if problem := grid_problem(model.spec, want["image_size"], want["patch"]):
     raise ValueError(f"{os.fspath(path)!r}: {problem}; mmjax does not interpolate position tables")
   import_vit(model, tensors)
   return model
